@@ -1,0 +1,82 @@
+#pragma once
+// Counter-based Philox-4x32-10 (Salmon et al., SC'11). Every random number nibble draws
+// is a pure function of (seed, step, layer, role, element index), so the CPU reference
+// and the CUDA kernels produce the same stream and any element can be drawn alone.
+//
+//   key     = {seed & 0xffffffff, seed >> 32}
+//   counter = {index / 4 (low 32 bits), index / 4 (high 32 bits), step, layer << 8 | role}
+//   value   = word (index % 4) of Philox(counter, key)
+//
+// Every function here is NB_HOST_DEVICE: the CUDA backend includes this header as is.
+#include <cstdint>
+
+#if defined(__CUDACC__)
+#define NB_HOST_DEVICE __host__ __device__ __forceinline__
+#else
+#define NB_HOST_DEVICE inline
+#endif
+
+namespace nibble {
+
+// Which tensor a random stream belongs to; part of the counter, so the streams of
+// different tensors in one layer never overlap.
+enum class RngRole : uint32_t {
+  grad_output_rounding = 1,  // stochastic rounding of the low half of a bit-split dy
+  sample_dw = 2,             // Bernoulli row sampling for dw = dyᵀ·x
+  sample_dx = 3,             // Bernoulli row sampling for dx = dy·w
+  rounding = 4,              // generic stochastic rounding (int8 backward, tests)
+  dropout = 5,
+  data = 6,
+  init = 7,
+};
+
+struct PhiloxKey {
+  uint64_t seed = 0;
+  uint32_t step = 0;
+  uint32_t layer = 0;  // < 2^24
+  RngRole role = RngRole::rounding;
+};
+
+struct Philox4 { uint32_t v[4]; };
+
+NB_HOST_DEVICE uint32_t philox_mulhilo(uint32_t a, uint32_t b, uint32_t* hi) {
+  const uint64_t p = static_cast<uint64_t>(a) * b;
+  *hi = static_cast<uint32_t>(p >> 32);
+  return static_cast<uint32_t>(p);
+}
+
+// Ten rounds of Philox-4x32 with the published multipliers and Weyl constants.
+NB_HOST_DEVICE Philox4 philox4x32_10(Philox4 ctr, uint32_t k0, uint32_t k1) {
+  constexpr uint32_t kM0 = 0xD2511F53u, kM1 = 0xCD9E8D57u;
+  constexpr uint32_t kW0 = 0x9E3779B9u, kW1 = 0xBB67AE85u;
+  for (int r = 0; r < 10; ++r) {
+    uint32_t hi0, hi1;
+    const uint32_t lo0 = philox_mulhilo(kM0, ctr.v[0], &hi0);
+    const uint32_t lo1 = philox_mulhilo(kM1, ctr.v[2], &hi1);
+    ctr = Philox4{{hi1 ^ ctr.v[1] ^ k0, lo1, hi0 ^ ctr.v[3] ^ k1, lo0}};
+    k0 += kW0;
+    k1 += kW1;
+  }
+  return ctr;
+}
+
+// The 32-bit random word for element `index` of the stream named by `key`.
+NB_HOST_DEVICE uint32_t philox_u32(const PhiloxKey& key, uint64_t index) {
+  const uint64_t block = index >> 2;
+  Philox4 ctr{{static_cast<uint32_t>(block), static_cast<uint32_t>(block >> 32), key.step,
+               (key.layer << 8) | static_cast<uint32_t>(key.role)}};
+  const Philox4 out = philox4x32_10(ctr, static_cast<uint32_t>(key.seed),
+                                    static_cast<uint32_t>(key.seed >> 32));
+  return out.v[index & 3];
+}
+
+// Uniform in [0, 1) on a 2^-24 grid: exactly representable in fp32, so CPU and GPU agree.
+NB_HOST_DEVICE float philox_uniform(const PhiloxKey& key, uint64_t index) {
+  return static_cast<float>(philox_u32(key, index) >> 8) * (1.0f / 16777216.0f);
+}
+
+// Standard normal by Box-Muller on two uniforms of the stream (elements 2i, 2i+1).
+// Used for initialisation and test data, never where CPU/GPU bit-equality matters.
+float philox_normal(const PhiloxKey& key, uint64_t index);
+
+}  // namespace nibble

@@ -1,0 +1,46 @@
+#pragma once
+// Bit splitting of the output gradient and leverage-score sampling (paper 1, LSS-MM,
+// algorithms.md B.4-B.8).
+#include <cstdint>
+#include <vector>
+
+#include "nibble/format.h"
+#include "nibble/rng.h"
+
+namespace nibble::ref {
+
+// g[rows, cols] -> hi, lo int8 codes in [-6, 6] with one per-tensor scale s:
+//   m  = max(|min(g) − 1e-8|, |max(g) + 1e-8|)    (min clamped ≤ 0, max ≥ 0; fp32)
+//   s  = 2m / 196                                 (fp32)
+//   T  = g / s                                    (fp32 division)
+//   hi = clamp(round_half_even(T / 14), −6, 6)
+//   lo = clamp(floor(T − 14·hi + u), −6, 6),  u = philox_uniform(key, element index)
+//   g ≈ s·(14·hi + lo)
+// combined (optional, may be null) = 14·hi + lo in [−90, 90]: the single INT8 operand.
+// Returns s.
+float bitsplit(const float* g, int64_t rows, int64_t cols, const PhiloxKey& key, int8_t* hi,
+               int8_t* lo, int8_t* combined);
+
+// Row L2 norms of int8 codes (fp64 sum, returned as fp32): norms[r] = sqrt(Σ_c q[r,c]²).
+void row_norms_s8(const int8_t* q, int64_t rows, int64_t cols, float* norms);
+
+// Leverage scores of the 2N stacked split rows (algorithms.md B.8 step 2-3):
+//   a_i = ‖hi_i‖·14s, e_i = ‖lo_i‖·s
+//   for dw:  c = [a ∘ x_norm ; e ∘ x_norm]   (x_norm[i] = ‖x_q row i‖·sx; pass x_norm)
+//   for dx:  c = [a ; e]                     (pass x_norm = nullptr)
+// scores has 2·rows entries.
+void leverage_scores(const int8_t* hi, const int8_t* lo, int64_t rows, int64_t cols, float s,
+                     const float* x_norm, float* scores);
+
+// Probabilities p_i ∈ [0, 1] with Σp = budget, ideally p ∝ c (algorithms.md B.5):
+//   p ← c·budget/Σc; repeat { clamp to [0,1]; F = {p_i = 1}; rescale the rest so that
+//   Σ_{i∉F} p_i = budget − |F| } until max p ≤ 1. fp64 internally.
+// If the number of non-zero scores ≤ budget, every non-zero row gets p = 1 (and zero rows 0).
+void fit_probabilities(const float* scores, int64_t n, double budget, float* p);
+
+// Bernoulli masks: keep[i] = philox_uniform(key, i) < p[i]. Returns the kept count.
+int64_t sample_rows(const float* p, int64_t n, const PhiloxKey& key, uint8_t* keep);
+// The released code's deterministic variant: keep every row with a non-zero score, p = 1.
+int64_t keep_nonzero_rows(const float* scores, int64_t n, float* p, uint8_t* keep);
+
+}  // namespace nibble::ref

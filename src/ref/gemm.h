@@ -1,0 +1,37 @@
+#pragma once
+// Integer GEMMs (CPU reference) in the TN form C[M, N] = A[M, K] · B[N, K]ᵀ: both operands
+// K-contiguous, int32 accumulation (exact: inputs are validated so |Σ| < 2^31).
+// s4 operands are packed row-wise: row r of A occupies ceil(K/2) bytes (formats.md).
+#include <cstdint>
+
+namespace nibble::ref {
+
+void gemm_s8s8_s32_tn(const int8_t* a, const int8_t* b, int64_t m, int64_t n, int64_t k,
+                      int32_t* c);
+void gemm_s4s4_s32_tn(const uint8_t* a_packed, const uint8_t* b_packed, int64_t m, int64_t n,
+                      int64_t k, int32_t* c);
+// A is s8 (e.g. a bit-split gradient in [-90, 90]), B is packed s4.
+void gemm_s8s4_s32_tn(const int8_t* a, const uint8_t* b_packed, int64_t m, int64_t n,
+                      int64_t k, int32_t* c);
+
+// Σ_k b[n, k] for each row of an int8 B[N, K]: the zero-point correction term.
+void row_sums_s8(const int8_t* b, int64_t n, int64_t k, int32_t* sums);
+
+// Dequantizing epilogue on int32 accumulators acc[M, N]:
+//   y[m,n] = float(acc[m,n] − zp_a[m]·b_sum[n]) · (scale_a[m or 0] · scale_b[n or 0]) + bias[n]
+// Each pointer may be null (scale -> 1, zp -> 0, bias -> 0); a_per_row / b_per_col choose
+// whether scale_a is indexed by m or is a single value (scale_b likewise by n).
+// The integer zero-point correction is exact in int64 before the float conversion.
+struct DequantEpilogue {
+  const float* scale_a = nullptr;
+  bool a_per_row = false;
+  const float* scale_b = nullptr;
+  bool b_per_col = false;
+  const float* bias = nullptr;        // [N]
+  const int32_t* zp_a = nullptr;      // [M] asymmetric activation zero points
+  const int32_t* b_sum = nullptr;     // [N] row sums of B's codes (row_sums_s8)
+};
+void epilogue_dequant(const int32_t* acc, int64_t m, int64_t n, const DequantEpilogue& epi,
+                      float* y);
+
+}  // namespace nibble::ref

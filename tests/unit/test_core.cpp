@@ -1,0 +1,87 @@
+#include <gtest/gtest.h>
+
+#include <cmath>
+#include <cstring>
+#include <set>
+
+#include "nibble/dtype.h"
+#include "nibble/error.h"
+#include "nibble/rng.h"
+#include "nibble/tensor.h"
+
+using namespace nibble;
+
+TEST(Philox, MatchesPublishedKnownAnswer) {
+  // Known-answer vector from the Random123 distribution (kat_vectors, philox4x32_10,
+  // counter = key = 0): 6627e8d5 e169c58d bc57ac4c 9b00dbd8.
+  Philox4 out = philox4x32_10(Philox4{{0, 0, 0, 0}}, 0, 0);
+  EXPECT_EQ(out.v[0], 0x6627e8d5u);
+  EXPECT_EQ(out.v[1], 0xe169c58du);
+  EXPECT_EQ(out.v[2], 0xbc57ac4cu);
+  EXPECT_EQ(out.v[3], 0x9b00dbd8u);
+}
+
+TEST(Philox, StreamIsAPureFunctionOfItsKey) {
+  PhiloxKey a{42, 3, 7, RngRole::rounding};
+  PhiloxKey b = a;
+  b.step = 4;
+  PhiloxKey c = a;
+  c.role = RngRole::sample_dw;
+  EXPECT_EQ(philox_u32(a, 12345), philox_u32(a, 12345));
+  EXPECT_NE(philox_u32(a, 12345), philox_u32(b, 12345));
+  EXPECT_NE(philox_u32(a, 12345), philox_u32(c, 12345));
+  std::set<uint32_t> seen;
+  for (uint64_t i = 0; i < 1000; ++i) seen.insert(philox_u32(a, i));
+  EXPECT_GT(seen.size(), 995u);
+}
+
+TEST(Philox, UniformMeanAndRange) {
+  PhiloxKey k{7, 0, 0, RngRole::data};
+  double sum = 0;
+  const int n = 200000;
+  for (int i = 0; i < n; ++i) {
+    float u = philox_uniform(k, static_cast<uint64_t>(i));
+    ASSERT_GE(u, 0.0f);
+    ASSERT_LT(u, 1.0f);
+    sum += u;
+  }
+  // Var(U) = 1/12: the mean's standard error is sqrt(1/12/n) ~ 6.5e-4; allow 5 sigma.
+  EXPECT_NEAR(sum / n, 0.5, 5 * std::sqrt(1.0 / 12 / n));
+}
+
+TEST(HalfFloat, RoundTripsAndRoundsToNearestEven) {
+  for (float f : {0.0f, 1.0f, -2.5f, 65504.0f, 6.1035156e-05f, 5.9604645e-08f}) {
+    EXPECT_EQ(f16_to_f32(f32_to_f16(f)), f) << f;
+  }
+  // 1 + 2^-11 is exactly half way between two f16 values: ties go to even (1.0).
+  EXPECT_EQ(f16_to_f32(f32_to_f16(1.0f + 0.00048828125f)), 1.0f);
+  EXPECT_EQ(f16_to_f32(f32_to_f16(1.0f + 3 * 0.00048828125f)), 1.0f + 4 * 0.00048828125f);
+  EXPECT_TRUE(std::isinf(f16_to_f32(f32_to_f16(70000.0f))));
+  EXPECT_TRUE(std::isnan(f16_to_f32(f32_to_f16(NAN))));
+  // bf16: 1 + 2^-8 is half way between 1 and 1 + 2^-7: ties to even.
+  EXPECT_EQ(bf16_to_f32(f32_to_bf16(1.0f + 0.00390625f)), 1.0f);
+  EXPECT_EQ(bf16_to_f32(f32_to_bf16(-3.0f)), -3.0f);
+  EXPECT_TRUE(std::isnan(bf16_to_f32(f32_to_bf16(NAN))));
+}
+
+TEST(Tensor, ShapesAndChecks) {
+  Tensor t = Tensor::zeros({3, 5}, DType::f32);
+  EXPECT_EQ(t.numel(), 15);
+  EXPECT_EQ(t.size(-1), 5);
+  EXPECT_EQ(Tensor::empty({3, 5}, DType::s4).nbytes(), 8u);
+  EXPECT_THROW(check_shape(t, {5, 3}, "x"), Error);
+  EXPECT_THROW(t.reshape({4, 4}), Error);
+  t.data<float>()[7] = NAN;
+  try {
+    check_finite(t, "x");
+    FAIL() << "NaN not caught";
+  } catch (const Error& e) {
+    EXPECT_NE(std::string(e.what()).find("NaN at flat index 7"), std::string::npos) << e.what();
+  }
+}
+
+TEST(DType, Names) {
+  EXPECT_EQ(dtype_from_name("BF16"), DType::bf16);
+  EXPECT_EQ(dtype_from_name("f32"), DType::f32);
+  EXPECT_THROW(dtype_from_name("F8_E4M3"), Error);
+}
