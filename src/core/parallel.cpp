@@ -7,7 +7,12 @@
 
 namespace nibble {
 
-void parallel_for(int64_t n, const std::function<void(int64_t)>& fn) {
+void parallel_for(int64_t n, const std::function<void(int64_t)>& fn, int64_t work_per_index) {
+  constexpr int64_t kSerialBelow = int64_t{1} << 16;
+  if (n <= 1 || n * std::max<int64_t>(work_per_index, 1) < kSerialBelow || num_threads() == 1) {
+    for (int64_t i = 0; i < n; ++i) fn(i);
+    return;
+  }
 #ifdef _OPENMP
 #pragma omp parallel for schedule(static)
   for (int64_t i = 0; i < n; ++i) fn(i);

@@ -28,7 +28,8 @@ void row_norms_s8(const int8_t* q, int64_t rows, int64_t cols, float* norms);
 //   a_i = ‖hi_i‖·14s, e_i = ‖lo_i‖·s
 //   for dw:  c = [a ∘ x_norm ; e ∘ x_norm]   (x_norm[i] = ‖x_q row i‖·sx; pass x_norm)
 //   for dx:  c = [a ; e]                     (pass x_norm = nullptr)
-// scores has 2·rows entries.
+// scores has 2·rows entries. fp32 order: a_i = float(‖hi_i‖)·(14·s), then a_i·x_norm[i]
+// (norms summed in fp64 and rounded once, as row_norms_s8).
 void leverage_scores(const int8_t* hi, const int8_t* lo, int64_t rows, int64_t cols, float s,
                      const float* x_norm, float* scores);
 
@@ -36,7 +37,10 @@ void leverage_scores(const int8_t* hi, const int8_t* lo, int64_t rows, int64_t c
 //   p ← c·budget/Σc; repeat { clamp to [0,1]; F = {p_i = 1}; rescale the rest so that
 //   Σ_{i∉F} p_i = budget − |F| } until max p ≤ 1. fp64 internally.
 // If the number of non-zero scores ≤ budget, every non-zero row gets p = 1 (and zero rows 0).
+// Scores must be finite and ≥ 0 (throws naming the first bad index); budget finite and ≥ 0.
 void fit_probabilities(const float* scores, int64_t n, double budget, float* p);
+// The same fit with fp64 output (Σp = budget to fp64 rounding; the fp32 output rounds each p).
+void fit_probabilities(const float* scores, int64_t n, double budget, double* p);
 
 // Bernoulli masks: keep[i] = philox_uniform(key, i) < p[i]. Returns the kept count.
 int64_t sample_rows(const float* p, int64_t n, const PhiloxKey& key, uint8_t* keep);

@@ -2,6 +2,8 @@
 // Integer GEMMs (CPU reference) in the TN form C[M, N] = A[M, K] · B[N, K]ᵀ: both operands
 // K-contiguous, int32 accumulation (exact: inputs are validated so |Σ| < 2^31).
 // s4 operands are packed row-wise: row r of A occupies ceil(K/2) bytes (formats.md).
+// M, N, K must be positive (skip the call when a dimension is 0). The int32 check uses the
+// actual codes: K·max|a|·max|b| ≤ 2^31 − 1, else nibble::Error (split K, add in int64).
 #include <cstdint>
 
 namespace nibble::ref {

@@ -16,17 +16,28 @@
 
 namespace nibble::ref {
 
-// Rounds v to an integer: halves to even, or floor(v + philox_uniform(key, index)).
+// Rounds v to an integer: halves to even, or floor(v + philox_uniform(key, index)) (the
+// fp32 sum, then floor). Saturates to the int32 range; throws on NaN/Inf.
 int32_t round_code(float v, Rounding mode, const PhiloxKey& key, uint64_t index);
+
+// Number of scales for a granularity: 1, rows, cols or rows*(cols/group). Throws if a
+// group size does not divide cols. `group` is ignored for the other granularities.
+int64_t scale_count(Granularity g, int64_t rows, int64_t cols, int64_t group);
+
+// Throws nibble::Error naming the first NaN/Inf of x[rows, cols] (flat index, row, col);
+// `what` prefixes the message, e.g. "quantize: x".
+void check_finite_values(const float* x, int64_t rows, int64_t cols, const char* what);
 
 // Scales for x[rows, cols] under a granularity. `scale` has 1, rows, cols or
 // rows*(cols/group) entries. Symmetric: zero_point may be null. Asymmetric: zero_point
-// (int32, same count as scale) is filled.
+// (int32, same count as scale) is filled. A slice whose scale comes out 0 (all zeros, or
+// an fp32 underflow) gets s = 1, so its codes are 0 (or zp).
 void compute_scales(const float* x, int64_t rows, int64_t cols, Granularity g, int64_t group,
                     QRange range, bool asymmetric, float* scale, int32_t* zero_point);
 
 // Quantizes x[rows, cols] to int8-container codes q[rows, cols] with the given scales
-// (layout as in compute_scales). zero_point null means symmetric.
+// (layout as in compute_scales). zero_point null means symmetric. Stochastic rounding draws
+// element (r, c) from philox_uniform(key, r*cols + c).
 void quantize(const float* x, int64_t rows, int64_t cols, Granularity g, int64_t group,
               const float* scale, const int32_t* zero_point, QRange range, Rounding mode,
               const PhiloxKey& key, int8_t* q);
