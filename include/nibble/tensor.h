@@ -18,6 +18,9 @@ enum class Device : uint8_t { cpu, cuda };
 using Shape = std::vector<int64_t>;
 std::string shape_str(const Shape& s);
 int64_t shape_numel(const Shape& s);
+// Bytes a contiguous tensor of this dtype and shape occupies. Packed s4 packs each row
+// (last dimension) on its own: rows·ceil(cols/2) bytes, so an odd row ends on a half byte.
+size_t storage_bytes(DType dt, const Shape& shape);
 
 struct TensorView {
   void* data = nullptr;
@@ -48,7 +51,7 @@ class Tensor {
   DType dtype() const { return view_.dtype; }
   int64_t numel() const { return view_.numel(); }
   int64_t size(int64_t i) const { return view_.size(i); }
-  size_t nbytes() const { return storage_bytes(view_.dtype, view_.numel()); }
+  size_t nbytes() const { return storage_bytes(view_.dtype, view_.shape); }
   bool defined() const { return view_.data != nullptr || view_.numel() == 0; }
   template <class T> T* data() const { return static_cast<T*>(view_.data); }
   // Same storage, new shape with the same element count.

@@ -145,13 +145,13 @@ Entry parse_entry(const std::string& name, const ordered_json& v, size_t index,
   e.end = json_u64(off[1], path, name, "data_offsets");
   NB_CHECK(e.end >= e.begin, path << ": tensor '" << name << "' has data_offsets [" << e.begin
                                   << ", " << e.end << "] with end before begin");
-  // Bytes the dtype and shape need: numel * size, or ceil(numel / 2) for packed s4.
+  // Bytes the dtype and shape need: numel * size, or rows·ceil(cols / 2) for packed s4.
   // numel < 2^63 but numel * 8 may not fit 64 bits; such a tensor cannot match any
   // real file, so an overflow reads as a mismatch.
   const auto n = static_cast<uint64_t>(numel);
   const auto elem_bytes = static_cast<uint64_t>(dtype_bits(e.dtype) / 8);
   const bool overflow = elem_bytes > 0 && n > std::numeric_limits<uint64_t>::max() / elem_bytes;
-  const uint64_t need = e.dtype == DType::s4 ? n / 2 + n % 2 : n * elem_bytes;
+  const uint64_t need = e.dtype == DType::s4 ? storage_bytes(DType::s4, e.shape) : n * elem_bytes;
   NB_CHECK(!overflow && need == e.end - e.begin,
            path << ": tensor '" << name << "' is " << dt_name << shape_str(e.shape) << " = "
                 << (overflow ? std::string("over 2^64") : std::to_string(need)) << " bytes, but its data_offsets [" << e.begin
@@ -291,7 +291,7 @@ void write_safetensors(const std::string& path, const std::vector<NamedTensor>& 
                                      << ") is not contiguous; write a contiguous copy");
     NB_CHECK(v.data != nullptr || v.numel() == 0,
              path << ": tensor '" << nt.name << "' has no data (undefined tensor)");
-    const uint64_t bytes = storage_bytes(v.dtype, v.numel());
+    const uint64_t bytes = storage_bytes(v.dtype, v.shape);
     ordered_json e = ordered_json::object();
     e["dtype"] = safetensors_dtype_name(v.dtype);
     e["shape"] = v.shape;

@@ -23,6 +23,13 @@ int64_t shape_numel(const Shape& s) {
   return n;
 }
 
+size_t storage_bytes(DType dt, const Shape& shape) {
+  if (dt != DType::s4 || shape.empty()) return storage_bytes(dt, shape_numel(shape));
+  const int64_t cols = shape.back();
+  const int64_t rows = cols > 0 ? shape_numel(shape) / cols : 0;
+  return static_cast<size_t>(rows) * storage_bytes(DType::s4, cols);
+}
+
 int64_t TensorView::size(int64_t i) const {
   const int64_t d = dim();
   if (i < 0) i += d;
@@ -58,7 +65,7 @@ Tensor Tensor::empty(Shape shape, DType dtype, Device device) {
   t.view_.shape = std::move(shape);
   t.view_.device = device;
   // 64-byte alignment for SIMD loads; at least one byte so data() is never null.
-  const size_t bytes = (storage_bytes(dtype, t.view_.numel()) + 63) / 64 * 64;
+  const size_t bytes = (storage_bytes(dtype, t.view_.shape) + 63) / 64 * 64;
   void* p = std::aligned_alloc(64, bytes ? bytes : 64);
   NB_CHECK(p != nullptr, "out of host memory allocating " << bytes << " bytes for "
                                                           << t.view_.describe());

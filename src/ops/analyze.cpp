@@ -70,6 +70,30 @@ double sqnr_scaled(const std::vector<float>& x, int64_t rows, int64_t cols, Gran
   return ref::sqnr_db(x.data(), x_hat.data(), static_cast<int64_t>(x.size()));
 }
 
+// The per-tensor step with the smallest squared error for v, among LSQ's initial step and
+// absmax/qmax·f for f in {1, 0.9, ..., 0.3}.
+float best_step(const std::vector<float>& v, QRange range) {
+  const auto n = static_cast<int64_t>(v.size());
+  float absmax = 0;
+  for (float e : v) absmax = std::max(absmax, std::abs(e));
+  std::vector<float> candidates{ref::lsq_init_scale(v.data(), n, range)};
+  for (int f = 10; f >= 3; --f)
+    if (absmax > 0) candidates.push_back(absmax / static_cast<float>(range.qmax) * 0.1f * static_cast<float>(f));
+  float best = candidates.front();
+  double best_err = -1;
+  std::vector<int8_t> q(v.size());
+  for (float s : candidates) {
+    ref::lsq_quantize(v.data(), n, s, range, q.data(), nullptr);
+    double err = 0;
+    for (size_t i = 0; i < v.size(); ++i) {
+      const double d = static_cast<double>(v[i]) - static_cast<double>(s) * q[i];
+      err += d * d;
+    }
+    if (best_err < 0 || err < best_err) best_err = err, best = s;
+  }
+  return best;
+}
+
 // HQ for every block that divides cols and every bit-width. The forward transform is done
 // once per block and shared by the bit-widths. Fills hq_blocks / hq_blocks_sqnr_db /
 // hq_block and the hq entry of sqnr_db in each result.
@@ -83,8 +107,12 @@ void hq_search(const std::vector<float>& x, int64_t rows, int64_t cols,
     ref::hadamard_blocks(xt.data(), rows, cols, block);  // x·H
     for (BitsResult& r : results) {
       const QRange range = symmetric_range(r.bits);
-      // s = 2·mean|x·H| / sqrt(qmax) (LSQ init, algorithms.md A.3); q = clamp(round(v/s))
-      const float s = ref::lsq_init_scale(xt.data(), n, range);
+      // One per-tensor step size, as HQ uses. LSQ's initial step 2·mean|x·H|/sqrt(qmax)
+      // (algorithms.md A.3) is tuned for 4 bits and clips far too much at 8, and training moves
+      // the step towards the MSE optimum anyway; so the step is the lowest-MSE one among the
+      // LSQ init and fractions of absmax/qmax. H is orthonormal, so the MSE of x·H equals the
+      // MSE of x and the choice needs no inverse transform.
+      const float s = best_step(xt, range);
       ref::lsq_quantize(xt.data(), n, s, range, q.data(), nullptr);
       // x̂ = (s·q)·Hᵀ: H is symmetric and orthonormal, so the same call inverts it
       for (int64_t i = 0; i < n; ++i) x_hat[i] = s * static_cast<float>(q[i]);
@@ -309,9 +337,9 @@ std::string format_report(const AnalyzeReport& report) {
         "each row, each column\n"
      << "    (rows: tokens of an activation or output channels of a weight; columns: input "
         "channels)\n"
-     << "  HQ: block Hadamard along each row, then one scale 2*mean|v|/sqrt(qmax) (LSQ's "
-        "initial step,\n"
-     << "    before any training); the block with the best SQNR is shown\n"
+     << "  HQ: block Hadamard along each row, then one per-tensor step: the lowest-error of "
+        "LSQ's initial\n"
+     << "    step 2*mean|v|/sqrt(qmax) and fractions of absmax/qmax; the best block is shown\n"
      << "  asym-token: min/max scale and zero point per row, codes [0, 2^bits - 1]\n";
 
   constexpr size_t kCol = 12;
