@@ -1,0 +1,32 @@
+#pragma once
+// Parameter structs of the integer GEMM launchers (habit 8: filled and validated once).
+// The GEMM is always TN: C[M, N] = A[M, K] · B[N, K]ᵀ, both operands K-contiguous, as the
+// forward y = x·wᵀ is naturally, and as dx/dw become once the quantizers emit transposed
+// codes (algorithms.md §F.3). Storage is s8: INT4 values ([-8, 7]) and bit-split operands
+// ([-90, 90]) are fed to INT8 tensor cores on Hopper, which has no 4-bit MMA (§F.1).
+#include <cstdint>
+
+namespace nibble::cuda {
+
+struct GemmS8S8Params {
+  const int8_t* a = nullptr;  // A: [M, K] s8, row-major (K contiguous), 16-byte aligned base
+  const int8_t* b = nullptr;  // B: [N, K] s8, row-major (K contiguous), 16-byte aligned base
+  int64_t m = 0;              // rows of A and of the output; M = 0 is a no-op
+  int64_t n = 0;              // rows of B = columns of the output; N·sizeof(out) % 16 == 0
+  int64_t k = 0;              // K % 16 == 0 (16-byte rows for the tensor-memory copies)
+};
+
+// EpiDequantBias — the fused dequantizing epilogue, applied to the int32 accumulators:
+//   y[m, n] = float(acc[m, n]) · (scale_a[m or 0] · scale_b[n or 0]) + bias[n]
+// The same formula as nibble::ref::epilogue_dequant without zero points (src/ref/gemm.h).
+// A null scale counts as 1, a null bias as 0. a_per_row / b_per_col choose whether a scale
+// is a vector (indexed by m / n) or a single value (read from element 0).
+struct EpiDequantBias {
+  const float* scale_a = nullptr;  // [M] (a_per_row) or [1]: per-token activation scale
+  bool a_per_row = true;
+  const float* scale_b = nullptr;  // [N] (b_per_col) or [1]: per-output-channel weight scale
+  bool b_per_col = true;
+  const float* bias = nullptr;     // [N] or null
+};
+
+}  // namespace nibble::cuda

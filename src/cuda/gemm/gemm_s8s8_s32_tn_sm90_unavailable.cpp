@@ -1,0 +1,29 @@
+// Stand-ins for the sm_90a INT8 GEMM launchers when CMake found no CUTLASS headers: they
+// throw, saying how to build the real ones. Compiled only in that case (CMakeLists.txt).
+#include "cuda/gemm/gemm_s8s8_s32_tn_sm90.h"
+
+#include "nibble/error.h"
+
+namespace nibble::cuda {
+
+namespace {
+[[noreturn]] void unavailable(const char* fn) {
+  NB_FAIL(fn << " is not in this build: CMake found no CUTLASS headers. Run scripts/setup.sh "
+                "(it fetches CUTLASS 4.2.0 into .cache/), re-run cmake and rebuild");
+}
+}  // namespace
+
+void gemm_s8s8_s32_tn_sm90(const GemmS8S8Params&, int32_t*, cudaStream_t) {
+  unavailable("gemm_s8s8_s32_tn_sm90");
+}
+void gemm_s8s8_s32_tn_dequant_sm90(const GemmS8S8Params&, const EpiDequantBias&, bf16_t*,
+                                   cudaStream_t) {
+  unavailable("gemm_s8s8_s32_tn_dequant_sm90");
+}
+void gemm_s8s8_s32_tn_dequant_sm90(const GemmS8S8Params&, const EpiDequantBias&, float*,
+                                   cudaStream_t) {
+  unavailable("gemm_s8s8_s32_tn_dequant_sm90");
+}
+bool gemm_sm90_available() { return false; }
+
+}  // namespace nibble::cuda

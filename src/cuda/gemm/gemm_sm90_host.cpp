@@ -1,0 +1,74 @@
+#include "cuda/gemm/gemm_sm90_host.h"
+
+#include <cuda_runtime.h>
+
+#include <map>
+#include <mutex>
+
+#include "cuda/common/check.h"
+
+namespace nibble::cuda::sm90 {
+
+namespace {
+
+bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
+
+// Compute capability of the current device as 10·major + minor, queried once per device.
+int device_cc() {
+  int device = 0;
+  NB_CUDA_CHECK(cudaGetDevice(&device));
+  static std::mutex m;
+  static std::map<int, int> ccs;
+  std::lock_guard<std::mutex> lock(m);
+  auto it = ccs.find(device);
+  if (it == ccs.end()) {
+    int major = 0, minor = 0;
+    NB_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device));
+    NB_CUDA_CHECK(cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, device));
+    it = ccs.emplace(device, 10 * major + minor).first;
+  }
+  return it->second;
+}
+
+}  // namespace
+
+void check_gemm_params(const char* fn, const GemmS8S8Params& p, const void* out, int out_bytes) {
+  const int cc = device_cc();
+  NB_CHECK(cc == 90, fn << " needs a compute capability 9.0 GPU (H100/H200, sm_90a wgmma); this "
+                        << "device is " << cc / 10 << "." << cc % 10
+                        << "; use the reference backend on other GPUs");
+  NB_CHECK(p.m >= 0 && p.n >= 0 && p.k >= 0,
+           fn << ": negative size M=" << p.m << ", N=" << p.n << ", K=" << p.k);
+  NB_CHECK(p.m < (int64_t{1} << 31) && p.n < (int64_t{1} << 31) && p.k < (int64_t{1} << 31),
+           fn << ": M=" << p.m << ", N=" << p.n << ", K=" << p.k
+              << " exceeds 2^31 - 1; split the GEMM into smaller ones");
+  NB_CHECK(p.k % 16 == 0, fn << ": K=" << p.k
+                             << " is not a multiple of 16; rows of A and B must be multiples of "
+                                "16 bytes for the tensor-memory copies: zero-pad K to "
+                             << (p.k + 15) / 16 * 16);
+  NB_CHECK(p.n * out_bytes % 16 == 0,
+           fn << ": N=" << p.n << " gives output rows of " << p.n * out_bytes
+              << " bytes, not a multiple of 16; N must be a multiple of " << 16 / out_bytes
+              << " for this output type: pad N to "
+              << (p.n * out_bytes + 15) / 16 * 16 / out_bytes);
+  if (p.m == 0 || p.n == 0) return;
+  NB_CHECK(out != nullptr, fn << ": the output pointer is null");
+  NB_CHECK(aligned16(out), fn << ": the output pointer " << out
+                              << " is not 16-byte aligned; pass a cudaMalloc'd base or an "
+                                 "offset that is a multiple of 16 bytes");
+  if (p.k == 0) return;
+  NB_CHECK(p.a != nullptr && p.b != nullptr, fn << ": A or B is null with M, N, K > 0");
+  NB_CHECK(aligned16(p.a) && aligned16(p.b),
+           fn << ": A (" << static_cast<const void*>(p.a) << ") and B ("
+              << static_cast<const void*>(p.b)
+              << ") must be 16-byte aligned; pass cudaMalloc'd bases or offsets that are "
+                 "multiples of 16 bytes");
+}
+
+void check_epilogue(const char* fn, const EpiDequantBias& epi) {
+  const auto aligned4 = [](const float* q) { return reinterpret_cast<uintptr_t>(q) % 4 == 0; };
+  NB_CHECK(aligned4(epi.scale_a) && aligned4(epi.scale_b) && aligned4(epi.bias),
+           fn << ": scale_a, scale_b and bias must be 4-byte aligned float pointers");
+}
+
+}  // namespace nibble::cuda::sm90
