@@ -4,6 +4,19 @@
 // forward() keeps what backward() needs: fp32 layers keep x; quantized layers keep integer
 // codes (INT4 layers keep 4-bit codes plus a 4-bit side channel, never a float copy of x).
 // Calls nibble::ops only.
+//
+// Per precision (src/nn/linear.cpp has the details):
+//   int8  backward rounds the output gradient stochastically, stream (seed, step, layer_id)
+//   int4  parameters "<name>.step_x", "<name>.step_w" (LSQ steps, weight_decay false; the
+//         forward uses |s|, the gradient is sign(s)·∂L/∂|s|). The first training forward
+//         fixes the Hadamard block (QuantOptions.hadamard_block, or the paper's search on
+//         that batch) and initialises both steps from the batch; while ctx.step <
+//         lsq_cold_start_steps, s_x is reset from each batch and gets no gradient.
+//         extra_state: "<name>.hadamard_block", "<name>.lsq_initialized".
+//   w4a4  deterministic (no random stream)
+// Errors: non-finite x or dy throw ops::NonFiniteError (a nibble::Error) naming the layer;
+// backward() without a training forward before it throws. ctx.training = false keeps
+// nothing (and drops what an earlier training forward kept).
 #include <cstdint>
 #include <map>
 #include <memory>

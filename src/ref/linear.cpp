@@ -37,46 +37,184 @@ PhiloxKey with_role(PhiloxKey key, RngRole role) {
   return key;
 }
 
+// The saved codes are packed as s4, so a range must lie inside [-8, 7].
+void check_s4_range(QRange range, const char* what) {
+  NB_CHECK(range.qmin < range.qmax && range.qmin >= -8 && range.qmax <= 7,
+           what << " [" << range.qmin << ", " << range.qmax
+                << "] does not fit 4 bits; the saved codes are packed s4, so use a range inside "
+                   "[-8, 7] such as [-7, 7] or [-8, 7]");
+}
+
+std::vector<uint8_t> pack_rows(const int8_t* q, int64_t rows, int64_t cols) {
+  std::vector<uint8_t> out(static_cast<size_t>(rows * ((cols + 1) / 2)));
+  pack_s4_rows(q, rows, cols, out.data());
+  return out;
+}
+
+std::vector<int8_t> unpack_rows(const std::vector<uint8_t>& packed, int64_t rows, int64_t cols) {
+  NB_CHECK(packed.size() == static_cast<size_t>(rows * ((cols + 1) / 2)),
+           "saved linear state: a packed tensor has " << packed.size() << " bytes, expected "
+                                                      << rows * ((cols + 1) / 2) << " for ["
+                                                      << rows << ", " << cols
+                                                      << "]; pass the state the forward filled");
+  std::vector<int8_t> out(static_cast<size_t>(rows * cols));
+  if (rows * cols > 0) unpack_s4_rows(packed.data(), rows, cols, out.data());
+  return out;
+}
+
+template <class T>
+int64_t vector_bytes(const std::vector<T>& v) {
+  return static_cast<int64_t>(v.size() * sizeof(T));
+}
+
+// HQ-quantizes v[rows, d] (codes into q) and, when e is not null, encodes the LSQ residual
+// side channel of every element, drawing index index_base + i of key's stream.
+void hq_quantize_with_residual(const float* v, int64_t rows, int64_t d, int64_t block, float s,
+                               QRange range, const PhiloxKey& key, uint64_t index_base, int8_t* q,
+                               int8_t* e) {
+  std::vector<float> r(e != nullptr ? static_cast<size_t>(rows * d) : 0);
+  hq_quantize(v, rows, d, block, s, range, q, e != nullptr ? r.data() : nullptr);
+  if (e == nullptr) return;
+  parallel_for(rows, [&](int64_t row) {
+    for (int64_t k = 0; k < d; ++k) {
+      const int64_t i = row * d + k;
+      e[i] = lsq_residual_encode(r[static_cast<size_t>(i)], range, key,
+                                 index_base + static_cast<uint64_t>(i));
+    }
+  }, d);
+}
+
 }  // namespace
 
+int8_t lsq_residual_encode(float r, QRange range, const PhiloxKey& key, uint64_t index) {
+  // Outside [qmin, qmax] (±Inf included): the STE mask is 0 and δ is the code itself.
+  if (!(r >= static_cast<float>(range.qmin) && r <= static_cast<float>(range.qmax))) {
+    return static_cast<int8_t>(kLsqClipped);
+  }
+  // δ = round(r) − r (exact in fp32), t = 14·δ ∈ [−7, 7], e = floor(t + u): E[e] = t
+  const float delta = std::nearbyint(r) - r;
+  const float t = static_cast<float>(kLsqResidualSteps) * delta;
+  const float e = std::floor(t + philox_uniform(key, index));
+  // t + u can round up to 8 in fp32 when t = 7 (δ = 1/2 exactly); −8 is the clip flag.
+  return static_cast<int8_t>(std::clamp(e, -7.0f, 7.0f));
+}
+
+float lsq_residual_decode(int32_t e, int32_t q) {
+  return e == kLsqClipped ? static_cast<float>(q)
+                          : static_cast<float>(e) / static_cast<float>(kLsqResidualSteps);
+}
+
+float lsq_backward_coded(const float* grad_v_in, const int8_t* q, const int8_t* e, int64_t n,
+                         QRange range, float* grad_v) {
+  const char* fn = "lsq_backward_coded";
+  NB_CHECK(n > 0, fn << ": needs at least one element (got n = " << n << ")");
+  NB_CHECK(grad_v_in != nullptr && q != nullptr && e != nullptr,
+           fn << ": grad_v_in, q and e must not be null");
+  NB_CHECK(range.qmin < 0 && range.qmax > 0,
+           fn << ": LSQ needs a signed code range with qmin < 0 < qmax, got [" << range.qmin
+              << ", " << range.qmax << "]; use [-7, 7] (paper) or [-8, 7] (released code)");
+  check_finite_values(grad_v_in, 1, n, "lsq_backward_coded: grad_v_in");
+  // ∂L/∂s ≈ g · Σ_i grad_i · δ̃_i, index-order fp64 sum (serial: the order is the spec).
+  double sum = 0.0;
+  for (int64_t i = 0; i < n; ++i) {
+    const float g_in = grad_v_in[i];
+    sum += static_cast<double>(g_in) * static_cast<double>(lsq_residual_decode(e[i], q[i]));
+    // STE: ∂v̂/∂v = 1[qmin ≤ r ≤ qmax] = 1[e ≠ −8]. Written after reading g_in (aliasing).
+    if (grad_v != nullptr) grad_v[i] = e[i] == kLsqClipped ? 0.0f : g_in;
+  }
+  // g = 1 / sqrt(qmax · numel)  (LSQ gradient scale, algorithms.md A.3/B.2)
+  const double g = 1.0 / std::sqrt(static_cast<double>(range.qmax) * static_cast<double>(n));
+  return static_cast<float>(g * sum);
+}
+
+int64_t HqLinearSaved::bytes() const {
+  return vector_bytes(x_q_packed) + vector_bytes(x_e_packed) + vector_bytes(w_q_packed) +
+         vector_bytes(w_e_packed) + static_cast<int64_t>(2 * sizeof(float));
+}
+std::vector<int8_t> HqLinearSaved::x_q() const { return unpack_rows(x_q_packed, n, d); }
+std::vector<int8_t> HqLinearSaved::x_e() const { return unpack_rows(x_e_packed, n, d); }
+std::vector<int8_t> HqLinearSaved::w_q() const { return unpack_rows(w_q_packed, c, d); }
+std::vector<int8_t> HqLinearSaved::w_e() const { return unpack_rows(w_e_packed, c, d); }
+
+int64_t W4A4Saved::bytes() const {
+  return vector_bytes(x_q_packed) + vector_bytes(x_scale) + vector_bytes(x_zero) +
+         vector_bytes(w_q_packed) + vector_bytes(w_scale);
+}
+std::vector<int8_t> W4A4Saved::x_q() const {
+  std::vector<int8_t> q = unpack_rows(x_q_packed, n, d);
+  for (int8_t& v : q) v = static_cast<int8_t>(v + x_code_offset);
+  return q;
+}
+std::vector<int8_t> W4A4Saved::w_q() const { return unpack_rows(w_q_packed, c, d); }
+
 void hq_linear_forward(const float* x, const float* w, const float* bias, int64_t n, int64_t d,
-                       int64_t c, float sx, float sw, const HqLinearConfig& cfg, float* y,
-                       HqLinearSaved* saved) {
+                       int64_t c, float sx, float sw, const HqLinearConfig& cfg,
+                       const PhiloxKey& key, float* y, HqLinearSaved* saved) {
   check_dims(n, d, c, "hq_linear_forward");
   check_scale(sx, "activation step size sx");
   check_scale(sw, "weight step size sw");
-  HqLinearSaved local;
-  HqLinearSaved& s = saved ? *saved : local;
-  s.n = n, s.d = d, s.c = c, s.sx = sx, s.sw = sw;
-  s.x_q.resize(static_cast<size_t>(n * d));
-  s.x_r.resize(static_cast<size_t>(n * d));
-  s.w_q.resize(static_cast<size_t>(c * d));
-  s.w_r.resize(static_cast<size_t>(c * d));
-  hq_quantize(x, n, d, cfg.block, sx, cfg.range, s.x_q.data(), s.x_r.data());
-  hq_quantize(w, c, d, cfg.block, sw, cfg.range, s.w_q.data(), s.w_r.data());
+  check_s4_range(cfg.range, "hq_linear_forward: code range");
+  NB_CHECK(cfg.range.qmin < 0 && cfg.range.qmax > 0,
+           "hq_linear_forward: LSQ needs qmin < 0 < qmax, got [" << cfg.range.qmin << ", "
+                                                                 << cfg.range.qmax
+                                                                 << "]; use [-7, 7] or [-8, 7]");
+  NB_CHECK(x != nullptr && w != nullptr && y != nullptr,
+           "hq_linear_forward: x, w and y must not be null (bias may be)");
+  // Side channel: x_r draws indices [0, N·D), w_r draws [N·D, N·D + C·D) of one stream.
+  const PhiloxKey resid_key = with_role(key, RngRole::rounding);
+  std::vector<int8_t> x_q(static_cast<size_t>(n * d)), w_q(static_cast<size_t>(c * d));
+  std::vector<int8_t> x_e(saved ? x_q.size() : 0), w_e(saved ? w_q.size() : 0);
+  hq_quantize_with_residual(x, n, d, cfg.block, sx, cfg.range, resid_key, 0, x_q.data(),
+                            saved ? x_e.data() : nullptr);
+  hq_quantize_with_residual(w, c, d, cfg.block, sw, cfg.range, resid_key,
+                            static_cast<uint64_t>(n * d), w_q.data(),
+                            saved ? w_e.data() : nullptr);
 
   // y = float(x_q·w_qᵀ) · (sx·sw) + b
   std::vector<int32_t> acc(static_cast<size_t>(n * c));
-  gemm_s8s8_s32_tn(s.x_q.data(), s.w_q.data(), n, c, d, acc.data());
+  gemm_s8s8_s32_tn(x_q.data(), w_q.data(), n, c, d, acc.data());
   DequantEpilogue epi;
-  epi.scale_a = &s.sx;
-  epi.scale_b = &s.sw;
+  epi.scale_a = &sx;
+  epi.scale_b = &sw;
   epi.bias = bias;
   epilogue_dequant(acc.data(), n, c, epi, y);
+
+  if (saved != nullptr) {
+    HqLinearSaved& s = *saved;
+    s.n = n, s.d = d, s.c = c, s.sx = sx, s.sw = sw;
+    s.block = cfg.block;
+    s.range = cfg.range;
+    s.x_q_packed = pack_rows(x_q.data(), n, d);
+    s.x_e_packed = pack_rows(x_e.data(), n, d);
+    s.w_q_packed = pack_rows(w_q.data(), c, d);
+    s.w_e_packed = pack_rows(w_e.data(), c, d);
+  }
 }
 
 HqLinearGrads hq_linear_backward(const float* dy, const HqLinearSaved& saved,
                                  const HqLinearConfig& cfg, const PhiloxKey& key) {
   const int64_t n = saved.n, d = saved.d, c = saved.c;
   check_dims(n, d, c, "hq_linear_backward");
-  NB_CHECK(saved.x_q.size() == static_cast<size_t>(n * d) &&
-               saved.w_q.size() == static_cast<size_t>(c * d),
+  const size_t x_bytes = static_cast<size_t>(n * ((d + 1) / 2));
+  const size_t w_bytes = static_cast<size_t>(c * ((d + 1) / 2));
+  NB_CHECK(saved.x_q_packed.size() == x_bytes && saved.x_e_packed.size() == x_bytes &&
+               saved.w_q_packed.size() == w_bytes && saved.w_e_packed.size() == w_bytes,
            "hq_linear_backward: the saved state does not match N=" << n << " D=" << d << " C=" << c
                                                                    << "; pass the state that "
                                                                       "hq_linear_forward filled");
+  NB_CHECK(cfg.block == saved.block && cfg.range.qmin == saved.range.qmin &&
+               cfg.range.qmax == saved.range.qmax,
+           "hq_linear_backward: config (block " << cfg.block << ", range [" << cfg.range.qmin
+                                                << ", " << cfg.range.qmax
+                                                << "]) differs from the forward's (block "
+                                                << saved.block << ", range [" << saved.range.qmin
+                                                << ", " << saved.range.qmax
+                                                << "]); pass the forward's config");
   NB_CHECK(cfg.sample_fraction > 0.0 && cfg.sample_fraction <= 1.0,
            "sample_fraction " << cfg.sample_fraction << " must be in (0, 1]");
+  NB_CHECK(dy != nullptr, "hq_linear_backward: dy is null; pass the [N, C] output gradient");
   HqLinearGrads g;
+  const std::vector<int8_t> x_q = saved.x_q(), w_q = saved.w_q();
 
   // 1. Bit split dy once; both products share it (the released code's choice, B.7).
   std::vector<int8_t> hi(static_cast<size_t>(n * c)), lo(hi.size()), comb(hi.size());
@@ -95,7 +233,7 @@ HqLinearGrads hq_linear_backward(const float* dy, const HqLinearSaved& saved,
 
     // dw_t = float(combᵀ·x_q) · (s·sx): A = combᵀ [C, N], B = x_qᵀ [D, N]
     const std::vector<int8_t> comb_t = transpose_s8(comb, n, c);
-    const std::vector<int8_t> x_q_t = transpose_s8(saved.x_q, n, d);
+    const std::vector<int8_t> x_q_t = transpose_s8(x_q, n, d);
     std::vector<int32_t> acc_w(static_cast<size_t>(c * d));
     gemm_s8s8_s32_tn(comb_t.data(), x_q_t.data(), c, d, n, acc_w.data());
     DequantEpilogue epi_w;
@@ -104,7 +242,7 @@ HqLinearGrads hq_linear_backward(const float* dy, const HqLinearSaved& saved,
     epilogue_dequant(acc_w.data(), c, d, epi_w, dw_t.data());
 
     // dx_t = float(comb·w_q) · (s·sw): A = comb [N, C], B = w_qᵀ [D, C]
-    const std::vector<int8_t> w_q_t = transpose_s8(saved.w_q, c, d);
+    const std::vector<int8_t> w_q_t = transpose_s8(w_q, c, d);
     std::vector<int32_t> acc_x(static_cast<size_t>(n * d));
     gemm_s8s8_s32_tn(comb.data(), w_q_t.data(), n, d, c, acc_x.data());
     DequantEpilogue epi_x;
@@ -124,7 +262,7 @@ HqLinearGrads hq_linear_backward(const float* dy, const HqLinearSaved& saved,
     // dw = Σ_kept (1/p_i)·G↕_iᵀ·X̂↕_i. 1/p varies along dw's K (tokens), so it cannot be an
     // epilogue scale (algorithms.md F.6); the reference accumulates the weighted rows in fp64.
     std::vector<float> x_norm(static_cast<size_t>(n));
-    row_norms_s8(saved.x_q.data(), n, d, x_norm.data());
+    row_norms_s8(x_q.data(), n, d, x_norm.data());
     for (float& v : x_norm) v *= saved.sx;
     std::vector<float> sc_w(static_cast<size_t>(2 * n)), p_w(sc_w.size());
     std::vector<uint8_t> keep_w(sc_w.size());
@@ -138,7 +276,7 @@ HqLinearGrads hq_linear_backward(const float* dy, const HqLinearSaved& saved,
         const int32_t code = row_code(i, col);
         if (code == 0) continue;
         const double coef = row_scale(i) / p_w[static_cast<size_t>(i)] * code;
-        const int8_t* xr = saved.x_q.data() + (i % n) * d;
+        const int8_t* xr = x_q.data() + (i % n) * d;
         for (int64_t k = 0; k < d; ++k) acc[static_cast<size_t>(k)] += coef * xr[k];
       }
       for (int64_t k = 0; k < d; ++k)
@@ -152,7 +290,7 @@ HqLinearGrads hq_linear_backward(const float* dy, const HqLinearSaved& saved,
     leverage_scores(hi.data(), lo.data(), n, c, s, nullptr, sc_x.data());
     fit_probabilities(sc_x.data(), 2 * n, budget, p_x.data());
     g.kept_rows_dx = sample_rows(p_x.data(), 2 * n, with_role(key, RngRole::sample_dx), keep_x.data());
-    const std::vector<int8_t> w_q_t = transpose_s8(saved.w_q, c, d);
+    const std::vector<int8_t> w_q_t = transpose_s8(w_q, c, d);
     std::vector<int32_t> acc_hi(static_cast<size_t>(n * d)), acc_lo(acc_hi.size());
     gemm_s8s8_s32_tn(hi.data(), w_q_t.data(), n, d, c, acc_hi.data());
     gemm_s8s8_s32_tn(lo.data(), w_q_t.data(), n, d, c, acc_lo.data());
@@ -167,9 +305,11 @@ HqLinearGrads hq_linear_backward(const float* dy, const HqLinearSaved& saved,
     }, d);
   }
 
-  // 2. LSQ step-size gradients and STE masks, in the transformed domain.
-  g.dsx = lsq_backward(dx_t.data(), saved.x_r.data(), n * d, cfg.range, dx_t.data());
-  g.dsw = lsq_backward(dw_t.data(), saved.w_r.data(), c * d, cfg.range, dw_t.data());
+  // 2. LSQ step-size gradients and STE masks, in the transformed domain, from the side
+  //    channel: the masks are exact, the δ sums unbiased (see lsq_residual_encode).
+  const std::vector<int8_t> x_e = saved.x_e(), w_e = saved.w_e();
+  g.dsx = lsq_backward_coded(dx_t.data(), x_q.data(), x_e.data(), n * d, cfg.range, dx_t.data());
+  g.dsw = lsq_backward_coded(dw_t.data(), w_q.data(), w_e.data(), c * d, cfg.range, dw_t.data());
 
   // 3. Back to the original domain: ·Hᵀ, and H is symmetric, so the same transform.
   hadamard_blocks(dx_t.data(), n, d, cfg.block);
@@ -191,60 +331,85 @@ void w4a4_linear_forward(const float* x, const float* w, const float* bias, int6
                          int64_t d, int64_t c, const W4A4Config& cfg, float* y,
                          W4A4Saved* saved) {
   check_dims(n, d, c, "w4a4_linear_forward");
-  W4A4Saved local;
-  W4A4Saved& s = saved ? *saved : local;
-  s.n = n, s.d = d, s.c = c;
+  NB_CHECK(x != nullptr && w != nullptr && y != nullptr,
+           "w4a4_linear_forward: x, w and y must not be null (bias may be)");
+  if (!cfg.asymmetric) check_s4_range(cfg.act_range, "w4a4_linear_forward: activation range");
+  check_s4_range(cfg.weight_range, "w4a4_linear_forward: weight range");
   const QRange act_range = cfg.asymmetric ? kUint4 : cfg.act_range;
-  s.x_q.resize(static_cast<size_t>(n * d));
-  s.x_scale.resize(static_cast<size_t>(n));
-  s.x_zero.assign(cfg.asymmetric ? static_cast<size_t>(n) : 0, 0);
-  int32_t* zx = cfg.asymmetric ? s.x_zero.data() : nullptr;
+  std::vector<int8_t> x_q(static_cast<size_t>(n * d));
+  std::vector<float> x_scale(static_cast<size_t>(n));
+  std::vector<int32_t> x_zero(cfg.asymmetric ? static_cast<size_t>(n) : 0, 0);
+  int32_t* zx = cfg.asymmetric ? x_zero.data() : nullptr;
   const PhiloxKey unused{};  // nearest rounding draws no random numbers
-  compute_scales(x, n, d, Granularity::row, 0, act_range, cfg.asymmetric, s.x_scale.data(), zx);
-  quantize(x, n, d, Granularity::row, 0, s.x_scale.data(), zx, act_range, Rounding::nearest,
-           unused, s.x_q.data());
+  compute_scales(x, n, d, Granularity::row, 0, act_range, cfg.asymmetric, x_scale.data(), zx);
+  quantize(x, n, d, Granularity::row, 0, x_scale.data(), zx, act_range, Rounding::nearest,
+           unused, x_q.data());
 
-  s.w_q.resize(static_cast<size_t>(c * d));
-  s.w_scale.resize(static_cast<size_t>(c));
-  compute_scales(w, c, d, Granularity::row, 0, cfg.weight_range, false, s.w_scale.data(), nullptr);
-  quantize(w, c, d, Granularity::row, 0, s.w_scale.data(), nullptr, cfg.weight_range,
-           Rounding::nearest, unused, s.w_q.data());
+  std::vector<int8_t> w_q(static_cast<size_t>(c * d));
+  std::vector<float> w_scale(static_cast<size_t>(c));
+  compute_scales(w, c, d, Granularity::row, 0, cfg.weight_range, false, w_scale.data(), nullptr);
+  quantize(w, c, d, Granularity::row, 0, w_scale.data(), nullptr, cfg.weight_range,
+           Rounding::nearest, unused, w_q.data());
 
   // y = float(acc − zx[n]·Σ_k w_q[c,k]) · (sx[n]·sw[c]) + b[c]
   std::vector<int32_t> acc(static_cast<size_t>(n * c)), w_sum(static_cast<size_t>(c));
-  gemm_s8s8_s32_tn(s.x_q.data(), s.w_q.data(), n, c, d, acc.data());
-  row_sums_s8(s.w_q.data(), c, d, w_sum.data());
+  gemm_s8s8_s32_tn(x_q.data(), w_q.data(), n, c, d, acc.data());
+  row_sums_s8(w_q.data(), c, d, w_sum.data());
   DequantEpilogue epi;
-  epi.scale_a = s.x_scale.data();
+  epi.scale_a = x_scale.data();
   epi.a_per_row = true;
-  epi.scale_b = s.w_scale.data();
+  epi.scale_b = w_scale.data();
   epi.b_per_col = true;
   epi.bias = bias;
   epi.zp_a = zx;
   epi.b_sum = zx ? w_sum.data() : nullptr;
   epilogue_dequant(acc.data(), n, c, epi, y);
+
+  if (saved != nullptr) {
+    W4A4Saved& s = *saved;
+    s.n = n, s.d = d, s.c = c;
+    // Asymmetric codes [0, 15] are stored shifted by −8 so that they pack as s4.
+    s.x_code_offset = cfg.asymmetric ? 8 : 0;
+    if (s.x_code_offset != 0)
+      for (int8_t& v : x_q) v = static_cast<int8_t>(v - s.x_code_offset);
+    s.x_q_packed = pack_rows(x_q.data(), n, d);
+    s.x_scale = std::move(x_scale);
+    s.x_zero = std::move(x_zero);
+    s.w_q_packed = pack_rows(w_q.data(), c, d);
+    s.w_scale = std::move(w_scale);
+  }
 }
 
 void w4a4_linear_backward(const float* dy, const W4A4Saved& saved, float* dx, float* dw,
                           float* db) {
   const int64_t n = saved.n, d = saved.d, c = saved.c;
   check_dims(n, d, c, "w4a4_linear_backward");
+  NB_CHECK(saved.x_scale.size() == static_cast<size_t>(n) &&
+               saved.w_scale.size() == static_cast<size_t>(c) &&
+               (saved.x_zero.empty() || saved.x_zero.size() == static_cast<size_t>(n)),
+           "w4a4_linear_backward: the saved scales do not match N=" << n << " C=" << c
+                                                                    << "; pass the state that "
+                                                                       "w4a4_linear_forward filled");
+  NB_CHECK(dy != nullptr && dw != nullptr,
+           "w4a4_linear_backward: dy and dw must not be null (dx and db may be)");
   const int32_t* zx = saved.x_zero.empty() ? nullptr : saved.x_zero.data();
+  const std::vector<int8_t> x_q = saved.x_q(), w_q = saved.w_q();
   std::vector<float> x_hat(static_cast<size_t>(n * d)), w_hat(static_cast<size_t>(c * d));
-  dequantize(saved.x_q.data(), n, d, Granularity::row, 0, saved.x_scale.data(), zx, x_hat.data());
-  dequantize(saved.w_q.data(), c, d, Granularity::row, 0, saved.w_scale.data(), nullptr,
-             w_hat.data());
+  dequantize(x_q.data(), n, d, Granularity::row, 0, saved.x_scale.data(), zx, x_hat.data());
+  dequantize(w_q.data(), c, d, Granularity::row, 0, saved.w_scale.data(), nullptr, w_hat.data());
   // Straight-through estimator: the rounding is treated as identity, so the gradients are
   // those of y = x̂·ŵᵀ + b with respect to x̂ and ŵ.
-  parallel_for(n, [&](int64_t r) {
-    std::vector<double> acc(static_cast<size_t>(d), 0.0);
-    for (int64_t j = 0; j < c; ++j) {
-      const double g = dy[r * c + j];
-      if (g == 0.0) continue;
-      for (int64_t k = 0; k < d; ++k) acc[static_cast<size_t>(k)] += g * w_hat[static_cast<size_t>(j * d + k)];
-    }
-    for (int64_t k = 0; k < d; ++k) dx[r * d + k] = static_cast<float>(acc[static_cast<size_t>(k)]);
-  }, c * d);
+  if (dx != nullptr) {
+    parallel_for(n, [&](int64_t r) {
+      std::vector<double> acc(static_cast<size_t>(d), 0.0);
+      for (int64_t j = 0; j < c; ++j) {
+        const double g = dy[r * c + j];
+        if (g == 0.0) continue;
+        for (int64_t k = 0; k < d; ++k) acc[static_cast<size_t>(k)] += g * w_hat[static_cast<size_t>(j * d + k)];
+      }
+      for (int64_t k = 0; k < d; ++k) dx[r * d + k] = static_cast<float>(acc[static_cast<size_t>(k)]);
+    }, c * d);
+  }
   parallel_for(c, [&](int64_t j) {
     std::vector<double> acc(static_cast<size_t>(d), 0.0);
     double bsum = 0;

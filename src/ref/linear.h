@@ -16,6 +16,8 @@
 // Paper 2 (W4A4, algorithms.md E.1): per-token activation codes (symmetric or asymmetric
 // with integer zero points) and per-output-channel symmetric weight codes; the forward runs
 // the integer GEMM with a dequantizing epilogue; the backward is straight-through.
+//
+// Saved state of both layers is 4-bit: packed s4 codes (formats.md), never a float copy.
 #include <cstdint>
 #include <vector>
 
@@ -31,19 +33,59 @@ enum class LssMode : uint8_t {
 
 struct HqLinearConfig {
   int64_t block = 32;                // Hadamard block along D; 2^k in [1, 1024] dividing D
-  QRange range = kInt4Sym;           // forward code range (the STE mask and LSQ δ use it too)
+  QRange range = kInt4Sym;           // forward code range inside [-8, 7], qmin < 0 < qmax
+                                     // (the STE mask and LSQ δ use it too)
   LssMode lss = LssMode::keep_nonzero;
   double sample_fraction = 0.5;      // bernoulli: Σp = fraction·(2N) split rows (paper: N of 2N)
 };
 
-// What the forward keeps for the backward. Codes are int8 containers of 4-bit values.
+// ---- the LSQ residual side channel ------------------------------------------------------
+// The backward needs, per element of x_r = (x·H)/sx (and of w_r), the STE indicator
+// 1[qmin ≤ r ≤ qmax] and LSQ's δ(r) = qmin | qmax (clipped below | above) or round(r) − r.
+// Instead of the fp32 r, the forward keeps one signed nibble e per element:
+//   e = −8 (kLsqClipped)  r was clipped: mask 0, and δ = q exactly, because a clipped code
+//                         is qmin (< 0, r < qmin) or qmax (> 0, r > qmax)
+//   e ∈ [−7, 7]           r in range: mask 1, δ̃ = e / 14 (fp32 division), where
+//                         e = clamp(floor(14·δ + u), −7, 7), u = philox_uniform(key, index)
+// So the mask is exact, and E_u[δ̃] = δ up to the fp32 rounding of 14·δ + u (≤ 2^-21 of a
+// step; |δ| ≤ 1/2 puts 14·δ in [−7, 7], and the clamp only catches 7 + u rounding to 8).
+// Consequences: dx, dw (masked) are exact functions of the codes; the step-size gradients
+// g·Σ grad·δ̃ are unbiased estimates of g·Σ grad·δ given grad, with variance at most
+// g²·Σ grad²/(4·14²) (the variance of a stochastic rounding is ≤ 1/4 of a step²).
+// Random stream: role RngRole::rounding of the forward's key; element i of x_r draws index
+// i, element i of w_r draws index N·D + i (disjoint, so the two tensors are independent).
+constexpr int32_t kLsqResidualSteps = 14;  // δ̃ = e / 14
+constexpr int32_t kLsqClipped = -8;
+
+// The nibble e of one element r = v/s whose code is q (q = clamp(round(r), qmin, qmax)).
+// r may be ±Inf (clipped); NaN is rejected by the callers before.
+int8_t lsq_residual_encode(float r, QRange range, const PhiloxKey& key, uint64_t index);
+// δ̃ for the nibble e and the code q: q when e = kLsqClipped, else float(e) / 14.
+float lsq_residual_decode(int32_t e, int32_t q);
+// lsq_backward on the side channel: grad_v[i] = grad_v_in[i]·1[e_i ≠ −8] (may alias) and
+// returns g·Σ_i grad_v_in[i]·δ̃_i, g = 1/sqrt(qmax·n), fp64 sum in index order.
+float lsq_backward_coded(const float* grad_v_in, const int8_t* q, const int8_t* e, int64_t n,
+                         QRange range, float* grad_v);
+
+// ---- HQ-MM / LSS-MM ----------------------------------------------------------------------
+// What the forward keeps for the backward: 1 byte per element of x and of w (two packed
+// nibbles), plus two step sizes. Rows are packed on their own (ceil(D/2) bytes each).
 struct HqLinearSaved {
   int64_t n = 0, d = 0, c = 0;
   float sx = 1, sw = 1;
-  std::vector<int8_t> x_q;  // [N, D] codes of x_r
-  std::vector<int8_t> w_q;  // [C, D] codes of w_r
-  std::vector<float> x_r;   // [N, D] (x·H)/sx: the STE mask and LSQ δ need the unrounded value
-  std::vector<float> w_r;   // [C, D] (w·H)/sw
+  int64_t block = 0;                  // the forward's Hadamard block (checked by the backward)
+  QRange range = kInt4Sym;            // the forward's code range (checked by the backward)
+  std::vector<uint8_t> x_q_packed;    // [N, ceil(D/2)] s4 codes of x_r
+  std::vector<uint8_t> x_e_packed;    // [N, ceil(D/2)] s4 side channel of x_r
+  std::vector<uint8_t> w_q_packed;    // [C, ceil(D/2)] s4 codes of w_r
+  std::vector<uint8_t> w_e_packed;    // [C, ceil(D/2)] s4 side channel of w_r
+
+  int64_t bytes() const;              // heap bytes held (the four packed tensors + scalars)
+  // Unpacked int8 copies [N, D] / [C, D], for the backward and for tests.
+  std::vector<int8_t> x_q() const;
+  std::vector<int8_t> x_e() const;
+  std::vector<int8_t> w_q() const;
+  std::vector<int8_t> w_e() const;
 };
 
 struct HqLinearGrads {
@@ -57,27 +99,38 @@ struct HqLinearGrads {
 };
 
 // y [N, C] fp32. bias may be null. Scales must be > 0 (use lsq_init_scale on the first batch).
+// key (any role; set to rounding inside) names the side channel's stream: pass the layer's
+// (seed, step, layer). saved may be null (inference: nothing is encoded).
 void hq_linear_forward(const float* x, const float* w, const float* bias, int64_t n, int64_t d,
-                       int64_t c, float sx, float sw, const HqLinearConfig& cfg, float* y,
-                       HqLinearSaved* saved);
+                       int64_t c, float sx, float sw, const HqLinearConfig& cfg,
+                       const PhiloxKey& key, float* y, HqLinearSaved* saved);
 // dy [N, C]. key names the random stream of this layer and step: the low-half rounding uses
 // role grad_output_rounding, sampling uses sample_dw / sample_dx (roles are set inside).
+// cfg.block and cfg.range must be the forward's.
 HqLinearGrads hq_linear_backward(const float* dy, const HqLinearSaved& saved,
                                  const HqLinearConfig& cfg, const PhiloxKey& key);
 
+// ---- W4A4 --------------------------------------------------------------------------------
 struct W4A4Config {
   bool asymmetric = false;          // activations: asymmetric per token ([0, 15], zero points)
-  QRange act_range = kInt4Sym;      // symmetric activation codes
-  QRange weight_range = kInt4Sym;   // symmetric per-output-channel weight codes
+  QRange act_range = kInt4Sym;      // symmetric activation codes (inside [-8, 7])
+  QRange weight_range = kInt4Sym;   // symmetric per-output-channel weight codes (inside [-8, 7])
 };
 
 struct W4A4Saved {
   int64_t n = 0, d = 0, c = 0;
-  std::vector<int8_t> x_q;           // [N, D] activation codes
+  // Activation codes are stored as q − x_code_offset so that both ranges pack as s4:
+  // 0 for symmetric codes, 8 for asymmetric [0, 15] codes.
+  int32_t x_code_offset = 0;
+  std::vector<uint8_t> x_q_packed;   // [N, ceil(D/2)] s4 activation codes (minus the offset)
   std::vector<float> x_scale;        // [N]
   std::vector<int32_t> x_zero;       // [N] (asymmetric only)
-  std::vector<int8_t> w_q;           // [C, D] weight codes
+  std::vector<uint8_t> w_q_packed;   // [C, ceil(D/2)] s4 weight codes
   std::vector<float> w_scale;        // [C]
+
+  int64_t bytes() const;             // heap bytes held
+  std::vector<int8_t> x_q() const;   // [N, D] activation codes (offset added back)
+  std::vector<int8_t> w_q() const;   // [C, D]
 };
 
 // Integer inference form: codes, s8 GEMM, and the epilogue
@@ -87,7 +140,7 @@ void w4a4_linear_forward(const float* x, const float* w, const float* bias, int6
                          int64_t d, int64_t c, const W4A4Config& cfg, float* y,
                          W4A4Saved* saved);
 // Straight-through backward: dx = dy·ŵ, dw = dyᵀ·x̂, db = Σ_rows dy (x̂, ŵ dequantized
-// from the saved codes; fp64 accumulation).
+// from the saved codes; fp64 accumulation). dx and db may be null (not computed).
 void w4a4_linear_backward(const float* dy, const W4A4Saved& saved, float* dx, float* dw,
                           float* db);
 

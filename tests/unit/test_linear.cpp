@@ -1,14 +1,18 @@
 // The quantized linear layers of both papers against float64 computations of the same math.
 #include <gtest/gtest.h>
 
+#include <algorithm>
 #include <array>
+#include <cstdlib>
 #include <cmath>
+#include <tuple>
 #include <vector>
 
 #include "common/random.h"
 #include "nibble/error.h"
 #include "ref/bitsplit.h"
 #include "ref/hadamard.h"
+#include "ref/int8_linear.h"
 #include "ref/linear.h"
 #include "ref/quant.h"
 
@@ -79,7 +83,9 @@ TEST(HqLinear, ForwardIsTheDequantizedIntegerProduct) {
   const float sw = ref::lsq_init_scale(wh.data(), p.c * p.d, cfg.range);
   std::vector<float> y(static_cast<size_t>(p.n * p.c));
   ref::HqLinearSaved saved;
-  ref::hq_linear_forward(p.x.data(), p.w.data(), p.b.data(), p.n, p.d, p.c, sx, sw, cfg, y.data(), &saved);
+  ref::hq_linear_forward(p.x.data(), p.w.data(), p.b.data(), p.n, p.d, p.c, sx, sw, cfg,
+                         PhiloxKey{101, 0, 1, RngRole::rounding}, y.data(), &saved);
+  const std::vector<int8_t> x_q = saved.x_q(), w_q = saved.w_q();
 
   std::vector<double> expect(y.size()), exact(y.size());
   for (int64_t i = 0; i < p.n; ++i)
@@ -87,7 +93,7 @@ TEST(HqLinear, ForwardIsTheDequantizedIntegerProduct) {
       int64_t acc = 0;
       double full = 0;
       for (int64_t k = 0; k < p.d; ++k) {
-        acc += saved.x_q[static_cast<size_t>(i * p.d + k)] * saved.w_q[static_cast<size_t>(j * p.d + k)];
+        acc += x_q[static_cast<size_t>(i * p.d + k)] * w_q[static_cast<size_t>(j * p.d + k)];
         full += double(p.x[static_cast<size_t>(i * p.d + k)]) * p.w[static_cast<size_t>(j * p.d + k)];
       }
       expect[static_cast<size_t>(i * p.c + j)] = double(sx) * sw * double(acc) + p.b[static_cast<size_t>(j)];
@@ -100,11 +106,113 @@ TEST(HqLinear, ForwardIsTheDequantizedIntegerProduct) {
   const double sqnr = -20 * std::log10(rel_err(y, exact));
   EXPECT_GT(sqnr, 8.0) << "HQ INT4 linear SQNR " << sqnr << " dB";
   // Codes stay inside the configured range.
-  for (int8_t q : saved.x_q) ASSERT_TRUE(q >= cfg.range.qmin && q <= cfg.range.qmax);
+  for (int8_t q : x_q) ASSERT_TRUE(q >= cfg.range.qmin && q <= cfg.range.qmax);
+  // Inference (no saved state) gives the same output bits.
+  std::vector<float> y2(y.size());
+  ref::hq_linear_forward(p.x.data(), p.w.data(), p.b.data(), p.n, p.d, p.c, sx, sw, cfg,
+                         PhiloxKey{}, y2.data(), nullptr);
+  EXPECT_EQ(y, y2);
+}
+
+namespace {
+
+// The parts of the backward that do not depend on the side channel, in fp64: the
+// transformed-domain products dx_t, dw_t (before masks) from the same bit split, and the
+// exact r = v/s the forward rounded (fp32, computed as the forward does).
+struct HqReference {
+  std::vector<double> dxt, dwt;
+  std::vector<float> x_r, w_r;
+  float grad_scale = 0;
+};
+
+HqReference hq_reference(const Problem& p, const ref::HqLinearSaved& saved,
+                         const ref::HqLinearConfig& cfg, const PhiloxKey& key) {
+  const int64_t n = p.n, d = p.d, c = p.c;
+  HqReference out;
+  std::vector<int8_t> hi(p.dy.size()), lo(p.dy.size()), q(static_cast<size_t>(std::max(n, c) * d));
+  PhiloxKey k2 = key;
+  k2.role = RngRole::grad_output_rounding;
+  out.grad_scale = ref::bitsplit(p.dy.data(), n, c, k2, hi.data(), lo.data(), nullptr);
+  const double s = out.grad_scale;
+  const std::vector<int8_t> x_q = saved.x_q(), w_q = saved.w_q();
+  out.dxt.assign(static_cast<size_t>(n * d), 0.0);
+  out.dwt.assign(static_cast<size_t>(c * d), 0.0);
+  for (int64_t r = 0; r < n; ++r)
+    for (int64_t j = 0; j < c; ++j) {
+      const double gq = s * (14.0 * hi[static_cast<size_t>(r * c + j)] + lo[static_cast<size_t>(r * c + j)]);
+      for (int64_t k = 0; k < d; ++k) {
+        out.dxt[static_cast<size_t>(r * d + k)] += gq * saved.sw * w_q[static_cast<size_t>(j * d + k)];
+        out.dwt[static_cast<size_t>(j * d + k)] += gq * saved.sx * x_q[static_cast<size_t>(r * d + k)];
+      }
+    }
+  out.x_r.resize(static_cast<size_t>(n * d));
+  out.w_r.resize(static_cast<size_t>(c * d));
+  ref::hq_quantize(p.x.data(), n, d, cfg.block, saved.sx, cfg.range, q.data(), out.x_r.data());
+  ref::hq_quantize(p.w.data(), c, d, cfg.block, saved.sw, cfg.range, q.data(), out.w_r.data());
+  return out;
+}
+
+bool clipped(double r, QRange q) { return r < q.qmin || r > q.qmax; }
+
+// g·Σ grad·δ with the exact δ(r) (what an fp32 copy of r would give).
+double exact_step_grad(const std::vector<double>& grad, const std::vector<float>& r, QRange q) {
+  double sum = 0;
+  for (size_t e = 0; e < grad.size(); ++e) sum += grad[e] * lsq_delta(r[e], q);
+  return sum / std::sqrt(double(q.qmax) * double(grad.size()));
+}
+
+// g·Σ grad·δ̃ with δ̃ decoded from the saved side channel (what the backward estimates).
+double coded_step_grad(const std::vector<double>& grad, const std::vector<int8_t>& codes,
+                       const std::vector<int8_t>& side, QRange q) {
+  double sum = 0;
+  for (size_t e = 0; e < grad.size(); ++e)
+    sum += grad[e] * (side[e] == -8 ? double(codes[e]) : side[e] / 14.0);
+  return sum / std::sqrt(double(q.qmax) * double(grad.size()));
+}
+
+}  // namespace
+
+// The side channel holds exactly the STE mask and a one-step stochastic rounding of 14·δ.
+TEST(HqLinear, SideChannelEncodesMaskAndResidual) {
+  for (QRange range : {kInt4Sym, kInt4Full}) {
+    const Problem p = make_problem(33, 64, 20, 77);
+    ref::HqLinearConfig cfg;
+    cfg.block = 32;
+    cfg.range = range;
+    std::vector<float> y(static_cast<size_t>(p.n * p.c));
+    ref::HqLinearSaved saved;
+    // sx small enough that the outlier channels clip
+    ref::hq_linear_forward(p.x.data(), p.w.data(), nullptr, p.n, p.d, p.c, 0.8f, 0.01f, cfg,
+                           PhiloxKey{5, 1, 3, RngRole::rounding}, y.data(), &saved);
+    const std::vector<int8_t> x_q = saved.x_q(), x_e = saved.x_e();
+    std::vector<int8_t> q_ref(x_q.size());
+    std::vector<float> r(x_q.size());
+    ref::hq_quantize(p.x.data(), p.n, p.d, cfg.block, 0.8f, range, q_ref.data(), r.data());
+    EXPECT_EQ(x_q, q_ref);
+    int64_t n_clipped = 0;
+    for (size_t e = 0; e < r.size(); ++e) {
+      ASSERT_EQ(x_e[e] == ref::kLsqClipped, clipped(r[e], range)) << "element " << e;
+      if (x_e[e] == ref::kLsqClipped) {
+        ++n_clipped;
+        // δ of a clipped element is its code: qmin below, qmax above
+        ASSERT_EQ(double(x_q[e]), lsq_delta(r[e], range));
+      } else {
+        // e is floor or ceil of 14·δ
+        const double t = 14.0 * lsq_delta(r[e], range);
+        ASSERT_TRUE(x_e[e] == std::floor(t) || x_e[e] == std::ceil(t)) << t << " -> " << int(x_e[e]);
+      }
+    }
+    // The case must be exercised: some clipped, most not.
+    EXPECT_GT(n_clipped, 0);
+    EXPECT_LT(n_clipped, int64_t(r.size()) / 4);
+  }
 }
 
 // The whole backward (every row kept) against a float64 computation of the same estimator:
 // the same bit split (same Philox key), then fp64 products, LSQ terms, masks and ·Hᵀ.
+// dx and dw use the exact masks (from an fp32 r recomputed here), so they are checked as
+// tightly as with an fp32 copy of r; dsx and dsw are checked against the estimator's own
+// value g·Σ grad·δ̃ decoded from the saved nibbles (their unbiasedness is the next test).
 TEST(HqLinear, BackwardMatchesFloat64Estimator) {
   for (uint64_t seed : {7u, 8u}) {
     const Problem p = make_problem(45, 64, 24, seed * 100);
@@ -113,53 +221,105 @@ TEST(HqLinear, BackwardMatchesFloat64Estimator) {
     const float sx = 0.9f, sw = 0.012f;
     std::vector<float> y(static_cast<size_t>(p.n * p.c));
     ref::HqLinearSaved saved;
-    ref::hq_linear_forward(p.x.data(), p.w.data(), nullptr, p.n, p.d, p.c, sx, sw, cfg, y.data(), &saved);
+    ref::hq_linear_forward(p.x.data(), p.w.data(), nullptr, p.n, p.d, p.c, sx, sw, cfg,
+                           PhiloxKey{seed, 3, 2, RngRole::rounding}, y.data(), &saved);
     const PhiloxKey key{seed, 3, 2, RngRole::rounding};
     const ref::HqLinearGrads g = ref::hq_linear_backward(p.dy.data(), saved, cfg, key);
-
-    std::vector<int8_t> hi(p.dy.size()), lo(p.dy.size());
-    PhiloxKey k2 = key;
-    k2.role = RngRole::grad_output_rounding;
-    const float s = ref::bitsplit(p.dy.data(), p.n, p.c, k2, hi.data(), lo.data(), nullptr);
-    EXPECT_EQ(s, g.grad_scale);
+    HqReference ref_bw = hq_reference(p, saved, cfg, key);
+    EXPECT_EQ(ref_bw.grad_scale, g.grad_scale);
 
     const int64_t n = p.n, d = p.d, c = p.c;
-    std::vector<double> dxt(static_cast<size_t>(n * d), 0.0), dwt(static_cast<size_t>(c * d), 0.0);
-    for (int64_t r = 0; r < n; ++r)
-      for (int64_t j = 0; j < c; ++j) {
-        const double gq = double(s) * (14.0 * hi[static_cast<size_t>(r * c + j)] + lo[static_cast<size_t>(r * c + j)]);
-        for (int64_t k = 0; k < d; ++k) {
-          dxt[static_cast<size_t>(r * d + k)] += gq * sw * saved.w_q[static_cast<size_t>(j * d + k)];
-          dwt[static_cast<size_t>(j * d + k)] += gq * sx * saved.x_q[static_cast<size_t>(r * d + k)];
-        }
-      }
-    const double gx = 1.0 / std::sqrt(7.0 * double(n * d)), gw = 1.0 / std::sqrt(7.0 * double(c * d));
-    double dsx = 0, dsw = 0;
-    for (size_t e = 0; e < dxt.size(); ++e) {
-      const double r = saved.x_r[e];
-      dsx += dxt[e] * lsq_delta(r, cfg.range);
-      if (r < cfg.range.qmin || r > cfg.range.qmax) dxt[e] = 0;
-    }
-    for (size_t e = 0; e < dwt.size(); ++e) {
-      const double r = saved.w_r[e];
-      dsw += dwt[e] * lsq_delta(r, cfg.range);
-      if (r < cfg.range.qmin || r > cfg.range.qmax) dwt[e] = 0;
-    }
-    const std::vector<double> dx = hadamard_dense(dxt, n, d, cfg.block);
-    const std::vector<double> dw = hadamard_dense(dwt, c, d, cfg.block);
+    const double dsx = coded_step_grad(ref_bw.dxt, saved.x_q(), saved.x_e(), cfg.range);
+    const double dsw = coded_step_grad(ref_bw.dwt, saved.w_q(), saved.w_e(), cfg.range);
+    int64_t masked = 0;
+    for (size_t e = 0; e < ref_bw.dxt.size(); ++e)
+      if (clipped(ref_bw.x_r[e], cfg.range)) ref_bw.dxt[e] = 0, ++masked;
+    for (size_t e = 0; e < ref_bw.dwt.size(); ++e)
+      if (clipped(ref_bw.w_r[e], cfg.range)) ref_bw.dwt[e] = 0, ++masked;
+    EXPECT_GT(masked, 0) << "the STE mask must be exercised";
+    const std::vector<double> dx = hadamard_dense(ref_bw.dxt, n, d, cfg.block);
+    const std::vector<double> dw = hadamard_dense(ref_bw.dwt, c, d, cfg.block);
     // The integer products are exact; what remains is fp32 rounding of the dequantize step
     // and of the butterfly (log2(16) = 4 add levels): ~10 ulp relative.
     EXPECT_LT(rel_err(g.dx, dx), 2e-6);
     EXPECT_LT(rel_err(g.dw, dw), 2e-6);
     // The LSQ sums are long fp32/fp64 reductions over cancelling terms: compare relatively
-    // to the sum of absolute contributions, which bounds their rounding error.
-    EXPECT_NEAR(g.dsx, dsx * gx, 1e-4 * std::abs(dsx * gx) + 1e-7);
-    EXPECT_NEAR(g.dsw, dsw * gw, 1e-4 * std::abs(dsw * gw) + 1e-7);
+    // to their magnitude (fp32 products summed in fp64: ~1e-6 relative at most here).
+    EXPECT_NEAR(g.dsx, dsx, 1e-4 * std::abs(dsx) + 1e-7);
+    EXPECT_NEAR(g.dsw, dsw, 1e-4 * std::abs(dsw) + 1e-7);
     for (int64_t j = 0; j < c; ++j) {
       double sum = 0;
       for (int64_t r = 0; r < n; ++r) sum += p.dy[static_cast<size_t>(r * c + j)];
       EXPECT_NEAR(g.db[static_cast<size_t>(j)], sum, 1e-6 * (1 + std::abs(sum)));
     }
+  }
+}
+
+// The step-size gradients from the side channel are unbiased: with the backward's key fixed
+// (same bit split, same dx_t, dw_t), the mean over K forward keys of dsx (dsw) approaches the
+// exact g·Σ dx_t·δ(r) of an fp32 copy of r. Bound: 5 standard errors of the mean (SE from
+// the sample standard deviation over the keys; the keys' streams are independent). The SE
+// shrinks like 1/sqrt(K), checked between K = 128 and K = 2048 (ratio 4). A biased encoding
+// (deterministic floor(14·δ)) misses by 11 SE (dsw) and 25 SE (dsx) at K = 2048 here.
+TEST(HqLinear, StepSizeGradientIsUnbiased) {
+  const Problem p = make_problem(40, 64, 24, 9090);
+  ref::HqLinearConfig cfg;
+  cfg.block = 32;
+  const float sx = 0.6f, sw = 0.012f;
+  const PhiloxKey bkey{17, 5, 4, RngRole::rounding};
+  std::vector<float> y(static_cast<size_t>(p.n * p.c));
+  ref::HqLinearSaved saved;
+  ref::hq_linear_forward(p.x.data(), p.w.data(), nullptr, p.n, p.d, p.c, sx, sw, cfg, bkey,
+                         y.data(), &saved);
+  const HqReference rb = hq_reference(p, saved, cfg, bkey);
+  const double exact_x = exact_step_grad(rb.dxt, rb.x_r, cfg.range);
+  const double exact_w = exact_step_grad(rb.dwt, rb.w_r, cfg.range);
+
+  const int keys = 2048;
+  std::vector<double> sx_samples, sw_samples;
+  for (int t = 0; t < keys; ++t) {
+    ref::hq_linear_forward(p.x.data(), p.w.data(), nullptr, p.n, p.d, p.c, sx, sw, cfg,
+                           PhiloxKey{1000u + uint64_t(t), uint32_t(t), 4, RngRole::rounding},
+                           y.data(), &saved);
+    const ref::HqLinearGrads g = ref::hq_linear_backward(p.dy.data(), saved, cfg, bkey);
+    sx_samples.push_back(g.dsx);
+    sw_samples.push_back(g.dsw);
+  }
+  struct Stats { double mean, se; };
+  auto stats = [](const std::vector<double>& v, size_t k) {
+    double m = 0, var = 0;
+    for (size_t i = 0; i < k; ++i) m += v[i] / double(k);
+    for (size_t i = 0; i < k; ++i) var += (v[i] - m) * (v[i] - m) / double(k - 1);
+    return Stats{m, std::sqrt(var / double(k))};
+  };
+  for (auto [samples, exact, what] : {std::tuple{&sx_samples, exact_x, "dsx"},
+                                      std::tuple{&sw_samples, exact_w, "dsw"}}) {
+    const Stats small = stats(*samples, 128), large = stats(*samples, keys);
+    EXPECT_LT(std::abs(small.mean - exact), 5 * small.se) << what << " K=128";
+    EXPECT_LT(std::abs(large.mean - exact), 5 * large.se) << what << " K=" << keys;
+    // SE(128)/SE(2048) = 4 up to the sampling error of the K = 128 standard deviation
+    // (relative sd 1/sqrt(2·127) ≈ 6.3%, i.e. 0.25 on the ratio): ±1.3 is > 5 sigma.
+    EXPECT_NEAR(small.se / large.se, 4.0, 1.3) << what;
+    // The noise is small next to the gradient itself: one key is already a useful estimate.
+    EXPECT_LT(large.se * std::sqrt(double(keys)), 0.2 * std::abs(exact)) << what;
+  }
+}
+
+// The saved state is 1 byte per element of x and w (code + side-channel nibbles) against
+// 4 bytes per element for an fp32 copy of r (and 5 for the old int8 codes + fp32 r).
+TEST(HqLinear, SavedStateIsOneBytePerElement) {
+  for (int64_t d : {64, 63}) {
+    const int64_t n = 31, c = 10;
+    const std::vector<float> x = randn(n * d, 3), w = randn(c * d, 4, 0.1f);
+    ref::HqLinearConfig cfg;
+    cfg.block = 1;
+    std::vector<float> y(static_cast<size_t>(n * c));
+    ref::HqLinearSaved saved;
+    ref::hq_linear_forward(x.data(), w.data(), nullptr, n, d, c, 0.5f, 0.05f, cfg, PhiloxKey{},
+                           y.data(), &saved);
+    const int64_t row_bytes = (d + 1) / 2;  // odd rows end on a half byte
+    EXPECT_EQ(saved.bytes(), 2 * (n + c) * row_bytes + 8);
+    EXPECT_LE(saved.bytes(), (n + c) * (d + 1) + 8);
   }
 }
 
@@ -174,7 +334,8 @@ TEST(HqLinear, BernoulliSamplingIsUnbiased) {
   samp_cfg.sample_fraction = 0.5;
   std::vector<float> y(static_cast<size_t>(p.n * p.c));
   ref::HqLinearSaved saved;
-  ref::hq_linear_forward(p.x.data(), p.w.data(), nullptr, p.n, p.d, p.c, 0.8f, 0.01f, keep_cfg, y.data(), &saved);
+  ref::hq_linear_forward(p.x.data(), p.w.data(), nullptr, p.n, p.d, p.c, 0.8f, 0.01f, keep_cfg,
+                         PhiloxKey{}, y.data(), &saved);
 
   auto mean_abs_diff = [&](int keys) {
     std::vector<double> diff_w(static_cast<size_t>(p.c * p.d), 0.0), diff_x(static_cast<size_t>(p.n * p.d), 0.0);
@@ -213,11 +374,23 @@ TEST(HqLinear, RejectsBadInput) {
   ref::HqLinearConfig cfg;
   cfg.block = 32;  // does not divide D = 48
   std::vector<float> y(64);
-  EXPECT_THROW(ref::hq_linear_forward(p.x.data(), p.w.data(), nullptr, 8, 48, 8, 1.f, 1.f, cfg, y.data(), nullptr), Error);
+  const PhiloxKey key{};
+  EXPECT_THROW(ref::hq_linear_forward(p.x.data(), p.w.data(), nullptr, 8, 48, 8, 1.f, 1.f, cfg, key, y.data(), nullptr), Error);
   cfg.block = 16;
-  EXPECT_THROW(ref::hq_linear_forward(p.x.data(), p.w.data(), nullptr, 8, 48, 8, 0.f, 1.f, cfg, y.data(), nullptr), Error);
+  EXPECT_THROW(ref::hq_linear_forward(p.x.data(), p.w.data(), nullptr, 8, 48, 8, 0.f, 1.f, cfg, key, y.data(), nullptr), Error);
+  // Saved codes are packed s4: an 8-bit range cannot be stored.
+  ref::HqLinearConfig wide = cfg;
+  wide.range = kInt8Sym;
+  EXPECT_THROW(ref::hq_linear_forward(p.x.data(), p.w.data(), nullptr, 8, 48, 8, 1.f, 1.f, wide, key, y.data(), nullptr), Error);
+  // The backward must get the forward's block.
+  ref::HqLinearSaved saved;
+  ref::hq_linear_forward(p.x.data(), p.w.data(), nullptr, 8, 48, 8, 1.f, 1.f, cfg, key, y.data(), &saved);
+  ref::HqLinearConfig other = cfg;
+  other.block = 8;
+  EXPECT_THROW(ref::hq_linear_backward(p.dy.data(), saved, other, key), Error);
+  EXPECT_NO_THROW(ref::hq_linear_backward(p.dy.data(), saved, cfg, key));
   p.x[5] = NAN;
-  EXPECT_THROW(ref::hq_linear_forward(p.x.data(), p.w.data(), nullptr, 8, 48, 8, 1.f, 1.f, cfg, y.data(), nullptr), Error);
+  EXPECT_THROW(ref::hq_linear_forward(p.x.data(), p.w.data(), nullptr, 8, 48, 8, 1.f, 1.f, cfg, key, y.data(), nullptr), Error);
   ref::HqLinearSaved empty;
   EXPECT_THROW(ref::hq_linear_backward(p.dy.data(), empty, cfg, PhiloxKey{}), Error);
 }
@@ -235,9 +408,10 @@ TEST(W4A4Linear, IntegerFormEqualsFakeQuantizedProduct) {
     std::vector<float> y(static_cast<size_t>(n * c));
     ref::w4a4_linear_forward(x.data(), w.data(), b.data(), n, d, c, cfg, y.data(), &saved);
     std::vector<float> xh(x.size()), wh(w.size());
-    ref::dequantize(saved.x_q.data(), n, d, Granularity::row, 0, saved.x_scale.data(),
+    const std::vector<int8_t> x_q = saved.x_q(), w_q = saved.w_q();
+    ref::dequantize(x_q.data(), n, d, Granularity::row, 0, saved.x_scale.data(),
                     asym ? saved.x_zero.data() : nullptr, xh.data());
-    ref::dequantize(saved.w_q.data(), c, d, Granularity::row, 0, saved.w_scale.data(), nullptr, wh.data());
+    ref::dequantize(w_q.data(), c, d, Granularity::row, 0, saved.w_scale.data(), nullptr, wh.data());
     std::vector<double> expect(y.size()), exact(y.size());
     for (int64_t i = 0; i < n; ++i)
       for (int64_t j = 0; j < c; ++j) {
@@ -255,8 +429,10 @@ TEST(W4A4Linear, IntegerFormEqualsFakeQuantizedProduct) {
     const double sqnr = -20 * std::log10(rel_err(y, exact));
     EXPECT_GT(sqnr, 12.0) << "W4A4 SQNR " << sqnr << " dB, asymmetric=" << asym;
     if (asym) {
-      for (int8_t q : saved.x_q) ASSERT_TRUE(q >= 0 && q <= 15);
+      for (int8_t q : x_q) ASSERT_TRUE(q >= 0 && q <= 15);
     }
+    // Saved codes are packed: half a byte per element of x and w, plus fp32 scales.
+    EXPECT_EQ(saved.bytes(), (n + c) * (d / 2) + 4 * (n + c) + (asym ? 4 * n : 0));
   }
 }
 
@@ -268,8 +444,9 @@ TEST(W4A4Linear, StraightThroughBackward) {
   ref::w4a4_linear_forward(x.data(), w.data(), nullptr, n, d, c, ref::W4A4Config{}, y.data(), &saved);
   ref::w4a4_linear_backward(dy.data(), saved, dx.data(), dw.data(), db.data());
   std::vector<float> xh(x.size()), wh(w.size());
-  ref::dequantize(saved.x_q.data(), n, d, Granularity::row, 0, saved.x_scale.data(), nullptr, xh.data());
-  ref::dequantize(saved.w_q.data(), c, d, Granularity::row, 0, saved.w_scale.data(), nullptr, wh.data());
+  const std::vector<int8_t> x_q = saved.x_q(), w_q = saved.w_q();
+  ref::dequantize(x_q.data(), n, d, Granularity::row, 0, saved.x_scale.data(), nullptr, xh.data());
+  ref::dequantize(w_q.data(), c, d, Granularity::row, 0, saved.w_scale.data(), nullptr, wh.data());
   std::vector<double> edx(dx.size(), 0.0), edw(dw.size(), 0.0);
   for (int64_t i = 0; i < n; ++i)
     for (int64_t j = 0; j < c; ++j)
@@ -279,4 +456,90 @@ TEST(W4A4Linear, StraightThroughBackward) {
       }
   EXPECT_LT(rel_err(dx, edx), 1e-6);
   EXPECT_LT(rel_err(dw, edw), 1e-6);
+}
+
+TEST(Int8Linear, ForwardIsTheDequantizedIntegerProduct) {
+  const int64_t n = 23, d = 48, c = 17;
+  const std::vector<float> x = nibble::testing::randn_with_outlier_channels(n, d, 201, 1, 8.0f);
+  const std::vector<float> w = randn(c * d, 202, 0.05f), b = randn(c, 203, 0.1f);
+  ref::Int8LinearSaved saved;
+  std::vector<float> y(static_cast<size_t>(n * c));
+  ref::int8_linear_forward(x.data(), w.data(), b.data(), n, d, c, y.data(), &saved);
+  std::vector<float> xh(x.size()), wh(w.size());
+  ref::dequantize(saved.x_q.data(), n, d, Granularity::row, 0, saved.x_scale.data(), nullptr, xh.data());
+  ref::dequantize(saved.w_q.data(), c, d, Granularity::row, 0, saved.w_scale.data(), nullptr, wh.data());
+  std::vector<double> expect(y.size()), exact(y.size());
+  for (int64_t i = 0; i < n; ++i)
+    for (int64_t j = 0; j < c; ++j) {
+      double acc = 0, full = 0;
+      for (int64_t k = 0; k < d; ++k) {
+        acc += double(xh[static_cast<size_t>(i * d + k)]) * wh[static_cast<size_t>(j * d + k)];
+        full += double(x[static_cast<size_t>(i * d + k)]) * w[static_cast<size_t>(j * d + k)];
+      }
+      expect[static_cast<size_t>(i * c + j)] = acc + b[static_cast<size_t>(j)];
+      exact[static_cast<size_t>(i * c + j)] = full + b[static_cast<size_t>(j)];
+    }
+  // Exact integer product, one fp32 rounding in the epilogue and ~1 ulp per dequantized
+  // value on the fake-quant side: ~1e-6 relative.
+  EXPECT_LT(rel_err(y, expect), 1e-5);
+  // Per-token INT8 with an outlier channel (8σ): ≈ 8σ/127 steps on x, ≈ 30 dB and up.
+  EXPECT_GT(-20 * std::log10(rel_err(y, exact)), 28.0);
+  EXPECT_EQ(saved.bytes(), n * d + c * d + 4 * (n + c));
+  // Inference form gives the same bits.
+  std::vector<float> y2(y.size());
+  ref::int8_linear_forward(x.data(), w.data(), b.data(), n, d, c, y2.data(), nullptr);
+  EXPECT_EQ(y, y2);
+}
+
+// The stochastic INT8 row quantizer of the backward: codes are the floor or the ceiling of
+// v/s, the row's absmax element maps to ±127, and over K keys the mean code·s approaches v
+// (aggregate bound 5·sqrt(Σ var / K), as in NnLinear.Int8GradientIsUnbiased).
+TEST(Int8Linear, StochasticRowQuantizerIsUnbiased) {
+  const int64_t rows = 6, cols = 40;
+  std::vector<float> v = randn(rows * cols, 211, 0.3f);
+  for (int64_t c = 0; c < cols; ++c) v[static_cast<size_t>(2 * cols + c)] = 0.0f;  // an all-zero row
+  std::vector<int8_t> q(v.size());
+  std::vector<float> s(static_cast<size_t>(rows));
+  const int keys = 512;
+  std::vector<double> mean(v.size(), 0.0), sq(v.size(), 0.0);
+  for (int t = 0; t < keys; ++t) {
+    ref::quantize_rows_int8_stochastic(v.data(), rows, cols, PhiloxKey{uint64_t(t), 0, 0, RngRole::rounding},
+                                       uint64_t(t) * 1000, q.data(), s.data());
+    for (size_t e = 0; e < v.size(); ++e) {
+      const float ratio = v[e] / s[e / cols];
+      ASSERT_TRUE(q[e] == std::floor(ratio) || q[e] == std::ceil(ratio)) << ratio << " " << int(q[e]);
+      const double deq = double(q[e]) * s[e / cols];
+      mean[e] += deq / keys;
+      sq[e] += deq * deq / keys;
+    }
+  }
+  EXPECT_EQ(s[2], 1.0f);  // all-zero row: s = 1, codes 0
+  double err2 = 0, var = 0;
+  for (size_t e = 0; e < v.size(); ++e) {
+    err2 += (mean[e] - v[e]) * (mean[e] - v[e]);
+    var += (sq[e] - mean[e] * mean[e]) * keys / (keys - 1);
+  }
+  EXPECT_LT(std::sqrt(err2), 5 * std::sqrt(var / keys));
+  EXPECT_GT(var, 0.0);
+  for (int64_t r = 0; r < rows; ++r) {
+    if (r == 2) continue;
+    int amax = 0;
+    for (int64_t c = 0; c < cols; ++c) amax = std::max(amax, std::abs(int(q[static_cast<size_t>(r * cols + c)])));
+    EXPECT_EQ(amax, 127) << "row " << r;
+  }
+}
+
+TEST(Int8Linear, RejectsBadInput) {
+  const int64_t n = 5, d = 8, c = 3;
+  std::vector<float> x = randn(n * d, 221), w = randn(c * d, 222), dy = randn(n * c, 223);
+  std::vector<float> y(static_cast<size_t>(n * c)), dx(x.size()), dw(w.size());
+  ref::Int8LinearSaved saved;
+  EXPECT_THROW(ref::int8_linear_backward(dy.data(), saved, PhiloxKey{}, dx.data(), dw.data(), nullptr), Error);
+  ref::int8_linear_forward(x.data(), w.data(), nullptr, n, d, c, y.data(), &saved);
+  EXPECT_NO_THROW(ref::int8_linear_backward(dy.data(), saved, PhiloxKey{}, nullptr, dw.data(), nullptr));
+  dy[4] = INFINITY;
+  EXPECT_THROW(ref::int8_linear_backward(dy.data(), saved, PhiloxKey{}, dx.data(), dw.data(), nullptr), Error);
+  x[7] = NAN;
+  EXPECT_THROW(ref::int8_linear_forward(x.data(), w.data(), nullptr, n, d, c, y.data(), &saved), Error);
+  EXPECT_THROW(ref::int8_linear_forward(x.data(), w.data(), nullptr, 0, d, c, y.data(), &saved), Error);
 }

@@ -1,14 +1,20 @@
 // The nibble command line: argument parsing only; the work is in the library.
 //   nibble analyze FILE.safetensors [--json OUT.json|-] [--bits 4,8]
 //   nibble analyze --builtin [--save FILE.safetensors] [--json OUT.json|-] [--bits 4,8]
+//   nibble train --model gpt|vit [--data PATH] --precision fp32|int8|int4|w4a4 ... --out DIR
+//   nibble compare --precisions fp32,int4 <train's model/data options> --out DIR
+//   nibble sample --ckpt DIR --prompt TEXT --tokens N --temperature T --seed S
+//   nibble eval --ckpt DIR [--data PATH]
+// (train, compare, sample and eval: training_cli.cpp.)
 // Exit codes: 0 success, 1 an error from nibble (message on stderr, "error: ..."), 2 a
-// command-line error (CLI11's message).
+// command-line error (CLI11's message), 130 a training run stopped by Ctrl-C (checkpoint saved).
 #include <CLI/CLI.hpp>
 #include <exception>
 #include <iostream>
 
 #include "nibble/analyze.h"
 #include "nibble/error.h"
+#include "training_cli.h"
 
 namespace {
 
@@ -48,6 +54,8 @@ int main(int argc, char** argv) {
       throw CLI::ValidationError("analyze", "give a .safetensors FILE or --builtin");
   });
 
+  const std::vector<nibble::cli::Subcommand> training = nibble::cli::add_training_commands(app);
+
   try {
     app.parse(argc, argv);
   } catch (const CLI::ParseError& e) {
@@ -57,13 +65,15 @@ int main(int argc, char** argv) {
   }
 
   if (app.get_subcommands().empty()) {
-    std::cerr << "a subcommand is required, e.g. 'nibble analyze --builtin'\n"
+    std::cerr << "a subcommand is required, e.g. 'nibble compare --steps 200' or 'nibble analyze --builtin'\n"
               << "Run with --help for more information.\n";
     return kExitUsage;
   }
 
   try {
     if (cmd->parsed()) return nibble::run_analyze(analyze, std::cout);
+    for (const auto& sub : training)
+      if (sub.app->parsed()) return sub.run();
     return 0;
   } catch (const std::exception& e) {
     // nibble::Error and anything else (e.g. out of memory): one line, exit code 1.

@@ -1,0 +1,600 @@
+// Bit splitting, leverage scores and row selection on the GPU (twins of ref/bitsplit.cpp).
+#include <cmath>
+#include <cstdint>
+
+#include "cuda/common/check.h"
+#include "cuda/quant/bitsplit.h"
+#include "cuda/quant/device_util.h"
+#include "cuda/quant/launch_checks.h"
+
+namespace nibble::cuda {
+namespace {
+
+constexpr int kThreads = 256;
+constexpr int kWarps = kThreads / 32;
+constexpr int kTileRows = 32;       // bitsplit / gather tiles: 32 rows × 128 columns
+constexpr int kTileCols = 128;
+constexpr int kPerLane = kTileCols / 32;
+constexpr int kBlockThreads = 1024; // single-block kernels (fit_probabilities, row selection)
+constexpr int kMaxGridStride = 1024;
+
+// ---- bitsplit -------------------------------------------------------------------------------
+
+// First pass: scale[1] = max(0, max_i |g_i|). Non-negative floats order like their bit
+// patterns, so an unsigned atomicMax is an exact float max (scale[1] starts at +0).
+template <class T>
+__global__ void __launch_bounds__(kThreads) absmax_kernel(BitSplitParams<T> p) {
+  __shared__ float warp_max[kWarps];
+  const int64_t n = p.rows * p.cols;
+  float m = 0.0f;
+  for (int64_t i = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x; i < n;
+       i += static_cast<int64_t>(gridDim.x) * kThreads) {
+    const float v = detail::to_f32(p.g[i]);
+    if (detail::is_finite(v)) {
+      m = fmaxf(m, fabsf(v));
+    } else {
+      detail::report(p.status, StatusKind::nonfinite, static_cast<uint64_t>(i));
+    }
+  }
+  m = detail::warp_max(m);
+  if ((threadIdx.x & 31) == 0) warp_max[threadIdx.x >> 5] = m;
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    for (int w = 1; w < kWarps; ++w) m = fmaxf(m, warp_max[w]);
+    atomicMax(reinterpret_cast<unsigned int*>(p.scale + 1), __float_as_uint(m));
+  }
+}
+
+// The 4 uniforms of elements index .. index + 3 (index % 4 == 0) from ONE Philox call: they
+// are the 4 words of one counter block, exactly what philox_uniform returns for each of them
+// (rng.h: counter = index / 4, word = index % 4), at a quarter of the cost.
+__device__ __forceinline__ void philox_uniform4(const PhiloxKey& key, uint64_t index,
+                                                float (&u)[4]) {
+  const uint64_t block = index >> 2;
+  const Philox4 ctr{{static_cast<uint32_t>(block), static_cast<uint32_t>(block >> 32), key.step,
+                     (key.layer << 8) | static_cast<uint32_t>(key.role)}};
+  const Philox4 out = philox4x32_10(ctr, static_cast<uint32_t>(key.seed),
+                                    static_cast<uint32_t>(key.seed >> 32));
+#pragma unroll
+  for (int k = 0; k < 4; ++k) u[k] = static_cast<float>(out.v[k] >> 8) * (1.0f / 16777216.0f);
+}
+
+// Second pass over 32 × 128 tiles. Lane l holds the 4 consecutive columns 4l .. 4l+3 of a tile
+// row; each warp loads 4 rows at once. vec: cols % 4 == 0 and aligned pointers, so a lane reads
+// 4 gradients in one load, draws their 4 uniforms from one Philox block and stores 4 codes as
+// one word; otherwise the same mapping with scalar accesses. Per element:
+//   s = 2·(max|g| + 1e-8) / 196;  T = g / s;  hi = clamp(rint(T / 14), −6, 6)
+//   lo = clamp(floor((T − 14·hi) + u), −6, 6);  combined = 14·hi + lo
+template <class T>
+__global__ void __launch_bounds__(kThreads) bitsplit_kernel(BitSplitParams<T> p, bool vec,
+                                                            bool vec_t) {
+  constexpr int kRowsPerWarp = kTileRows / kWarps;
+  __shared__ __align__(16) int8_t tile[kTileRows][kTileCols + 4];  // +4: conflict-free columns
+  const int lane = threadIdx.x & 31;
+  const int warp = threadIdx.x >> 5;
+  const int64_t r0 = static_cast<int64_t>(blockIdx.x) * kTileRows;
+  const int64_t c0 = static_cast<int64_t>(blockIdx.y) * kTileCols;
+  const int64_t c = c0 + 4 * lane;  // this lane's first column
+  // m = max(|min − 1e-8|, |max + 1e-8|) = max|g| + 1e-8 (fp32 rounding is monotonic)
+  const float m = __fadd_rn(p.scale[1], 1e-8f);
+  const float s = __fdiv_rn(__fmul_rn(2.0f, m), static_cast<float>(kBitSplitLevels));
+  if (blockIdx.x == 0 && blockIdx.y == 0 && threadIdx.x == 0) p.scale[0] = s;
+  const float base = static_cast<float>(kBitSplitBase);
+  const float half = static_cast<float>(kBitSplitHalf);
+
+  const int rb = warp * kRowsPerWarp;
+  float g[kRowsPerWarp][4];
+#pragma unroll
+  for (int i = 0; i < kRowsPerWarp; ++i) {
+    const int64_t row = r0 + rb + i;
+    if (row >= p.rows) break;
+    const T* gr = p.g + row * p.cols;
+    if (vec && c < p.cols) {
+      if constexpr (sizeof(T) == 4) {
+        const float4 v = *reinterpret_cast<const float4*>(gr + c);
+        g[i][0] = v.x, g[i][1] = v.y, g[i][2] = v.z, g[i][3] = v.w;
+      } else {
+        const uint2 v = *reinterpret_cast<const uint2*>(gr + c);  // 4 bf16, element 0 low
+        g[i][0] = __uint_as_float(v.x << 16), g[i][1] = __uint_as_float(v.x & 0xffff0000u);
+        g[i][2] = __uint_as_float(v.y << 16), g[i][3] = __uint_as_float(v.y & 0xffff0000u);
+      }
+    } else {
+#pragma unroll
+      for (int k = 0; k < 4; ++k) g[i][k] = c + k < p.cols ? detail::to_f32(gr[c + k]) : 0.0f;
+    }
+  }
+#pragma unroll
+  for (int i = 0; i < kRowsPerWarp; ++i) {
+    const int64_t row = r0 + rb + i;
+    if (row >= p.rows) break;  // whole warp
+    const int64_t idx = row * p.cols + c;
+    float u[4];
+    if (vec) {
+      philox_uniform4(p.key, static_cast<uint64_t>(idx), u);
+    } else {
+#pragma unroll
+      for (int k = 0; k < 4; ++k) u[k] = philox_uniform(p.key, static_cast<uint64_t>(idx + k));
+    }
+    uint32_t word_hi = 0, word_lo = 0, word_comb = 0;  // 4 codes each, element k in byte k
+    long long sum_hi = 0, sum_lo = 0;
+#pragma unroll
+    for (int k = 0; k < 4; ++k) {
+      const float t = __fdiv_rn(g[i][k], s);
+      const float h = fminf(fmaxf(rintf(__fdiv_rn(t, base)), -half), half);
+      const float l =
+          fminf(fmaxf(floorf(__fadd_rn(__fsub_rn(t, __fmul_rn(base, h)), u[k])), -half), half);
+      const int hq = static_cast<int>(h);
+      const int lq = static_cast<int>(l);
+      word_hi |= (static_cast<uint32_t>(hq) & 0xffu) << (8 * k);
+      word_lo |= (static_cast<uint32_t>(lq) & 0xffu) << (8 * k);
+      word_comb |= (static_cast<uint32_t>(kBitSplitBase * hq + lq) & 0xffu) << (8 * k);
+      if (c + k < p.cols) {  // padding columns are 0 and give 0 codes, but keep sums clean
+        sum_hi += hq * hq;
+        sum_lo += lq * lq;
+      }
+    }
+    *reinterpret_cast<uint32_t*>(&tile[rb + i][4 * lane]) = word_comb;
+    if (vec && c < p.cols) {
+      if (p.hi != nullptr) *reinterpret_cast<uint32_t*>(p.hi + idx) = word_hi;
+      if (p.lo != nullptr) *reinterpret_cast<uint32_t*>(p.lo + idx) = word_lo;
+      if (p.combined != nullptr) *reinterpret_cast<uint32_t*>(p.combined + idx) = word_comb;
+    } else {
+#pragma unroll
+      for (int k = 0; k < 4; ++k) {
+        if (c + k >= p.cols) break;
+        if (p.hi != nullptr) p.hi[idx + k] = static_cast<int8_t>(word_hi >> (8 * k));
+        if (p.lo != nullptr) p.lo[idx + k] = static_cast<int8_t>(word_lo >> (8 * k));
+        if (p.combined != nullptr) p.combined[idx + k] = static_cast<int8_t>(word_comb >> (8 * k));
+      }
+    }
+    if (p.row_sumsq != nullptr) {
+      sum_hi = detail::warp_sum(sum_hi);
+      sum_lo = detail::warp_sum(sum_lo);
+      if (lane == 0) {
+        // integer sums: exact and order-independent across the column tiles
+        atomicAdd(reinterpret_cast<unsigned long long*>(p.row_sumsq + row),
+                  static_cast<unsigned long long>(sum_hi));
+        atomicAdd(reinterpret_cast<unsigned long long*>(p.row_sumsq + p.rows + row),
+                  static_cast<unsigned long long>(sum_lo));
+      }
+    }
+  }
+  if (p.combined_t == nullptr) return;  // uniform across the block
+  __syncthreads();
+  if (vec_t) {
+    // lane = 8·(column within a group of 4) + q: combined_t[c, r0 + 4q .. 4q+3] as one word
+    const int q = lane & 7;
+    const int64_t row = r0 + 4 * q;
+    for (int cb = warp * 4; cb < kTileCols; cb += kWarps * 4) {
+      const int cc = cb + (lane >> 3);
+      const int64_t col = c0 + cc;
+      if (col < p.cols && row < p.rows) {
+        const uint32_t word =
+            static_cast<uint8_t>(tile[4 * q][cc]) |
+            (static_cast<uint32_t>(static_cast<uint8_t>(tile[4 * q + 1][cc])) << 8) |
+            (static_cast<uint32_t>(static_cast<uint8_t>(tile[4 * q + 2][cc])) << 16) |
+            (static_cast<uint32_t>(static_cast<uint8_t>(tile[4 * q + 3][cc])) << 24);
+        *reinterpret_cast<uint32_t*>(p.combined_t + col * p.rows + row) = word;
+      }
+    }
+  } else {
+    // combined_t[c, r0 + lane] = tile[lane][c − c0]: one byte per lane
+    const int64_t row = r0 + lane;
+    for (int cc = warp; cc < kTileCols; cc += kWarps) {
+      const int64_t col = c0 + cc;
+      if (col >= p.cols) break;
+      if (row < p.rows) p.combined_t[col * p.rows + row] = tile[lane][cc];
+    }
+  }
+}
+
+// ---- row norms and leverage scores --------------------------------------------------------------
+
+// Σ_c q[r, c]² of one row by one warp (exact integer sum).
+__device__ __forceinline__ long long row_sumsq_warp(const int8_t* q, int64_t cols, int lane) {
+  long long acc = 0;
+  for (int64_t c = lane; c < cols; c += 32) {
+    const int v = q[c];
+    acc += v * v;
+  }
+  return detail::warp_sum(acc);
+}
+
+// float(sqrt(Σ)) with the reference's fp64 sqrt (both correctly rounded) and one rounding.
+__device__ __forceinline__ float norm_from_sumsq(long long sumsq) {
+  return __double2float_rn(__dsqrt_rn(static_cast<double>(sumsq)));
+}
+
+__global__ void __launch_bounds__(kThreads) row_norms_kernel(RowNormsParams p) {
+  const int lane = threadIdx.x & 31;
+  const int64_t row = static_cast<int64_t>(blockIdx.x) * kWarps + (threadIdx.x >> 5);
+  if (row >= p.rows) return;
+  const long long sumsq = row_sumsq_warp(p.q + row * p.cols, p.cols, lane);
+  if (lane == 0) {
+    float norm = norm_from_sumsq(sumsq);
+    if (p.scale != nullptr) norm = __fmul_rn(norm, p.scale[0]);
+    p.norms[row] = norm;
+  }
+}
+
+__global__ void __launch_bounds__(kThreads) leverage_kernel(LeverageParams p) {
+  const int lane = threadIdx.x & 31;
+  const int64_t row = static_cast<int64_t>(blockIdx.x) * kWarps + (threadIdx.x >> 5);
+  if (row >= p.rows) return;
+  long long sum_hi, sum_lo;
+  if (p.row_sumsq != nullptr) {
+    sum_hi = p.row_sumsq[row];
+    sum_lo = p.row_sumsq[p.rows + row];
+  } else {
+    sum_hi = row_sumsq_warp(p.hi + row * p.cols, p.cols, lane);
+    sum_lo = row_sumsq_warp(p.lo + row * p.cols, p.cols, lane);
+  }
+  if (lane != 0) return;
+  const float s = p.scale[0];
+  if (row == 0 && !(s > 0.0f && detail::is_finite(s))) {
+    detail::report(p.status, StatusKind::bad_scale, 0);
+  }
+  // a = ‖hi_r‖·(14·s), e = ‖lo_r‖·s, then × x_norm[r] for dw (fp32 products, ref order)
+  const float hi_scale = __fmul_rn(static_cast<float>(kBitSplitBase), s);
+  float a = __fmul_rn(norm_from_sumsq(sum_hi), hi_scale);
+  float e = __fmul_rn(norm_from_sumsq(sum_lo), s);
+  if (p.x_norm != nullptr) {
+    const float xn = p.x_norm[row];
+    if (!detail::is_finite(xn)) {
+      detail::report(p.status, StatusKind::nonfinite, static_cast<uint64_t>(row));
+    } else if (xn < 0.0f) {
+      detail::report(p.status, StatusKind::out_of_range, static_cast<uint64_t>(row));
+    }
+    a = __fmul_rn(a, xn);
+    e = __fmul_rn(e, xn);
+  }
+  p.scores[row] = a;
+  p.scores[p.rows + row] = e;
+}
+
+// ---- single-block reductions ------------------------------------------------------------------
+
+// Sum over a 1024-thread block; every thread gets the same (bitwise) total: commutativity
+// makes the butterfly lanes agree, and every warp folds the 32 warp totals in one order.
+template <class V>
+__device__ __forceinline__ V block_sum(V v, V* shared32) {
+  v = detail::warp_sum(v);
+  __syncthreads();  // the previous call's readers are done with shared32
+  if ((threadIdx.x & 31) == 0) shared32[threadIdx.x >> 5] = v;
+  __syncthreads();
+  return detail::warp_sum(shared32[threadIdx.x & 31]);
+}
+
+// Reports a score that is NaN/Inf (nonfinite) or negative (out_of_range).
+__device__ __forceinline__ void check_score(float c, int64_t i, uint64_t* status) {
+  if (!detail::is_finite(c)) {
+    detail::report(status, StatusKind::nonfinite, static_cast<uint64_t>(i));
+  } else if (c < 0.0f) {
+    detail::report(status, StatusKind::out_of_range, static_cast<uint64_t>(i));
+  }
+}
+
+// The reference's saturation loop, one thread block. While it runs, p doubles as the
+// saturated set (p[i] == 1 ⇔ i ∈ F, everything else 0); each thread only touches its own
+// indices i ≡ threadIdx.x (mod 1024), so no p value crosses threads.
+__global__ void __launch_bounds__(kBlockThreads) fit_probabilities_kernel(FitProbabilitiesParams q) {
+  __shared__ long long count_sh[32];
+  __shared__ double sum_sh[32];
+  const int64_t n = q.n;
+  long long nonzero = 0;
+  for (int64_t i = threadIdx.x; i < n; i += kBlockThreads) {
+    const float c = q.scores[i];
+    check_score(c, i, q.status);
+    nonzero += c > 0.0f ? 1 : 0;
+  }
+  nonzero = block_sum(nonzero, count_sh);
+  // The budget covers every non-zero row: keep them all.
+  if (static_cast<double>(nonzero) <= q.budget) {
+    for (int64_t i = threadIdx.x; i < n; i += kBlockThreads) q.p[i] = q.scores[i] > 0.0f ? 1.0f : 0.0f;
+    return;
+  }
+  for (int64_t i = threadIdx.x; i < n; i += kBlockThreads) q.p[i] = 0.0f;
+  long long n_saturated = 0;
+  for (;;) {
+    double rest = 0.0;
+    for (int64_t i = threadIdx.x; i < n; i += kBlockThreads) {
+      if (q.p[i] != 1.0f) rest = __dadd_rn(rest, static_cast<double>(q.scores[i]));
+    }
+    rest = block_sum(rest, sum_sh);
+    if (rest <= 0.0) return;  // unreachable (see ref); p already holds 1[i ∈ F]
+    // λ = (budget − |F|) / Σ_{i∉F} c_i;  p_i = c_i·λ
+    const double lambda = __ddiv_rn(q.budget - static_cast<double>(n_saturated), rest);
+    long long grew = 0;
+    for (int64_t i = threadIdx.x; i < n; i += kBlockThreads) {
+      if (q.p[i] != 1.0f && __dmul_rn(static_cast<double>(q.scores[i]), lambda) >= 1.0) {
+        q.p[i] = 1.0f;
+        ++grew;
+      }
+    }
+    grew = block_sum(grew, count_sh);
+    n_saturated += grew;
+    if (grew == 0) {
+      for (int64_t i = threadIdx.x; i < n; i += kBlockThreads) {
+        if (q.p[i] != 1.0f) {
+          q.p[i] = __double2float_rn(__dmul_rn(static_cast<double>(q.scores[i]), lambda));
+        }
+      }
+      return;
+    }
+  }
+}
+
+// Row selection + compaction, one thread block, rounds of 1024 consecutive rows: a ballot
+// gives each kept row its rank inside the warp, the warp counts give the warp offsets, and
+// `base` carries the running count between rounds. nonzero_mode: keep = score > 0 (p = 1/0);
+// otherwise keep = philox_uniform(key, i) < p_i.
+struct SelectArgs {
+  bool nonzero_mode = false;
+  const float* values = nullptr;  // p (sampling) or scores (nonzero)
+  int64_t n = 0;
+  PhiloxKey key{};
+  float* p_out = nullptr;         // nonzero mode: optional 0/1 p
+  uint8_t* keep = nullptr;
+  int32_t* kept_index = nullptr;
+  int32_t* kept_count = nullptr;
+  uint64_t* status = nullptr;
+};
+
+__global__ void __launch_bounds__(kBlockThreads) select_rows_kernel(SelectArgs a) {
+  __shared__ int warp_counts[32];
+  const int lane = threadIdx.x & 31;
+  const int warp = threadIdx.x >> 5;
+  int64_t base = 0;
+  for (int64_t start = 0; start < a.n; start += kBlockThreads) {
+    const int64_t i = start + threadIdx.x;
+    bool kept = false;
+    if (i < a.n) {
+      const float v = a.values[i];
+      if (a.nonzero_mode) {
+        check_score(v, i, a.status);
+        kept = v > 0.0f;
+        if (a.p_out != nullptr) a.p_out[i] = kept ? 1.0f : 0.0f;
+      } else {
+        if (!(v >= 0.0f && v <= 1.0f)) {
+          detail::report(a.status, StatusKind::out_of_range, static_cast<uint64_t>(i));
+        }
+        // keep_i = u_i < p_i  (u on the 2^-24 grid: p = 1 always keeps, p = 0 never)
+        kept = philox_uniform(a.key, static_cast<uint64_t>(i)) < v;
+      }
+      if (a.keep != nullptr) a.keep[i] = kept ? 1 : 0;
+    }
+    const unsigned ballot = __ballot_sync(detail::kFullMask, kept);
+    if (lane == 0) warp_counts[warp] = __popc(ballot);
+    __syncthreads();
+    int offset = 0, total = 0;
+    for (int w = 0; w < 32; ++w) {
+      const int cnt = warp_counts[w];
+      offset += w < warp ? cnt : 0;
+      total += cnt;
+    }
+    if (kept && a.kept_index != nullptr) {
+      const int rank = __popc(ballot & ((1u << lane) - 1u));
+      a.kept_index[base + offset + rank] = static_cast<int32_t>(i);
+    }
+    base += total;
+    __syncthreads();  // warp_counts is rewritten next round
+  }
+  const int64_t padded_n = (a.n + kKeptRowsMultiple - 1) / kKeptRowsMultiple * kKeptRowsMultiple;
+  if (a.kept_index != nullptr) {
+    for (int64_t j = base + threadIdx.x; j < padded_n; j += kBlockThreads) a.kept_index[j] = -1;
+  }
+  if (threadIdx.x == 0 && a.kept_count != nullptr) {
+    a.kept_count[0] = static_cast<int32_t>(base);
+    a.kept_count[1] = static_cast<int32_t>((base + kKeptRowsMultiple - 1) / kKeptRowsMultiple *
+                                           kKeptRowsMultiple);
+  }
+}
+
+// out[c, j] = q[index[j], c] (0 for index −1), through a 32 × 128 shared tile.
+__global__ void __launch_bounds__(kThreads) gather_rows_t_kernel(GatherRowsParams p) {
+  __shared__ int8_t tile[kTileRows][kTileCols + 4];
+  const int lane = threadIdx.x & 31;
+  const int warp = threadIdx.x >> 5;
+  const int64_t j0 = static_cast<int64_t>(blockIdx.x) * kTileRows;
+  const int64_t c0 = static_cast<int64_t>(blockIdx.y) * kTileCols;
+  for (int jj = warp; jj < kTileRows; jj += kWarps) {
+    const int64_t j = j0 + jj;
+    if (j >= p.k) break;
+    const int64_t src = p.index[j];
+    const bool valid = src >= 0 && src < p.rows;
+#pragma unroll
+    for (int e = 0; e < kPerLane; ++e) {
+      const int64_t c = c0 + lane + 32 * e;
+      tile[jj][lane + 32 * e] = (valid && c < p.cols) ? p.q[src * p.cols + c] : int8_t{0};
+    }
+  }
+  __syncthreads();
+  const int64_t j = j0 + lane;
+  for (int cc = warp; cc < kTileCols; cc += kWarps) {
+    const int64_t c = c0 + cc;
+    if (c >= p.cols) break;
+    if (j < p.k) p.out[c * p.k + j] = tile[lane][cc];
+  }
+}
+
+// ---- host side ------------------------------------------------------------------------------
+
+unsigned grid_stride_blocks(int64_t n) {
+  const int64_t blocks = detail::ceil_div(n, kThreads);
+  return static_cast<unsigned>(blocks < kMaxGridStride ? blocks : kMaxGridStride);
+}
+
+dim3 tile_grid(int64_t rows, int64_t cols) {
+  return dim3(static_cast<unsigned>(detail::ceil_div(rows, kTileRows)),
+              static_cast<unsigned>(detail::ceil_div(cols, kTileCols)));
+}
+
+void check_tile_grid(int64_t rows, int64_t cols, const char* fn) {
+  detail::check_grid_extent(detail::ceil_div(rows, kTileRows), fn, "the row tiling");
+  NB_CHECK(detail::ceil_div(cols, kTileCols) <= 65535,
+           fn << ": " << cols << " columns need more than 65535 column tiles of " << kTileCols
+              << "; split the tensor");
+}
+
+void check_list_length(int64_t n, const char* fn) {
+  NB_CHECK(n > 0, fn << ": n = " << n << " must be positive");
+  NB_CHECK(n < (int64_t{1} << 31) - kKeptRowsMultiple,
+           fn << ": n = " << n << " rows do not fit the int32 kept-row indices; split the batch");
+}
+
+template <class T>
+void bitsplit_impl(const BitSplitParams<T>& p, cudaStream_t stream) {
+  const char* fn = "cuda::bitsplit";
+  NB_CHECK(p.rows > 0 && p.cols > 0,
+           fn << ": shape [" << p.rows << ", " << p.cols << "] must have positive rows and cols");
+  check_tile_grid(p.rows, p.cols, fn);
+  const int64_t n = p.rows * p.cols;
+  detail::check_device_pointer(p.g, n, fn, "g");
+  detail::check_device_pointer(p.scale, 2, fn, "scale (2 floats: s and max|g|)");
+  NB_CHECK(p.hi != nullptr || p.lo != nullptr || p.combined != nullptr ||
+               p.combined_t != nullptr || p.row_sumsq != nullptr,
+           fn << ": no output requested; set at least one of hi, lo, combined, combined_t, "
+              << "row_sumsq");
+  if (p.hi != nullptr) detail::check_device_pointer(p.hi, n, fn, "hi");
+  if (p.lo != nullptr) detail::check_device_pointer(p.lo, n, fn, "lo");
+  if (p.combined != nullptr) detail::check_device_pointer(p.combined, n, fn, "combined");
+  if (p.combined_t != nullptr) detail::check_device_pointer(p.combined_t, n, fn, "combined_t");
+  if (p.row_sumsq != nullptr) detail::check_device_pointer(p.row_sumsq, 2 * p.rows, fn, "row_sumsq");
+  if (p.status != nullptr) detail::check_device_pointer(p.status, 1, fn, "status");
+
+  NB_CUDA_CHECK(cudaMemsetAsync(p.scale + 1, 0, sizeof(float), stream));  // max|g| starts at +0
+  if (p.row_sumsq != nullptr) {
+    NB_CUDA_CHECK(cudaMemsetAsync(p.row_sumsq, 0, static_cast<size_t>(2 * p.rows) * sizeof(int64_t),
+                                  stream));
+  }
+  absmax_kernel<T><<<grid_stride_blocks(n), kThreads, 0, stream>>>(p);
+  NB_CUDA_CHECK_LAUNCH();
+  auto aligned4 = [](const void* ptr, size_t bytes) {
+    return ptr == nullptr || reinterpret_cast<uintptr_t>(ptr) % bytes == 0;
+  };
+  const bool vec = p.cols % 4 == 0 && aligned4(p.g, 4 * sizeof(T)) && aligned4(p.hi, 4) &&
+                   aligned4(p.lo, 4) && aligned4(p.combined, 4);
+  const bool vec_t = p.rows % 4 == 0 && aligned4(p.combined_t, 4);
+  bitsplit_kernel<T><<<tile_grid(p.rows, p.cols), kThreads, 0, stream>>>(p, vec, vec_t);
+  NB_CUDA_CHECK_LAUNCH();
+}
+
+}  // namespace
+
+void bitsplit(const BitSplitParams<float>& p, cudaStream_t stream) { bitsplit_impl(p, stream); }
+void bitsplit(const BitSplitParams<bf16_t>& p, cudaStream_t stream) { bitsplit_impl(p, stream); }
+
+void row_norms_s8(const RowNormsParams& p, cudaStream_t stream) {
+  const char* fn = "cuda::row_norms_s8";
+  NB_CHECK(p.rows > 0 && p.cols > 0,
+           fn << ": shape [" << p.rows << ", " << p.cols << "] must have positive rows and cols");
+  detail::check_device_pointer(p.q, p.rows * p.cols, fn, "q");
+  detail::check_device_pointer(p.norms, p.rows, fn, "norms");
+  if (p.scale != nullptr) detail::check_device_pointer(p.scale, 1, fn, "scale");
+  const int64_t blocks = detail::ceil_div(p.rows, kWarps);
+  detail::check_grid_extent(blocks, fn, "the row tiling");
+  row_norms_kernel<<<static_cast<unsigned>(blocks), kThreads, 0, stream>>>(p);
+  NB_CUDA_CHECK_LAUNCH();
+}
+
+void leverage_scores(const LeverageParams& p, cudaStream_t stream) {
+  const char* fn = "cuda::leverage_scores";
+  NB_CHECK(p.rows > 0 && p.cols > 0,
+           fn << ": shape [" << p.rows << ", " << p.cols << "] must have positive rows and cols");
+  if (p.row_sumsq != nullptr) {
+    detail::check_device_pointer(p.row_sumsq, 2 * p.rows, fn, "row_sumsq");
+  } else {
+    detail::check_device_pointer(p.hi, p.rows * p.cols, fn, "hi (or pass row_sumsq)");
+    detail::check_device_pointer(p.lo, p.rows * p.cols, fn, "lo (or pass row_sumsq)");
+  }
+  detail::check_device_pointer(p.scale, 1, fn, "scale (the bit-split s)");
+  if (p.x_norm != nullptr) detail::check_device_pointer(p.x_norm, p.rows, fn, "x_norm");
+  detail::check_device_pointer(p.scores, 2 * p.rows, fn, "scores");
+  if (p.status != nullptr) detail::check_device_pointer(p.status, 1, fn, "status");
+  const int64_t blocks = detail::ceil_div(p.rows, kWarps);
+  detail::check_grid_extent(blocks, fn, "the row tiling");
+  leverage_kernel<<<static_cast<unsigned>(blocks), kThreads, 0, stream>>>(p);
+  NB_CUDA_CHECK_LAUNCH();
+}
+
+void fit_probabilities(const FitProbabilitiesParams& p, cudaStream_t stream) {
+  const char* fn = "cuda::fit_probabilities";
+  check_list_length(p.n, fn);
+  NB_CHECK(std::isfinite(p.budget) && p.budget >= 0.0,
+           fn << ": budget = " << p.budget << " must be finite and >= 0 (the expected kept count)");
+  detail::check_device_pointer(p.scores, p.n, fn, "scores");
+  detail::check_device_pointer(p.p, p.n, fn, "p");
+  if (p.status != nullptr) detail::check_device_pointer(p.status, 1, fn, "status");
+  fit_probabilities_kernel<<<1, kBlockThreads, 0, stream>>>(p);
+  NB_CUDA_CHECK_LAUNCH();
+}
+
+namespace {
+
+void check_selection_outputs(int64_t n, const uint8_t* keep, const int32_t* kept_index,
+                             const int32_t* kept_count, uint64_t* status, const char* fn) {
+  const int64_t padded = detail::ceil_div(n, kKeptRowsMultiple) * kKeptRowsMultiple;
+  if (keep != nullptr) detail::check_device_pointer(keep, n, fn, "keep");
+  if (kept_index != nullptr) detail::check_device_pointer(kept_index, padded, fn, "kept_index");
+  if (kept_count != nullptr) detail::check_device_pointer(kept_count, 2, fn, "kept_count");
+  if (status != nullptr) detail::check_device_pointer(status, 1, fn, "status");
+}
+
+}  // namespace
+
+void sample_rows(const SampleRowsParams& p, cudaStream_t stream) {
+  const char* fn = "cuda::sample_rows";
+  check_list_length(p.n, fn);
+  detail::check_device_pointer(p.p, p.n, fn, "p");
+  NB_CHECK(p.keep != nullptr || p.kept_index != nullptr || p.kept_count != nullptr,
+           fn << ": no output requested; set keep, kept_index or kept_count");
+  check_selection_outputs(p.n, p.keep, p.kept_index, p.kept_count, p.status, fn);
+  SelectArgs a;
+  a.nonzero_mode = false;
+  a.values = p.p;
+  a.n = p.n;
+  a.key = p.key;
+  a.keep = p.keep;
+  a.kept_index = p.kept_index;
+  a.kept_count = p.kept_count;
+  a.status = p.status;
+  select_rows_kernel<<<1, kBlockThreads, 0, stream>>>(a);
+  NB_CUDA_CHECK_LAUNCH();
+}
+
+void keep_nonzero_rows(const KeepNonzeroParams& p, cudaStream_t stream) {
+  const char* fn = "cuda::keep_nonzero_rows";
+  check_list_length(p.n, fn);
+  detail::check_device_pointer(p.scores, p.n, fn, "scores");
+  NB_CHECK(p.p != nullptr || p.keep != nullptr || p.kept_index != nullptr ||
+               p.kept_count != nullptr,
+           fn << ": no output requested; set p, keep, kept_index or kept_count");
+  if (p.p != nullptr) detail::check_device_pointer(p.p, p.n, fn, "p");
+  check_selection_outputs(p.n, p.keep, p.kept_index, p.kept_count, p.status, fn);
+  SelectArgs a;
+  a.nonzero_mode = true;
+  a.values = p.scores;
+  a.n = p.n;
+  a.p_out = p.p;
+  a.keep = p.keep;
+  a.kept_index = p.kept_index;
+  a.kept_count = p.kept_count;
+  a.status = p.status;
+  select_rows_kernel<<<1, kBlockThreads, 0, stream>>>(a);
+  NB_CUDA_CHECK_LAUNCH();
+}
+
+void gather_rows_t_s8(const GatherRowsParams& p, cudaStream_t stream) {
+  const char* fn = "cuda::gather_rows_t_s8";
+  detail::check_shape(p.rows, p.cols, fn);
+  NB_CHECK(p.k >= 0, fn << ": k = " << p.k << " must be >= 0");
+  check_tile_grid(p.k, p.cols, fn);
+  detail::check_device_pointer(p.q, p.rows * p.cols, fn, "q");
+  detail::check_device_pointer(p.index, p.k, fn, "index");
+  detail::check_device_pointer(p.out, p.cols * p.k, fn, "out");
+  if (p.k == 0 || p.cols == 0) return;
+  gather_rows_t_kernel<<<tile_grid(p.k, p.cols), kThreads, 0, stream>>>(p);
+  NB_CUDA_CHECK_LAUNCH();
+}
+
+}  // namespace nibble::cuda
