@@ -4,6 +4,7 @@
 //
 // Int4 plans fake-quantize the token-embedding output with one LSQ step (the papers'
 // "LSQ for embeddings"), parameter "tok_embed.step_x".
+#include <algorithm>
 #include <cmath>
 #include <limits>
 #include <memory>

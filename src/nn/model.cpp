@@ -1,4 +1,5 @@
 // Names of precisions and roles, the uniform plan, and Model's defaults.
+#include <iterator>
 #include <string>
 
 #include "nibble/error.h"
