@@ -5,7 +5,6 @@
 #include <cstdio>
 #include <filesystem>
 #include <fstream>
-#include <iomanip>
 #include <iostream>
 #include <memory>
 #include <nlohmann/json.hpp>
@@ -385,7 +384,8 @@ int run_compare(const CompareRequest& req, std::ostream& out) {
   std::vector<Result> results;
   bool interrupted = false;
   for (Session& s : sessions) {
-    out << "\n== " << s.cfg.precision << " (" << plan_summary(s.cfg) << ") ==\n";
+    const std::string plan = plan_summary(s.cfg);
+    out << "\n== " << s.cfg.precision << (plan != s.cfg.precision ? " (" + plan + ")" : "") << " ==\n";
     out.flush();
     for (const char* f : {kCheckpointWeightsFile, kCheckpointMetaFile})  // outputs of an earlier compare
       fs::remove(fs::path(s.cfg.out) / f);
@@ -406,7 +406,7 @@ int run_compare(const CompareRequest& req, std::ostream& out) {
   const std::string gap_head = gpt ? "val loss gap" : "val acc gap";
   out << "\n"
       << pad("precision", 11) << pad("train loss", 12, true) << pad("val loss", 10, true)
-      << pad(gpt ? "val acc" : "val acc", 9, true) << pad(gap_head, 14, true) << pad(unit + "/s", 10, true)
+      << pad("val acc", 9, true) << pad(gap_head, 14, true) << pad(unit + "/s", 10, true)
       << pad("time", 8, true) << "\n";
   json runs = json::array();
   for (const Result& r : results) {

@@ -99,7 +99,7 @@ const std::vector<Field>& fields() {
                     member("weight_decay", false, &TrainConfig::weight_decay),
                     member("beta1", false, &TrainConfig::beta1),
                     member("beta2", false, &TrainConfig::beta2),
-                    member("eps", false, &TrainConfig::eps),
+                    member("adam_eps", false, &TrainConfig::eps),
                     member("grad_clip", false, &TrainConfig::grad_clip),
                     member("seed", true, &TrainConfig::seed),
                     member("eval_every", false, &TrainConfig::eval_every),
@@ -227,6 +227,9 @@ void validate(const TrainConfig& c) {
   }
   NB_CHECK(c.model == "vit" || !c.roles.count("patch"),
            "the 'patch' role exists only in a ViT; drop its precision override for a GPT");
+  NB_CHECK(c.model == "vit" || !c.roles.count("head") || c.roles.at("head") == "fp32",
+           "a GPT's output head is tied to the token embedding and stays fp32; the 'head' precision "
+           "applies to a ViT's classifier only");
   NB_CHECK(c.layers >= 1, "layers = " << c.layers << " must be at least 1");
   NB_CHECK(c.d_model >= 1, "d_model = " << c.d_model << " must be at least 1");
   NB_CHECK(c.heads >= 1, "heads = " << c.heads << " must be at least 1");

@@ -2,7 +2,9 @@
 // The full configuration of a training run: model architecture, precision plan, data,
 // optimizer and schedule, evaluation and output. One JSON object with snake_case keys
 // (`nibble train --config FILE`), the same names as the command-line flags with '_' for '-'
-// (--d-model <-> "d_model"). Reading rejects unknown keys and wrongly typed values, naming them.
+// (--d-model <-> "d_model"; the per-role precision flags --qkv, --attn-out, --mlp-in, --mlp-out,
+// --head, --patch-embed are "roles": {"qkv": "int8", ..., "patch": ...}). Reading rejects unknown
+// keys and wrongly typed values, naming them.
 #include <cstdint>
 #include <map>
 #include <set>
@@ -43,7 +45,7 @@ struct TrainConfig {
   double weight_decay = 0.1;
   double beta1 = 0.9;
   double beta2 = 0.95;
-  double eps = 1e-8;
+  double eps = 1e-8;  // key "adam_eps"
   double grad_clip = 1.0;
   uint64_t seed = 1;
   // ---- evaluation and output

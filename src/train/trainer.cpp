@@ -14,6 +14,7 @@
 #include <sstream>
 
 #include "nibble/error.h"
+#include "nibble/ops_layers.h"
 #include "train/progress.h"
 
 namespace nibble::train {
@@ -124,10 +125,21 @@ StepRecord Trainer::train_step() {
   ctx.seed = options_.seed;
   ctx.step = static_cast<uint32_t>(step_);
   ctx.training = true;
-  const nn::StepResult res = model_.forward_backward(batch, ctx);
-  rec.loss = res.loss;
   rec.lr = options_.schedule.at(step_);
-  if (!std::isfinite(res.loss)) {
+  bool non_finite_inside = false;
+  try {
+    rec.loss = model_.forward_backward(batch, ctx).loss;
+  } catch (const ops::NonFiniteError& e) {
+    // An op met a NaN/Inf inside the model (a diverged step, not a bug): the ops layer tells
+    // the two apart by this type. The partial gradients are dropped by the next zero_grad.
+    non_finite_inside = true;
+    rec.loss = std::numeric_limits<double>::quiet_NaN();
+    rec.skip_reason = std::string("value inside the model (") + e.what() + ")";
+  }
+  if (non_finite_inside) {
+    rec.stats.skipped = true;
+    rec.stats.grad_norm = std::numeric_limits<double>::quiet_NaN();
+  } else if (!std::isfinite(rec.loss)) {
     // The gradients of a non-finite loss are meaningless even where they are finite.
     rec.stats.skipped = true;
     rec.stats.grad_norm = std::numeric_limits<double>::quiet_NaN();

@@ -1,6 +1,7 @@
 #pragma once
 // The training loop: for each step, zero the gradients, forward/backward one batch, check the
-// loss and gradients, clip, AdamW, log; validate every few steps on fixed batches; save
+// loss and gradients (and catch ops::NonFiniteError, a NaN/Inf met inside the model: the step
+// is skipped like a non-finite loss), clip, AdamW, log; validate every few steps on fixed batches; save
 // checkpoints; stop cleanly on Ctrl-C (SIGINT/SIGTERM).
 //
 // Reproducibility: a step depends only on (weights, moments, step, seed): the data source keys
@@ -60,7 +61,7 @@ struct StepRecord {
   double loss = 0;
   double lr = 0;
   StepStats stats;         // stats.skipped: nothing was updated
-  std::string skip_reason; // "loss" or "gradient" when skipped
+  std::string skip_reason; // "loss", "gradient" or "value inside the model (...)" when skipped
   double seconds = 0;      // wall time of the step
   double items_per_s = 0;  // this step's throughput
 };

@@ -19,6 +19,7 @@
 #include <vector>
 
 #include "nibble/nn.h"
+#include "nibble/ops_layers.h"
 #include "nibble/rng.h"
 #include "train/trainer.h"
 
@@ -47,6 +48,7 @@ class FakeModel final : public nn::Model {
   }
 
   int64_t nan_loss_step = -1, nan_grad_step = -1, sigint_step = -1;
+  int64_t non_finite_op_step = -1;  // throws ops::NonFiniteError as an op meeting a NaN would
 
   std::string kind() const override { return "fake"; }
   std::string config_json() const override {
@@ -58,6 +60,10 @@ class FakeModel final : public nn::Model {
   nn::StepResult forward_backward(const nn::Batch& batch, const nn::StepContext& ctx) override {
     if (first_step_ < 0) first_step_ = ctx.step;
     if (static_cast<int64_t>(ctx.step) == sigint_step) std::raise(SIGINT);
+    if (static_cast<int64_t>(ctx.step) == non_finite_op_step) {
+      weight_.grad.data<float>()[0] += 1.0f;  // a partial backward before the op threw
+      throw ops::NonFiniteError("layernorm_forward: x[5] is nan");
+    }
     nn::StepResult r = run(batch, ctx, true);
     if (static_cast<int64_t>(ctx.step) == nan_loss_step) r.loss = std::nan("");
     if (static_cast<int64_t>(ctx.step) == nan_grad_step) weight_.grad.data<float>()[3] = std::nanf("");

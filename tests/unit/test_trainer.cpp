@@ -309,10 +309,10 @@ TEST(TrainerLoop, LearnsAndWritesOneParsableMetricsLinePerStep) {
 }
 
 TEST(TrainerLoop, NonFiniteLossOrGradientSkipsTheStepAndIsReported) {
-  for (const bool in_loss : {true, false}) {
+  for (const int where : {0, 1, 2}) {  // the loss, a gradient, an op inside the model
     TempDir dir;
     FakeModel model(FakeModelConfig{});
-    (in_loss ? model.nan_loss_step : model.nan_grad_step) = 4;  // the fifth step (0-based 4)
+    (where == 0 ? model.nan_loss_step : where == 1 ? model.nan_grad_step : model.non_finite_op_step) = 4;  // 5th step
     FakeData data(kIn, kClasses, kBatch, 3);
     std::ostringstream log;
     TrainerOptions o = fake_options(dir.str(), 8, 8);
@@ -323,7 +323,7 @@ TEST(TrainerLoop, NonFiniteLossOrGradientSkipsTheStepAndIsReported) {
     const int64_t updates = trainer.optimizer().updates();
     const StepRecord rec = trainer.train_step();
     EXPECT_TRUE(rec.stats.skipped);
-    EXPECT_EQ(rec.skip_reason, in_loss ? "loss" : "gradient");
+    EXPECT_EQ(rec.skip_reason.substr(0, 5), where == 0 ? "loss" : where == 1 ? "gradi" : "value");
     EXPECT_EQ(trainer.skipped(), 1);
     EXPECT_EQ(trainer.optimizer().updates(), updates);
     EXPECT_TRUE(same_bits(model.parameters()[0]->value.data<float>(), w.data(), static_cast<int64_t>(w.size())));
@@ -332,7 +332,7 @@ TEST(TrainerLoop, NonFiniteLossOrGradientSkipsTheStepAndIsReported) {
     // Through run(): the loop reports it in a warning line and in metrics.jsonl, and goes on.
     TempDir dir2;
     FakeModel model2(FakeModelConfig{});
-    (in_loss ? model2.nan_loss_step : model2.nan_grad_step) = 4;
+    (where == 0 ? model2.nan_loss_step : where == 1 ? model2.nan_grad_step : model2.non_finite_op_step) = 4;
     o.out_dir = dir2.str();
     Trainer t2(model2, data, o);
     const TrainSummary s = t2.run();
@@ -639,6 +639,7 @@ TEST(TrainerConfig, ImpossibleSettingsAreRejectedBeforeAnyWork) {
   EXPECT_NE(msg_for([](TrainConfig& c) { c.roles["mlp"] = "int4"; }).find("'mlp'"), std::string::npos);
   EXPECT_NE(msg_for([](TrainConfig& c) { c.warmup = 2000; }).find("warmup"), std::string::npos);
   EXPECT_NE(msg_for([](TrainConfig& c) { c.tokenizer = "gpt2"; }).find("--bpe-dir"), std::string::npos);
+  EXPECT_NE(msg_for([](TrainConfig& c) { c.roles["head"] = "int4"; }).find("tied to the token embedding"), std::string::npos);
 }
 
 TEST(TrainerConfig, ResumeRefusesAChangedModelButAllowsMoreSteps) {

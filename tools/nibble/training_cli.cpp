@@ -82,7 +82,7 @@ void add_run_options(CLI::App* cmd, RunFlags& f, bool with_precision) {
                "int4 with --lss-sampling: fraction of rows kept", quant);
   keyed_option(cmd, f, "hadamard_block", "--hadamard-block", v.hadamard_block,
                "int4: Hadamard block size (power of two dividing every input width; 0: searched per layer)", quant);
-  keyed_option(cmd, f, "lsq_cold_start_steps", "--lsq-cold-start", v.lsq_cold_start_steps,
+  keyed_option(cmd, f, "lsq_cold_start_steps", "--lsq-cold-start-steps", v.lsq_cold_start_steps,
                "int4: steps before the LSQ step sizes are learned", quant);
   keyed_flag(cmd, f, "w4a4_asymmetric", "--w4a4-asymmetric", v.w4a4_asymmetric,
              "w4a4: asymmetric per-token activation quantization", quant);
@@ -102,7 +102,7 @@ void add_run_options(CLI::App* cmd, RunFlags& f, bool with_precision) {
   keyed_option(cmd, f, "weight_decay", "--weight-decay", v.weight_decay, "decoupled weight decay", optim);
   keyed_option(cmd, f, "beta1", "--beta1", v.beta1, "AdamW beta1", optim);
   keyed_option(cmd, f, "beta2", "--beta2", v.beta2, "AdamW beta2", optim);
-  keyed_option(cmd, f, "eps", "--adam-eps", v.eps, "AdamW epsilon", optim);
+  keyed_option(cmd, f, "adam_eps", "--adam-eps", v.eps, "AdamW epsilon", optim);
   keyed_option(cmd, f, "grad_clip", "--grad-clip", v.grad_clip, "max global gradient norm (0: off)", optim);
   keyed_option(cmd, f, "seed", "--seed", v.seed, "seed of the initialization, data order and rounding", optim);
 
@@ -113,7 +113,8 @@ void add_run_options(CLI::App* cmd, RunFlags& f, bool with_precision) {
   keyed_option(cmd, f, "log_every", "--log-every", v.log_every, "progress line every N steps when not on a terminal", run);
   keyed_option(cmd, f, "out", "--out", v.out, "output folder (metrics.jsonl, checkpoint, pictures)", run);
   keyed_option(cmd, f, "threads", "--threads", v.threads, "CPU threads (0: all cores)", run);
-  cmd->add_option("--config", f.config_file, "JSON file of settings (keys as the flags, with _ for -); flags win")
+  cmd->add_option("--config", f.config_file, "JSON file of settings: keys as the flags with _ for - (d_model, eval_every, ...), per-role precisions as "
+                  "\"roles\": {\"qkv\": \"int8\", ...}; flags win over the file")
       ->check(CLI::ExistingFile)
       ->group(run);
 }
