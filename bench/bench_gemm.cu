@@ -1,271 +1,37 @@
-// nibble_bench_gemm: nibble's sm_90a INT8 GEMM against cuBLASLt INT8, BF16 and FP8 (e4m3),
-// all TN (C[M, N] = A[M, K]·B[N, K]ᵀ), in one process, timed the same way
-// (bench/common/bench_util.cuh: warm-up, queued launches between CUDA events behind a spin
-// kernel, the kernels interleaved launch by launch, rotating input sets larger than L2,
-// median of the runs).
+// nibble_bench_gemm: the standalone form of `nibble bench gemm` (bench/gemm_bench.cu holds the
+// benchmark; both take the same options).
 //
-//   nibble_bench_gemm [--json PATH] [--runs N] [--warmup N] [--shapes MxNxK,MxNxK,...]
-//
-// Before timing each shape, ours and cuBLASLt INT8 are run on the same inputs and compared
-// element by element (a mismatch is reported in the table and the JSON and fails the exit
-// code). Reading the table: bench/README.md.
-#include <cuda_runtime.h>
-
-#include <chrono>
+//   nibble_bench_gemm [--json PATH] [--plot PATH.svg] [--runs N] [--warmup N] [--shapes MxNxK,...]
 #include <cstdio>
-#include <cstdlib>
-#include <ctime>
-#include <fstream>
+#include <exception>
 #include <iostream>
-#include <nlohmann/json.hpp>
-#include <sstream>
 #include <string>
-#include <vector>
 
-#include "bench/common/bench_util.cuh"
-#include "cuda/blas/cublaslt_baselines.h"
-#include "cuda/common/check.h"
-#include "cuda/gemm/gemm_s8s8_s32_tn_sm90.h"
-#include "cuda/gemm/gemm_sm90_host.h"
+#include "bench/bench_api.h"
 #include "nibble/error.h"
 
-#ifndef NIBBLE_GIT_COMMIT
-#define NIBBLE_GIT_COMMIT "unknown"
-#endif
-
-using namespace nibble;
-using bench::DeviceBytes;
-using bench::Fill;
-
-namespace {
-
-struct Shape {
-  int64_t m, n, k;
-};
-
-// 8192³; the transformer shapes at M = 16384 tokens (BERT-base/large, LLaMA-7B's 4096/11008);
-// and two smaller token counts at 4096².
-std::vector<Shape> default_shapes() {
-  std::vector<Shape> s = {{8192, 8192, 8192}};
-  const int64_t nk[][2] = {{768, 768},   {3072, 768},  {768, 3072},   {1024, 1024},  {4096, 1024},
-                           {1024, 4096}, {4096, 4096}, {11008, 4096}, {4096, 11008}};
-  for (const auto& p : nk) s.push_back({16384, p[0], p[1]});
-  s.push_back({128, 4096, 4096});
-  s.push_back({1024, 4096, 4096});
-  return s;
-}
-
-std::vector<Shape> parse_shapes(const std::string& arg) {
-  std::vector<Shape> out;
-  std::stringstream ss(arg);
-  std::string item;
-  while (std::getline(ss, item, ',')) {
-    Shape s{};
-    char x1 = 0, x2 = 0;
-    std::stringstream is(item);
-    NB_CHECK((is >> s.m >> x1 >> s.n >> x2 >> s.k) && x1 == 'x' && x2 == 'x',
-             "--shapes: cannot parse '" << item << "'; write MxNxK, e.g. 8192x8192x8192");
-    out.push_back(s);
-  }
-  return out;
-}
-
-// One kernel's result on one shape.
-struct Result {
-  std::string name;
-  bench::Timing t;
-  double rate = 0;  // tera-ops per second (2·M·N·K / time)
-  std::string algo;
-};
-
-std::string utc_now() {
-  const std::time_t now = std::time(nullptr);
-  char buf[32];
-  std::strftime(buf, sizeof(buf), "%Y-%m-%dT%H:%M:%SZ", std::gmtime(&now));
-  return buf;
-}
-
-}  // namespace
-
 int main(int argc, char** argv) try {
-  std::string json_path;
-  int runs = 30, warmup = 5;
-  std::vector<Shape> shapes = default_shapes();
+  nibble::bench::GemmBenchOptions opt;
   for (int i = 1; i < argc; ++i) {
     const std::string a = argv[i];
     const auto next = [&]() -> std::string {
       NB_CHECK(i + 1 < argc, a << " needs a value");
       return argv[++i];
     };
-    if (a == "--json") json_path = next();
-    else if (a == "--runs") runs = std::stoi(next());
-    else if (a == "--warmup") warmup = std::stoi(next());
-    else if (a == "--shapes") shapes = parse_shapes(next());
+    if (a == "--json") opt.json_path = next();
+    else if (a == "--plot") opt.plot_path = next();
+    else if (a == "--runs") opt.runs = std::stoi(next());
+    else if (a == "--warmup") opt.warmup = std::stoi(next());
+    else if (a == "--shapes") opt.shapes = next();
     else if (a == "-h" || a == "--help") {
-      std::cout << "usage: nibble_bench_gemm [--json PATH] [--runs N>=20] [--warmup N] "
-                   "[--shapes MxNxK,...]\n";
+      std::cout << "usage: nibble_bench_gemm [--json PATH] [--plot PATH.svg] [--runs N>=20] "
+                   "[--warmup N] [--shapes MxNxK,...]\n";
       return 0;
     } else {
       NB_FAIL("unknown argument '" << a << "'; see --help");
     }
   }
-  NB_CHECK(runs >= 20, "--runs " << runs << ": use at least 20 for a stable median");
-
-  cudaDeviceProp prop{};
-  int device = 0;
-  NB_CUDA_CHECK(cudaGetDevice(&device));
-  NB_CUDA_CHECK(cudaGetDeviceProperties(&prop, device));
-  const char* env_commit = std::getenv("NIBBLE_GIT_COMMIT");
-  const std::string commit = env_commit ? env_commit : NIBBLE_GIT_COMMIT;
-  int runtime_version = 0;
-  NB_CUDA_CHECK(cudaRuntimeGetVersion(&runtime_version));
-  std::printf("device: %s (%d SMs, L2 %d MiB), CUDA runtime %d, commit %s\n", prop.name,
-              prop.multiProcessorCount, prop.l2CacheSize >> 20, runtime_version, commit.c_str());
-  std::printf("ours: %s\n", cuda::sm90::kTileConfigName);
-  std::printf("median of %d timed runs after %d warm-up rounds, the five kernels interleaved; "
-              "rotating input sets > 4x L2\n\n",
-              runs, warmup);
-
-  cudaStream_t stream = nullptr;
-  NB_CUDA_CHECK(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking));
-
-  nlohmann::json jshapes = nlohmann::json::array();
-  bool all_match = true;
-  std::printf("%-22s %10s %10s %8s %10s %10s %10s %10s %9s  %s\n", "M x N x K", "ours TOPS",
-              "LtI8 TOPS", "ours/Lt", "ours+dq", "BF16 TF", "FP8 TF", "ours ms", "ours/BF16",
-              "check");
-  for (const Shape& s : shapes) {
-    const int64_t m = s.m, n = s.n, k = s.k;
-    // Each input type has its own rotating sets (A, B), so that all five kernels can be timed
-    // interleaved; outputs (sized for 4-byte elements) and the dequant vectors are per set too.
-    const size_t mk = static_cast<size_t>(m * k), nk = static_cast<size_t>(n * k);
-    const size_t c_bytes = static_cast<size_t>(m * n) * 4;
-    // Rotation is sized on the int8 operands; the bf16 sets are twice as large, so colder.
-    const int sets = bench::rotation_sets(mk + nk);
-    std::vector<DeviceBytes> A8, B8, A16, B16, Af8, Bf8, C, SA, SB, BIAS;
-    for (int i = 0; i < sets; ++i) {
-      const uint64_t seed = 1000 + 16 * static_cast<uint64_t>(i);
-      A8.emplace_back(mk);
-      B8.emplace_back(nk);
-      A16.emplace_back(mk * 2);
-      B16.emplace_back(nk * 2);
-      Af8.emplace_back(mk);
-      Bf8.emplace_back(nk);
-      C.emplace_back(c_bytes);
-      SA.emplace_back(static_cast<size_t>(m) * 4);
-      SB.emplace_back(static_cast<size_t>(n) * 4);
-      BIAS.emplace_back(static_cast<size_t>(n) * 4);
-      bench::fill(A8[i].as<void>(), m * k, Fill::s8_full, seed + 0, stream);
-      bench::fill(B8[i].as<void>(), n * k, Fill::s8_full, seed + 1, stream);
-      bench::fill(A16[i].as<void>(), m * k, Fill::bf16_unit, seed + 2, stream);
-      bench::fill(B16[i].as<void>(), n * k, Fill::bf16_unit, seed + 3, stream);
-      bench::fill(Af8[i].as<void>(), m * k, Fill::e4m3_unit, seed + 4, stream);
-      bench::fill(Bf8[i].as<void>(), n * k, Fill::e4m3_unit, seed + 5, stream);
-      bench::fill(SA[i].as<void>(), m, Fill::f32_scale, seed + 6, stream);
-      bench::fill(SB[i].as<void>(), n, Fill::f32_scale, seed + 7, stream);
-      bench::fill(BIAS[i].as<void>(), n, Fill::f32_bias, seed + 8, stream);
-    }
-    DeviceBytes check_c(c_bytes);
-
-    // Check first: ours and cuBLASLt INT8 on the same inputs, every element.
-    cuda::gemm_s8s8_s32_tn_sm90({A8[0].as<int8_t>(), B8[0].as<int8_t>(), m, n, k}, C[0].as<int32_t>(), stream);
-    cuda::cublaslt_gemm_s8s8_s32_tn(A8[0].as<int8_t>(), B8[0].as<int8_t>(), m, n, k, check_c.as<int32_t>(), stream);
-    const uint64_t mismatches = bench::count_mismatches(C[0].as<int32_t>(), check_c.as<int32_t>(), m * n, stream);
-    all_match = all_match && mismatches == 0;
-
-    const std::vector<std::string> names = {"ours_s8s8_s32", "ours_s8s8_dequant_bf16",
-                                            "cublaslt_s8s8_s32", "cublaslt_bf16",
-                                            "cublaslt_e4m3_bf16"};
-    const std::vector<std::function<void(int)>> launches = {
-        [&](int i) {
-          cuda::gemm_s8s8_s32_tn_sm90({A8[i].as<int8_t>(), B8[i].as<int8_t>(), m, n, k},
-                                      C[i].as<int32_t>(), stream);
-        },
-        [&](int i) {
-          cuda::EpiDequantBias epi;
-          epi.scale_a = SA[i].as<float>();
-          epi.scale_b = SB[i].as<float>();
-          epi.bias = BIAS[i].as<float>();
-          cuda::gemm_s8s8_s32_tn_dequant_sm90({A8[i].as<int8_t>(), B8[i].as<int8_t>(), m, n, k}, epi,
-                                              C[i].as<bf16_t>(), stream);
-        },
-        [&](int i) {
-          cuda::cublaslt_gemm_s8s8_s32_tn(A8[i].as<int8_t>(), B8[i].as<int8_t>(), m, n, k,
-                                          C[i].as<int32_t>(), stream);
-        },
-        [&](int i) {
-          cuda::cublaslt_gemm_bf16_tn(A16[i].as<bf16_t>(), B16[i].as<bf16_t>(), m, n, k,
-                                      C[i].as<bf16_t>(), stream);
-        },
-        [&](int i) {
-          cuda::cublaslt_gemm_e4m3_bf16_tn(Af8[i].as<uint8_t>(), Bf8[i].as<uint8_t>(), m, n, k,
-                                           C[i].as<bf16_t>(), stream);
-        }};
-    const std::vector<bench::Timing> times = bench::time_interleaved(launches, sets, warmup, runs, stream);
-    const double ops = 2.0 * static_cast<double>(m) * static_cast<double>(n) * static_cast<double>(k);
-    std::vector<Result> results;
-    for (size_t j = 0; j < names.size(); ++j) {
-      Result r;
-      r.name = names[j];
-      r.t = times[j];
-      r.rate = ops / (r.t.median_ms * 1e-3) / 1e12;
-      results.push_back(r);
-    }
-    results[2].algo = cuda::cublaslt_algo_description(cuda::CublasLtKind::s8s8_s32, m, n, k);
-    results[3].algo = cuda::cublaslt_algo_description(cuda::CublasLtKind::bf16, m, n, k);
-    results[4].algo = cuda::cublaslt_algo_description(cuda::CublasLtKind::e4m3_bf16, m, n, k);
-    const Result& ours = results[0];
-    const Result& ours_dq = results[1];
-    const Result& lt_i8 = results[2];
-    const Result& lt_bf16 = results[3];
-    const Result& lt_fp8 = results[4];
-
-    char label[64];
-    std::snprintf(label, sizeof(label), "%lld x %lld x %lld", static_cast<long long>(m),
-                  static_cast<long long>(n), static_cast<long long>(k));
-    std::printf("%-22s %10.0f %10.0f %7.1f%% %10.0f %10.0f %10.0f %10.4f %8.2fx  %s\n", label,
-                ours.rate, lt_i8.rate, 100.0 * ours.rate / lt_i8.rate, ours_dq.rate, lt_bf16.rate,
-                lt_fp8.rate, ours.t.median_ms, ours.rate / lt_bf16.rate,
-                mismatches == 0 ? "exact" : "MISMATCH");
-    std::fflush(stdout);
-
-    nlohmann::json js = {{"m", m}, {"n", n}, {"k", k}, {"rotating_sets", sets},
-                         {"ours_vs_cublaslt_int8_mismatches", mismatches},
-                         {"ours_pct_of_cublaslt_int8", 100.0 * ours.rate / lt_i8.rate},
-                         {"ours_over_cublas_bf16", ours.rate / lt_bf16.rate}};
-    for (const Result& r : results) {
-      js["kernels"][r.name] = {{"median_ms", r.t.median_ms}, {"min_ms", r.t.min_ms},
-                               {"max_ms", r.t.max_ms},       {"runs", r.t.runs},
-                               {"tera_ops_per_s", r.rate}};
-      if (!r.algo.empty()) js["kernels"][r.name]["cublaslt_algo"] = r.algo;
-    }
-    jshapes.push_back(js);
-  }
-
-  if (!json_path.empty()) {
-    nlohmann::json doc = {{"benchmark", "nibble_bench_gemm"},
-                          {"device", prop.name},
-                          {"sm_count", prop.multiProcessorCount},
-                          {"l2_bytes", prop.l2CacheSize},
-                          {"cuda_runtime", runtime_version},
-                          {"date_utc", utc_now()},
-                          {"git_commit", commit},
-                          {"ours_config", cuda::sm90::kTileConfigName},
-                          {"runs", runs},
-                          {"warmup", warmup},
-                          {"ops_convention", "2*M*N*K per GEMM"},
-                          {"shapes", jshapes}};
-    std::ofstream out(json_path);
-    NB_CHECK(out.good(), "cannot write --json " << json_path);
-    out << doc.dump(2) << "\n";
-    std::printf("\nwrote %s\n", json_path.c_str());
-  }
-  NB_CUDA_CHECK(cudaStreamDestroy(stream));
-  if (!all_match) {
-    std::fprintf(stderr, "error: ours and cuBLASLt INT8 disagree on at least one shape\n");
-    return 1;
-  }
-  return 0;
+  return nibble::bench::run_gemm_bench(opt);
 } catch (const std::exception& e) {
   std::fprintf(stderr, "error: %s\n", e.what());
   return 1;

@@ -15,6 +15,7 @@
 #include "nibble/analyze.h"
 #include "nibble/error.h"
 #include "training_cli.h"
+#include "bench_cli.h"
 
 namespace {
 
@@ -55,6 +56,7 @@ int main(int argc, char** argv) {
   });
 
   const std::vector<nibble::cli::Subcommand> training = nibble::cli::add_training_commands(app);
+  const std::vector<nibble::cli::Subcommand> bench = nibble::cli::add_bench_commands(app);
 
   try {
     app.parse(argc, argv);
@@ -74,6 +76,7 @@ int main(int argc, char** argv) {
     if (cmd->parsed()) return nibble::run_analyze(analyze, std::cout);
     for (const auto& sub : training)
       if (sub.app->parsed()) return sub.run();
+    for (const auto& sub : bench) if (sub.app->parsed()) return sub.run();
     return 0;
   } catch (const std::exception& e) {
     // nibble::Error and anything else (e.g. out of memory): one line, exit code 1.

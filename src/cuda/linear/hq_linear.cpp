@@ -1,0 +1,440 @@
+// The HQ-MM / LSS-MM linear layer on the GPU: argument checks and the sequence of kernels
+// (hq_linear.h). Host code only; the kernels are in hq_linear_quant.cu, hq_linear_backward.cu,
+// src/cuda/quant and src/cuda/gemm.
+#include "cuda/linear/hq_linear.h"
+
+#include <cstdint>
+#include <initializer_list>
+
+#include "cuda/common/check.h"
+#include "cuda/gemm/gemm_s8s8_s32_tn_sm90.h"
+#include "cuda/linear/hq_linear_kernels.h"
+#include "cuda/quant/bitsplit.h"
+#include "cuda/quant/launch_checks.h"
+#include "nibble/error.h"
+
+namespace nibble::cuda {
+namespace {
+
+namespace ld = linear_detail;
+
+bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
+
+int64_t round16(int64_t v) { return (v + 15) / 16 * 16; }
+
+void check_dims(const char* fn, int64_t n, int64_t d, int64_t c, const HqLinearConfig& cfg) {
+  NB_CHECK(n > 0 && d > 0 && c > 0,
+           fn << ": sizes must be positive, got N=" << n << " D=" << d << " C=" << c
+              << " (x [N, D], w [C, D])");
+  NB_CHECK(n % 16 == 0 && d % 16 == 0 && c % 16 == 0,
+           fn << ": N=" << n << ", D=" << d << ", C=" << c
+              << " must all be multiples of 16 (the INT8 GEMMs take each as K, in 16-byte "
+                 "rows); zero-pad x, w and dy to N=" << round16(n) << ", D=" << round16(d)
+              << ", C=" << round16(c) << " (padded rows/columns contribute nothing)");
+  NB_CHECK(cfg.block > 0 && (cfg.block & (cfg.block - 1)) == 0 && cfg.block <= 1024 &&
+               d % cfg.block == 0,
+           fn << ": hadamard block " << cfg.block << " must be a power of two in [1, 1024] "
+              << "dividing D = " << d << "; pick 1, 2, 4, ... dividing D");
+  NB_CHECK(cfg.range.qmin < 0 && cfg.range.qmax > 0 && cfg.range.qmin >= -8 &&
+               cfg.range.qmax <= 7,
+           fn << ": code range [" << cfg.range.qmin << ", " << cfg.range.qmax
+              << "] must satisfy qmin < 0 < qmax inside [-8, 7] (LSQ, packed s4 codes); use "
+                 "[-7, 7] or [-8, 7]");
+  // |Σ| ≤ 90·8·K for the backward GEMMs; K ≤ 2^21 keeps it far inside int32.
+  NB_CHECK(n < (int64_t{1} << 21) && d < (int64_t{1} << 21) && c < (int64_t{1} << 21),
+           fn << ": N, D, C must stay below 2^21 (int32 accumulators, int32 row indices); "
+                 "split the batch");
+}
+
+// Device pointer, 16-byte aligned (a tensor base from cudaMalloc or a 16-byte offset).
+void check_tensor(const char* fn, const void* p, int64_t count, const char* name) {
+  detail::check_device_pointer(p, count, fn, name);
+  NB_CHECK(aligned16(p), fn << ": " << name << " (" << p
+                            << ") must start on a 16-byte boundary; pass a cudaMalloc base or a "
+                               "16-byte multiple offset");
+}
+
+// Sub-buffers of the backward's one workspace, each 256-byte aligned. With base = null it
+// only measures.
+class Carver {
+ public:
+  explicit Carver(void* base) : base_(static_cast<char*>(base)) {}
+  template <class T>
+  T* take(int64_t count) {
+    offset_ = (offset_ + 255) / 256 * 256;
+    T* p = base_ ? reinterpret_cast<T*>(base_ + offset_) : nullptr;
+    offset_ += static_cast<size_t>(count) * sizeof(T);
+    return p;
+  }
+  size_t bytes() const { return offset_; }
+
+ private:
+  char* base_;
+  size_t offset_ = 0;
+};
+
+struct Workspace {
+  // shared by both variants
+  float* split_scale = nullptr;  // [2] bitsplit: s, max|g|
+  float* dw_t = nullptr;         // [C, D]
+  double* part_dx = nullptr;     // LSQ partials of the dx pass
+  double* part_dw = nullptr;
+  double* part_db = nullptr;     // column-sum partials
+  // keep_all
+  int8_t* comb = nullptr;        // [N, C]
+  int8_t* comb_t = nullptr;      // [C, N]
+  int8_t* x_q_t = nullptr;       // [D, N]
+  float* dx_t = nullptr;         // [N, D]
+  // sampled_timing
+  int8_t* hi = nullptr;          // [N, C]
+  int8_t* lo = nullptr;          // [N, C]
+  int64_t* row_sumsq = nullptr;  // [2N]
+  float* x_norm = nullptr;       // [N]
+  float* scores_w = nullptr;     // [2N]
+  float* p_w = nullptr;
+  float* scores_x = nullptr;
+  float* p_x = nullptr;
+  int32_t* kept_w = nullptr;     // [round16(2N)]
+  int32_t* kept_x = nullptr;
+  int32_t* counts = nullptr;     // [4]: kept_w count, padded; kept_x count, padded
+  int32_t* pos = nullptr;        // [2N]
+  float* coef = nullptr;         // [round16(2N)]
+  int8_t* a_dw = nullptr;        // [C, round16(2N)]
+  int8_t* b_dw = nullptr;        // [D, round16(2N)]
+  int8_t* a_dx = nullptr;        // [round16(2N), C]
+  float* out_dx = nullptr;       // [round16(2N), D]
+};
+
+Workspace carve(void* base, int64_t n, int64_t d, int64_t c, const HqLinearConfig& cfg,
+                size_t* bytes) {
+  Carver cv(base);
+  Workspace w;
+  w.split_scale = cv.take<float>(2);
+  w.dw_t = cv.take<float>(c * d);
+  w.part_dx = cv.take<double>(ld::lsq_partials_count(n, d, cfg.block));
+  w.part_dw = cv.take<double>(ld::lsq_partials_count(c, d, cfg.block));
+  w.part_db = cv.take<double>(ld::column_sum_partials(n, c));
+  if (cfg.lss == LssVariant::keep_all) {
+    w.comb = cv.take<int8_t>(n * c);
+    w.comb_t = cv.take<int8_t>(c * n);
+    w.x_q_t = cv.take<int8_t>(d * n);
+    w.dx_t = cv.take<float>(n * d);
+  } else {
+    const int64_t k = round16(2 * n);
+    w.hi = cv.take<int8_t>(n * c);
+    w.lo = cv.take<int8_t>(n * c);
+    w.row_sumsq = cv.take<int64_t>(2 * n);
+    w.x_norm = cv.take<float>(n);
+    w.scores_w = cv.take<float>(2 * n);
+    w.p_w = cv.take<float>(2 * n);
+    w.scores_x = cv.take<float>(2 * n);
+    w.p_x = cv.take<float>(2 * n);
+    w.kept_w = cv.take<int32_t>(k);
+    w.kept_x = cv.take<int32_t>(k);
+    w.counts = cv.take<int32_t>(4);
+    w.pos = cv.take<int32_t>(2 * n);
+    w.coef = cv.take<float>(k);
+    w.a_dw = cv.take<int8_t>(c * k);
+    w.b_dw = cv.take<int8_t>(d * k);
+    w.a_dx = cv.take<int8_t>(k * c);
+    w.out_dx = cv.take<float>(k * d);
+  }
+  *bytes = cv.bytes();
+  return w;
+}
+
+PhiloxKey with_role(PhiloxKey key, RngRole role) {
+  key.role = role;
+  return key;
+}
+
+template <class T>
+void quantize_weight_impl(const HqLinearWeightParams<T>& p, const HqLinearConfig& cfg,
+                          const PhiloxKey& key, cudaStream_t stream) {
+  const char* fn = "cuda::hq_linear_quantize_weight";
+  check_dims(fn, p.n, p.d, p.c, cfg);
+  check_tensor(fn, p.w, p.c * p.d, "w [C, D]");
+  check_tensor(fn, p.out.w_q, p.c * p.d, "w_q [C, D]");
+  check_tensor(fn, p.out.w_q_t, p.c * p.d, "w_q_t [D, C]");
+  check_tensor(fn, p.out.w_q_packed, p.c * p.d / 2, "w_q_packed [C, D/2]");
+  check_tensor(fn, p.out.w_e_packed, p.c * p.d / 2, "w_e_packed [C, D/2]");
+  HqLsqQuantizeParams<T> q;
+  q.x = p.w;
+  q.rows = p.c;
+  q.cols = p.d;
+  q.block = cfg.block;
+  q.range = cfg.range;
+  q.step = p.sw;
+  q.key = key;
+  q.index_base = static_cast<uint64_t>(p.n * p.d);  // w_r draws [N·D, N·D + C·D)
+  q.q = p.out.w_q;
+  q.q_t = p.out.w_q_t;
+  q.q_packed = p.out.w_q_packed;
+  q.e_packed = p.out.w_e_packed;
+  q.status = p.status;
+  hq_lsq_quantize(q, stream);
+}
+
+template <class T>
+void forward_impl(const HqLinearForwardParams<T>& p, const HqLinearConfig& cfg,
+                  const PhiloxKey& key, cudaStream_t stream) {
+  const char* fn = "cuda::hq_linear_forward";
+  check_dims(fn, p.n, p.d, p.c, cfg);
+  NB_CHECK((p.y != nullptr) != (p.y_f32 != nullptr),
+           fn << ": set exactly one output, y (bf16) or y_f32 (f32)");
+  NB_CHECK((p.x_q_packed != nullptr) == (p.x_e_packed != nullptr),
+           fn << ": x_q_packed and x_e_packed are the saved state together; set both (training) "
+                 "or neither (inference)");
+  check_tensor(fn, p.x, p.n * p.d, "x [N, D]");
+  check_tensor(fn, p.w_q, p.c * p.d, "w_q [C, D]");
+  check_tensor(fn, p.x_q, p.n * p.d, "x_q [N, D] scratch");
+  detail::check_device_pointer(p.sx, 1, fn, "sx");
+  detail::check_device_pointer(p.sw, 1, fn, "sw");
+  if (p.bias != nullptr) check_tensor(fn, p.bias, p.c, "bias [C]");
+  if (p.x_q_packed != nullptr) {
+    check_tensor(fn, p.x_q_packed, p.n * p.d / 2, "x_q_packed [N, D/2]");
+    check_tensor(fn, p.x_e_packed, p.n * p.d / 2, "x_e_packed [N, D/2]");
+  }
+
+  // x -> x_q (GEMM operand) + saved packed codes and side channel, one pass
+  HqLsqQuantizeParams<T> q;
+  q.x = p.x;
+  q.rows = p.n;
+  q.cols = p.d;
+  q.block = cfg.block;
+  q.range = cfg.range;
+  q.step = p.sx;
+  q.key = key;
+  q.index_base = 0;  // x_r draws [0, N·D)
+  q.q = p.x_q;
+  q.q_packed = p.x_q_packed;
+  q.e_packed = p.x_e_packed;
+  q.status = p.status;
+  hq_lsq_quantize(q, stream);
+
+  // y = float(x_q·w_qᵀ)·(sx·sw) + b
+  EpiDequantBias epi;
+  epi.scale_a = p.sx;
+  epi.a_per_row = false;
+  epi.scale_b = p.sw;
+  epi.b_per_col = false;
+  epi.bias = p.bias;
+  const GemmS8S8Params g{p.x_q, p.w_q, p.n, p.c, p.d};
+  if (p.y != nullptr) {
+    check_tensor(fn, p.y, p.n * p.c, "y [N, C]");
+    gemm_s8s8_s32_tn_dequant_sm90(g, epi, p.y, stream);
+  } else {
+    check_tensor(fn, p.y_f32, p.n * p.c, "y_f32 [N, C]");
+    gemm_s8s8_s32_tn_dequant_sm90(g, epi, p.y_f32, stream);
+  }
+}
+
+// One fused side-channel pass (mask, δ̃ partials, inverse Hadamard) into out.
+template <class OutT>
+void mask_pass(const float* g_t, const float* gathered, const int32_t* pos, int64_t rows,
+               int64_t cols, const HqLinearConfig& cfg, const uint8_t* q_packed,
+               const uint8_t* e_packed, OutT* out, double* partials, cudaStream_t stream) {
+  ld::LsqMaskHadamardParams<OutT> m;
+  m.g_t = g_t;
+  m.gathered = gathered;
+  m.pos = pos;
+  m.rows = rows;
+  m.cols = cols;
+  m.block = cfg.block;
+  m.q_packed = q_packed;
+  m.e_packed = e_packed;
+  m.out = out;
+  m.partials = partials;
+  ld::lsq_mask_hadamard(m, stream);
+}
+
+template <class G>
+void backward_impl(const HqLinearBackwardParams<G>& p, const HqLinearConfig& cfg,
+                   const PhiloxKey& key, cudaStream_t stream) {
+  const char* fn = "cuda::hq_linear_backward";
+  const int64_t n = p.n, d = p.d, c = p.c;
+  check_dims(fn, n, d, c, cfg);
+  NB_CHECK((p.dx != nullptr) != (p.dx_f32 != nullptr),
+           fn << ": set exactly one of dx (bf16) and dx_f32 (f32)");
+  NB_CHECK(cfg.lss == LssVariant::keep_all ||
+               (cfg.sample_fraction > 0.0 && cfg.sample_fraction <= 1.0),
+           fn << ": sample_fraction " << cfg.sample_fraction << " must be in (0, 1]");
+  check_tensor(fn, p.dy, n * c, "dy [N, C]");
+  check_tensor(fn, p.x_q_packed, n * d / 2, "x_q_packed [N, D/2]");
+  check_tensor(fn, p.x_e_packed, n * d / 2, "x_e_packed [N, D/2]");
+  check_tensor(fn, p.w_q_packed, c * d / 2, "w_q_packed [C, D/2]");
+  check_tensor(fn, p.w_e_packed, c * d / 2, "w_e_packed [C, D/2]");
+  check_tensor(fn, p.w_q_t, c * d, "w_q_t [D, C]");
+  check_tensor(fn, p.dw, c * d, "dw [C, D]");
+  if (p.dx != nullptr) check_tensor(fn, p.dx, n * d, "dx [N, D]");
+  else check_tensor(fn, p.dx_f32, n * d, "dx_f32 [N, D]");
+  if (p.db != nullptr) detail::check_device_pointer(p.db, c, fn, "db [C]");
+  detail::check_device_pointer(p.sx, 1, fn, "sx");
+  detail::check_device_pointer(p.sw, 1, fn, "sw");
+  detail::check_device_pointer(p.dsx, 1, fn, "dsx");
+  detail::check_device_pointer(p.dsw, 1, fn, "dsw");
+  size_t need = 0;
+  carve(nullptr, n, d, c, cfg, &need);
+  NB_CHECK(p.workspace != nullptr && p.workspace_bytes >= need,
+           fn << ": workspace of " << p.workspace_bytes << " bytes is too small; this shape "
+              << "needs " << need << " (hq_linear_backward_workspace_bytes)");
+  check_tensor(fn, p.workspace, static_cast<int64_t>(need), "workspace");
+  const Workspace ws = carve(p.workspace, n, d, c, cfg, &need);
+
+  // LSQ partials of each pass and the GEMMs' dequant scales
+  const int64_t parts_dx = ld::lsq_partials_count(n, d, cfg.block);
+  const int64_t parts_dw = ld::lsq_partials_count(c, d, cfg.block);
+  const float* s = ws.split_scale;  // the bit-split scale, written by bitsplit on the device
+
+  BitSplitParams<G> bs;
+  bs.g = p.dy;
+  bs.rows = n;
+  bs.cols = c;
+  bs.key = with_role(key, RngRole::grad_output_rounding);
+  bs.scale = ws.split_scale;
+  bs.status = p.status;
+
+  if (cfg.lss == LssVariant::keep_all) {
+    // 1. dy -> combined = 14·hi + lo [N, C] and its transpose [C, N], one shared scale s
+    bs.combined = ws.comb;
+    bs.combined_t = ws.comb_t;
+    bitsplit(bs, stream);
+    // 2. the dw GEMM's B operand: x codes, token-contiguous
+    ld::unpack_s4_transpose(p.x_q_packed, n, d, ws.x_q_t, stream);
+    // 3. dx_t = float(combined·w_q)·(s·sw)    A = combined [N, C], B = w_q_t [D, C]
+    EpiDequantBias epi_x;
+    epi_x.scale_a = s;
+    epi_x.a_per_row = false;
+    epi_x.scale_b = p.sw;
+    epi_x.b_per_col = false;
+    gemm_s8s8_s32_tn_dequant_sm90({ws.comb, p.w_q_t, n, d, c}, epi_x, ws.dx_t, stream);
+    // 4. dw_t = float(combinedᵀ·x_q)·(s·sx)  A = combined_t [C, N], B = x_q_t [D, N]
+    EpiDequantBias epi_w;
+    epi_w.scale_a = s;
+    epi_w.a_per_row = false;
+    epi_w.scale_b = p.sx;
+    epi_w.b_per_col = false;
+    gemm_s8s8_s32_tn_dequant_sm90({ws.comb_t, ws.x_q_t, c, d, n}, epi_w, ws.dw_t, stream);
+    // 5. masks, δ̃ partials, ·Hᵀ
+    if (p.dx != nullptr)
+      mask_pass(ws.dx_t, nullptr, nullptr, n, d, cfg, p.x_q_packed, p.x_e_packed, p.dx,
+                ws.part_dx, stream);
+    else
+      mask_pass(ws.dx_t, nullptr, nullptr, n, d, cfg, p.x_q_packed, p.x_e_packed, p.dx_f32,
+                ws.part_dx, stream);
+  } else {
+    // Sampled (timing variant, see LssVariant): split halves and their row Σq²
+    bs.hi = ws.hi;
+    bs.lo = ws.lo;
+    bs.row_sumsq = ws.row_sumsq;
+    bitsplit(bs, stream);
+    const double budget = cfg.sample_fraction * static_cast<double>(2 * n);
+    // dw scores ‖G↕_i‖·‖x_q row‖·sx, dx scores ‖G↕_i‖; fit p; Bernoulli rows
+    ld::row_norms_packed(p.x_q_packed, n, d, p.sx, ws.x_norm, stream);
+    LeverageParams lv;
+    lv.row_sumsq = ws.row_sumsq;
+    lv.rows = n;
+    lv.cols = c;
+    lv.scale = s;
+    lv.status = p.status;
+    lv.x_norm = ws.x_norm;
+    lv.scores = ws.scores_w;
+    leverage_scores(lv, stream);
+    lv.x_norm = nullptr;
+    lv.scores = ws.scores_x;
+    leverage_scores(lv, stream);
+    fit_probabilities({ws.scores_w, 2 * n, budget, ws.p_w, p.status}, stream);
+    fit_probabilities({ws.scores_x, 2 * n, budget, ws.p_x, p.status}, stream);
+    SampleRowsParams sr;
+    sr.n = 2 * n;
+    sr.status = p.status;
+    sr.p = ws.p_w;
+    sr.key = with_role(key, RngRole::sample_dw);
+    sr.kept_index = ws.kept_w;
+    sr.kept_count = ws.counts;
+    sample_rows(sr, stream);
+    sr.p = ws.p_x;
+    sr.key = with_role(key, RngRole::sample_dx);
+    sr.kept_index = ws.kept_x;
+    sr.kept_count = ws.counts + 2;
+    sample_rows(sr, stream);
+    // The GEMM sizes are the kept counts: the one host wait of this variant.
+    int32_t counts[4] = {0, 0, 0, 0};
+    NB_CUDA_CHECK(cudaMemcpyAsync(counts, ws.counts, sizeof(counts), cudaMemcpyDeviceToHost, stream));
+    NB_CUDA_CHECK(cudaStreamSynchronize(stream));
+    const int64_t k_dw = counts[1], k_dx = counts[3];
+    // dw_t = float(Σ_kept (14·hi | lo)_iᵀ·x_q(i mod N))·(s·sx), K = kept rows padded to 16
+    ld::gather_split_t(ws.hi, ws.lo, n, c, ws.kept_w, k_dw, ws.a_dw, stream);
+    ld::gather_x_t(p.x_q_packed, n, d, ws.kept_w, k_dw, ws.b_dw, stream);
+    EpiDequantBias epi_w;
+    epi_w.scale_a = s;
+    epi_w.a_per_row = false;
+    epi_w.scale_b = p.sx;
+    epi_w.b_per_col = false;
+    gemm_s8s8_s32_tn_dequant_sm90({ws.a_dw, ws.b_dw, c, d, k_dw}, epi_w, ws.dw_t, stream);
+    // dx: kept split rows [k_dx, C] · w_q, row j scaled by coef_j·sw = (row_scale/p)·sw
+    ld::gather_split_rows(ws.hi, ws.lo, n, c, ws.kept_x, k_dx, ws.a_dx, stream);
+    ld::dx_coefs(ws.kept_x, k_dx, ws.p_x, s, n, ws.coef, ws.pos, stream);
+    EpiDequantBias epi_x;
+    epi_x.scale_a = ws.coef;
+    epi_x.a_per_row = true;
+    epi_x.scale_b = p.sw;
+    epi_x.b_per_col = false;
+    gemm_s8s8_s32_tn_dequant_sm90({ws.a_dx, p.w_q_t, k_dx, d, c}, epi_x, ws.out_dx, stream);
+    // the token's hi and lo rows are added inside the fused pass
+    if (p.dx != nullptr)
+      mask_pass(nullptr, ws.out_dx, ws.pos, n, d, cfg, p.x_q_packed, p.x_e_packed, p.dx,
+                ws.part_dx, stream);
+    else
+      mask_pass(nullptr, ws.out_dx, ws.pos, n, d, cfg, p.x_q_packed, p.x_e_packed, p.dx_f32,
+                ws.part_dx, stream);
+  }
+  mask_pass(ws.dw_t, nullptr, nullptr, c, d, cfg, p.w_q_packed, p.w_e_packed, p.dw, ws.part_dw,
+            stream);
+  ld::lsq_finalize(ws.part_dx, parts_dx, n * d, p.dsx, ws.part_dw, parts_dw, c * d, p.dsw,
+                   cfg.range.qmax, stream);
+  // db = Σ_rows dy
+  if (p.db != nullptr) ld::column_sums(p.dy, n, c, ws.part_db, p.db, stream);
+  if (p.grad_scale != nullptr) {
+    NB_CUDA_CHECK(cudaMemcpyAsync(p.grad_scale, s, sizeof(float), cudaMemcpyDeviceToDevice, stream));
+  }
+}
+
+}  // namespace
+
+void hq_linear_quantize_weight(const HqLinearWeightParams<float>& p, const HqLinearConfig& cfg,
+                               const PhiloxKey& key, cudaStream_t stream) {
+  quantize_weight_impl(p, cfg, key, stream);
+}
+void hq_linear_quantize_weight(const HqLinearWeightParams<bf16_t>& p, const HqLinearConfig& cfg,
+                               const PhiloxKey& key, cudaStream_t stream) {
+  quantize_weight_impl(p, cfg, key, stream);
+}
+
+void hq_linear_forward(const HqLinearForwardParams<float>& p, const HqLinearConfig& cfg,
+                       const PhiloxKey& key, cudaStream_t stream) {
+  forward_impl(p, cfg, key, stream);
+}
+void hq_linear_forward(const HqLinearForwardParams<bf16_t>& p, const HqLinearConfig& cfg,
+                       const PhiloxKey& key, cudaStream_t stream) {
+  forward_impl(p, cfg, key, stream);
+}
+
+size_t hq_linear_backward_workspace_bytes(int64_t n, int64_t d, int64_t c,
+                                          const HqLinearConfig& cfg) {
+  check_dims("cuda::hq_linear_backward_workspace_bytes", n, d, c, cfg);
+  size_t bytes = 0;
+  carve(nullptr, n, d, c, cfg, &bytes);
+  return bytes;
+}
+
+void hq_linear_backward(const HqLinearBackwardParams<float>& p, const HqLinearConfig& cfg,
+                        const PhiloxKey& key, cudaStream_t stream) {
+  backward_impl(p, cfg, key, stream);
+}
+void hq_linear_backward(const HqLinearBackwardParams<bf16_t>& p, const HqLinearConfig& cfg,
+                        const PhiloxKey& key, cudaStream_t stream) {
+  backward_impl(p, cfg, key, stream);
+}
+
+}  // namespace nibble::cuda

@@ -1,0 +1,192 @@
+#pragma once
+// The HQ-MM / LSS-MM linear layer of paper 1 on the GPU (twin of ref::hq_linear_forward /
+// ref::hq_linear_backward, src/ref/linear.h, whose comments are the spec).
+//
+//   y [N, C] = x [N, D] · w [C, D]ᵀ + b     (N tokens, D in_features, C out_features)
+//
+// Forward, per step:
+//   hq_linear_quantize_weight  w -> w_q [C, D], w_q_t [D, C] (the dx GEMM's B operand) and the
+//                              saved packed codes + side channel of w, once per step
+//   hq_linear_forward          x -> x_q [N, D] (scratch) + saved packed codes + side channel
+//                              (one fused Hadamard + quantize + side-channel pass), then the
+//                              INT8 GEMM y = float(x_q·w_qᵀ)·(sx·sw) + b with the fused dequant
+//                              epilogue (scales read from device memory)
+// Backward (every split row kept, the default):
+//   bitsplit(dy) -> combined [N, C] (dx's A), combined_t [C, N] (dw's A), s
+//   x_q_t [D, N] unpacked from the saved codes (dw's B)
+//   dx_t = float(combined·w_q)·(s·sw), dw_t = float(combinedᵀ·x_q)·(s·sx)  (INT8 GEMMs, f32 out)
+//   one fused pass per output: side channel -> STE mask and δ̃, Σ grad·δ̃ (deterministic
+//   fp64 reduction) for dsx / dsw, mask, inverse block Hadamard, store dx (bf16 or f32), dw (f32)
+//   db = Σ_rows dy (deterministic fp64 sums)
+//
+// Saved state: exactly the reference's HqLinearSaved encoding (docs/formats.md): packed s4
+// codes and the packed s4 LSQ side channel, [rows, D/2] each, for x and for w — so the bytes
+// can be compared with ref::HqLinearSaved. The side channel draws philox_uniform with role
+// RngRole::rounding of the forward's key, index i for element i of x_r and N·D + i for w_r.
+//
+// Numerics against the reference (tests/gpu/test_linear_gpu.cpp checks each):
+//   codes, side channel, x_q_t, combined: bit-exact (same fp32 operations, IEEE intrinsics);
+//   y: the GEMM epilogue's fma(float(acc), sx·sw, b) vs the reference's two roundings, then
+//      bf16 rounding (the bound of tests/gpu/test_gemm_gpu.cpp);
+//   dx_t, dw_t: float(acc)·(s·sw) is one rounding on both sides (no bias), so equal; the mask
+//      is exact and the Hadamard butterfly is the reference's order, so dx, dw equal the
+//      reference's (bf16 dx: its round-to-nearest-even);
+//   dsx, dsw: the same fp64 terms summed in another fixed order (bound in the test);
+//   db: fp64 column sums in another fixed order.
+//
+// Shape rules (checked, nibble::Error): N, D, C multiples of 16 (the INT8 GEMM's K % 16 for
+// all three products, and 16-byte rows) — pad the tensors otherwise; the Hadamard block a
+// power of two in [1, 1024] dividing D; every pointer 16-byte aligned (cudaMalloc bases).
+//
+// All pointers are device pointers; work is queued on `stream`; nothing waits for the GPU
+// (except the sampled-LSS timing variant, see LssVariant). Errors in the data (NaN/Inf input,
+// a step size that is not positive finite) go to the optional status word (cuda/quant/status.h).
+#include <cuda_runtime.h>
+
+#include <cstddef>
+#include <cstdint>
+
+#include "nibble/dtype.h"
+#include "nibble/format.h"
+#include "nibble/rng.h"
+
+namespace nibble::cuda {
+
+// The side channel's constants; equal to ref::kLsqResidualSteps / ref::kLsqClipped (the GPU
+// tests static_assert it, the CUDA backend does not include the reference).
+constexpr int32_t kLsqResidualSteps = 14;  // δ̃ = e / 14 for e in [−7, 7]
+constexpr int32_t kLsqClipped = -8;        // r was clipped: mask 0, δ = q
+
+enum class LssVariant : uint8_t {
+  // Every split row kept with p = 1 (the released code, ref::LssMode::keep_nonzero): one INT8
+  // GEMM per product on 14·hi + lo, bit-for-bit the reference.
+  keep_all,
+  // Bernoulli leverage-score sampling of the 2N split rows (Σp = sample_fraction·2N), a TIMED
+  // VARIANT, not the reference's estimator:
+  //   dx: kept hi / lo rows gathered into one INT8 GEMM, 1/p and 14 applied as per-row
+  //       epilogue scales, the two rows of a token added in the fused pass (the reference's
+  //       estimator up to fp32 rounding);
+  //   dw: kept split rows gathered (token-contiguous, K padded to 16 with zero rows) into one
+  //       INT8 GEMM with 14·hi | lo codes, WITHOUT the 1/p weights: 1/p varies along dw's K
+  //       (algorithms.md F.6), so an exact unbiased INT8 form needs the weights folded into
+  //       the gradient before quantization, which the reference does not do. This dw is
+  //       biased; use it to time the sampled pipeline, never to train.
+  // The GEMM sizes depend on the kept counts, which live on the device: this variant waits
+  // for the stream once (cudaMemcpyAsync + cudaStreamSynchronize of 4 ints) to size them.
+  sampled_timing,
+};
+
+struct HqLinearConfig {
+  int64_t block = 32;               // Hadamard block along D: 2^k in [1, 1024] dividing D
+  QRange range = kInt4Sym;          // forward codes inside [-8, 7], qmin < 0 < qmax
+  LssVariant lss = LssVariant::keep_all;
+  double sample_fraction = 0.5;     // sampled_timing: Σp = fraction·2N (in (0, 1])
+};
+
+// ---- the fused quantizer -------------------------------------------------------------------
+// One kernel, one read of x:
+//   v = x·BlockDiag(H_k)   (the reference's butterfly order, then × hadamard_norm(block))
+//   r = v / s              (IEEE division, s = *step)
+//   q = clamp(rint(r), qmin, qmax)
+//   e = −8 if !(qmin ≤ r ≤ qmax), else clamp(floor(14·(rint(r) − r) + u), −7, 7),
+//       u = philox_uniform(key with role rounding, index_base + row·cols + col)
+// and writes any of: q [rows, cols], q_t [cols, rows], q packed s4 and e packed s4
+// ([rows, cols/2] each, formats.md). rows, cols multiples of 16; index_base % 4 == 0.
+template <class T>
+struct HqLsqQuantizeParams {
+  const T* x = nullptr;          // [rows, cols], float or bf16_t (widened exactly)
+  int64_t rows = 0;
+  int64_t cols = 0;
+  int64_t block = 32;
+  QRange range = kInt4Sym;
+  const float* step = nullptr;   // [1] device: the LSQ step size
+  PhiloxKey key{};               // role is set to RngRole::rounding inside
+  uint64_t index_base = 0;       // 0 for x, N·D for w
+  int8_t* q = nullptr;           // optional [rows, cols]
+  int8_t* q_t = nullptr;         // optional [cols, rows]
+  uint8_t* q_packed = nullptr;   // optional [rows, cols/2]
+  uint8_t* e_packed = nullptr;   // optional [rows, cols/2]
+  uint64_t* status = nullptr;    // optional: NaN/Inf input, overflow, bad step (bad_scale 0)
+};
+void hq_lsq_quantize(const HqLsqQuantizeParams<float>& p, cudaStream_t stream);
+void hq_lsq_quantize(const HqLsqQuantizeParams<bf16_t>& p, cudaStream_t stream);
+
+// ---- the layer ---------------------------------------------------------------------------------
+
+// The weight's codes of one step (all four written by hq_linear_quantize_weight).
+struct HqLinearWeightCodes {
+  int8_t* w_q = nullptr;          // [C, D] the forward GEMM's B operand
+  int8_t* w_q_t = nullptr;        // [D, C] the dx GEMM's B operand
+  uint8_t* w_q_packed = nullptr;  // [C, D/2] saved codes
+  uint8_t* w_e_packed = nullptr;  // [C, D/2] saved side channel
+};
+
+// w [C, D] -> the four outputs above. n (the forward's token count) places w's side channel
+// at indices N·D + i of the stream, as in the reference.
+template <class T>
+struct HqLinearWeightParams {
+  const T* w = nullptr;          // [C, D] float or bf16_t
+  int64_t n = 0, d = 0, c = 0;
+  const float* sw = nullptr;     // [1] device
+  HqLinearWeightCodes out;
+  uint64_t* status = nullptr;
+};
+void hq_linear_quantize_weight(const HqLinearWeightParams<float>& p, const HqLinearConfig& cfg,
+                               const PhiloxKey& key, cudaStream_t stream);
+void hq_linear_quantize_weight(const HqLinearWeightParams<bf16_t>& p, const HqLinearConfig& cfg,
+                               const PhiloxKey& key, cudaStream_t stream);
+
+template <class T>
+struct HqLinearForwardParams {
+  const T* x = nullptr;            // [N, D] float or bf16_t
+  int64_t n = 0, d = 0, c = 0;
+  const float* sx = nullptr;       // [1] device step sizes
+  const float* sw = nullptr;
+  const float* bias = nullptr;     // [C] or null
+  const int8_t* w_q = nullptr;     // [C, D] from hq_linear_quantize_weight (same sw, cfg)
+  int8_t* x_q = nullptr;           // [N, D] scratch: the GEMM's A operand
+  uint8_t* x_q_packed = nullptr;   // [N, D/2] saved codes; both null: inference, nothing saved
+  uint8_t* x_e_packed = nullptr;   // [N, D/2] saved side channel
+  bf16_t* y = nullptr;             // [N, C]: exactly one of y (bf16) and y_f32
+  float* y_f32 = nullptr;
+  uint64_t* status = nullptr;
+};
+void hq_linear_forward(const HqLinearForwardParams<float>& p, const HqLinearConfig& cfg,
+                       const PhiloxKey& key, cudaStream_t stream);
+void hq_linear_forward(const HqLinearForwardParams<bf16_t>& p, const HqLinearConfig& cfg,
+                       const PhiloxKey& key, cudaStream_t stream);
+
+// Scratch the backward needs (one buffer, carved inside), for this shape and variant.
+size_t hq_linear_backward_workspace_bytes(int64_t n, int64_t d, int64_t c,
+                                          const HqLinearConfig& cfg);
+
+template <class G>
+struct HqLinearBackwardParams {
+  const G* dy = nullptr;               // [N, C] float or bf16_t
+  int64_t n = 0, d = 0, c = 0;
+  const float* sx = nullptr;           // [1] device: the forward's step sizes
+  const float* sw = nullptr;
+  const uint8_t* x_q_packed = nullptr; // [N, D/2] saved by hq_linear_forward
+  const uint8_t* x_e_packed = nullptr;
+  const uint8_t* w_q_packed = nullptr; // [C, D/2] from hq_linear_quantize_weight
+  const uint8_t* w_e_packed = nullptr;
+  const int8_t* w_q_t = nullptr;       // [D, C] from hq_linear_quantize_weight
+  void* workspace = nullptr;           // hq_linear_backward_workspace_bytes(n, d, c, cfg)
+  size_t workspace_bytes = 0;
+  bf16_t* dx = nullptr;                // [N, D]: exactly one of dx (bf16) and dx_f32
+  float* dx_f32 = nullptr;
+  float* dw = nullptr;                 // [C, D]
+  float* db = nullptr;                 // [C] or null
+  float* dsx = nullptr;                // [1] device: ∂L/∂sx (LSQ, scaled by g)
+  float* dsw = nullptr;                // [1] device
+  float* grad_scale = nullptr;         // optional [1]: the bit-split scale s
+  uint64_t* status = nullptr;
+};
+// key: the layer's (seed, step, layer); roles grad_output_rounding / sample_dw / sample_dx are
+// set inside, as in the reference.
+void hq_linear_backward(const HqLinearBackwardParams<float>& p, const HqLinearConfig& cfg,
+                        const PhiloxKey& key, cudaStream_t stream);
+void hq_linear_backward(const HqLinearBackwardParams<bf16_t>& p, const HqLinearConfig& cfg,
+                        const PhiloxKey& key, cudaStream_t stream);
+
+}  // namespace nibble::cuda

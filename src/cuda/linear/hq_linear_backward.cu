@@ -1,0 +1,482 @@
+// Kernels of the linear layer's backward (hq_linear_kernels.h): the fused side-channel pass
+// (STE mask, LSQ δ̃ sum, inverse block Hadamard), its deterministic finalisation, the codes'
+// unpack-transpose for the dw GEMM, column sums for db, and the sampled variant's gathers.
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <type_traits>
+
+#include "cuda/common/check.h"
+#include "cuda/linear/hadamard_warp.cuh"
+#include "cuda/linear/hq_linear_kernels.h"
+#include "cuda/quant/device_util.h"
+#include "cuda/quant/launch_checks.h"
+
+namespace nibble::cuda::linear_detail {
+namespace {
+
+constexpr int kTileRows = 32;
+constexpr int kWarps = 8;
+constexpr int kThreads = kWarps * 32;
+
+template <int J>
+constexpr int kRowsPerBatch = J <= 2 ? 4 / J : 1;
+
+int chunks_for(int64_t block) { return block <= kChunk ? 1 : static_cast<int>(block / kChunk); }
+
+dim3 tile_grid(int64_t rows, int64_t cols, int chunks) {
+  return dim3(static_cast<unsigned>(detail::ceil_div(rows, kTileRows)),
+              static_cast<unsigned>(detail::ceil_div(cols, kChunk * static_cast<int64_t>(chunks))));
+}
+
+template <class F>
+void dispatch_chunks(int64_t block, F&& f) {
+  switch (chunks_for(block)) {
+    case 1: f(std::integral_constant<int, 1>{}); break;
+    case 2: f(std::integral_constant<int, 2>{}); break;
+    case 4: f(std::integral_constant<int, 4>{}); break;
+    default: f(std::integral_constant<int, 8>{}); break;
+  }
+}
+
+// ---- mask + δ̃ + Hadamard ----------------------------------------------------------------------
+
+// Thread blocks walk the 32-row × W-column tiles t = blockIdx.x, blockIdx.x + gridDim.x, ...
+// (row-major tile order): a fixed grid of at most kMaxMaskBlocks blocks, independent of the
+// device, so the partial sums (and dsx, dsw) are the same on every run and every GPU.
+constexpr int64_t kMaxMaskBlocks = 2048;
+
+int64_t mask_tiles(int64_t rows, int64_t cols, int chunks) {
+  const dim3 g = tile_grid(rows, cols, chunks);
+  return static_cast<int64_t>(g.x) * g.y;
+}
+
+template <class OutT, int J>
+__global__ void __launch_bounds__(kThreads)
+    lsq_mask_hadamard_kernel(LsqMaskHadamardParams<OutT> p, float norm, int64_t col_tiles,
+                             int64_t tiles) {
+  constexpr int R = kRowsPerBatch<J>;
+  __shared__ double warp_part[kWarps];
+  // δ̃ as fp64, by table (no division per element): entry e + 8 (e in [−7, 7]) holds
+  // float(e) / 14 (one IEEE fp32 division, the reference's), entry 24 + q the clipped δ = q.
+  __shared__ double delta_tab[32];
+  if (threadIdx.x < 32) {
+    const int i = static_cast<int>(threadIdx.x);
+    delta_tab[i] = i < 16 ? static_cast<double>(__fdiv_rn(static_cast<float>(i - 8),
+                                                          static_cast<float>(kLsqResidualSteps)))
+                          : static_cast<double>(i - 24);
+  }
+  __syncthreads();
+  const int lane = threadIdx.x & 31;
+  const int warp = threadIdx.x >> 5;
+  const int block = static_cast<int>(p.block);
+  const int64_t half_cols = p.cols / 2;
+  double acc = 0.0;  // Σ g·δ̃ of this thread's elements, in its fixed visiting order
+
+  for (int64_t t = blockIdx.x; t < tiles; t += gridDim.x) {
+    const int64_t r0 = (t / col_tiles) * kTileRows;
+    const int64_t c0 = (t % col_tiles) * kChunk * J;
+    for (int rb = warp * R; rb < kTileRows; rb += kWarps * R) {
+      if (r0 + rb >= p.rows) break;  // rows % 16 == 0: the R rows are all in range
+      float v[R][J][4];
+      uint32_t qw[R][J], ew[R][J];
+#pragma unroll
+      for (int i = 0; i < R; ++i) {
+        const int64_t row = r0 + rb + i;
+        int32_t pa = -1, pb = -1;
+        if (p.gathered != nullptr) {
+          pa = p.pos[row];
+          pb = p.pos[p.rows + row];
+        }
+#pragma unroll
+        for (int j = 0; j < J; ++j) {
+          const int64_t c = c0 + kChunk * j + 4 * lane;
+          qw[i][j] = 0;
+          ew[i][j] = 0;
+#pragma unroll
+          for (int k = 0; k < 4; ++k) v[i][j][k] = 0.0f;
+          if (c >= p.cols) continue;
+          if (p.gathered == nullptr) {
+            load4(p.g_t + row * p.cols + c, v[i][j]);
+          } else {
+            // g_t = hi contribution + lo contribution (one fp32 addition; absent rows read 0)
+            float a[4] = {0.0f, 0.0f, 0.0f, 0.0f}, b[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+            if (pa >= 0) load4(p.gathered + static_cast<int64_t>(pa) * p.cols + c, a);
+            if (pb >= 0) load4(p.gathered + static_cast<int64_t>(pb) * p.cols + c, b);
+#pragma unroll
+            for (int k = 0; k < 4; ++k) v[i][j][k] = __fadd_rn(a[k], b[k]);
+          }
+          const int64_t pidx = row * half_cols + c / 2;
+          qw[i][j] = *reinterpret_cast<const uint16_t*>(p.q_packed + pidx);
+          ew[i][j] = *reinterpret_cast<const uint16_t*>(p.e_packed + pidx);
+        }
+      }
+#pragma unroll
+      for (int i = 0; i < R; ++i) {
+        const int64_t row = r0 + rb + i;
+#pragma unroll
+        for (int j = 0; j < J; ++j) {
+          const int64_t c = c0 + kChunk * j + 4 * lane;
+          if (c >= p.cols) continue;
+#pragma unroll
+          for (int k = 0; k < 4; ++k) {
+            const int e = nibble_at(ew[i][j], k);
+            const float g = v[i][j][k];
+            const bool clipped = e == kLsqClipped;
+            // Σ g·δ̃ in fp64 (the product of two fp32 values is exact in fp64)
+            const double delta = delta_tab[clipped ? 24 + nibble_at(qw[i][j], k) : e + 8];
+            acc = __dadd_rn(acc, __dmul_rn(static_cast<double>(g), delta));
+            // STE: ∂v̂/∂v = 1[e ≠ −8]
+            v[i][j][k] = clipped ? 0.0f : g;
+          }
+        }
+        // back to the original domain: ·Hᵀ = ·H (symmetric), then × 2^(−k/2)
+        hadamard_warp<J>(v[i], lane, block);
+#pragma unroll
+        for (int j = 0; j < J; ++j) {
+          const int64_t c = c0 + kChunk * j + 4 * lane;
+          if (c >= p.cols) continue;
+#pragma unroll
+          for (int k = 0; k < 4; ++k) v[i][j][k] = __fmul_rn(v[i][j][k], norm);
+          store4(p.out + row * p.cols + c, v[i][j]);
+        }
+      }
+    }
+  }
+  acc = detail::warp_sum(acc);
+  if (lane == 0) warp_part[warp] = acc;
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    double total = 0.0;
+    for (int w = 0; w < kWarps; ++w) total = __dadd_rn(total, warp_part[w]);
+    p.partials[blockIdx.x] = total;
+  }
+}
+
+// Block 0 finalises a, block 1 finalises b: thread t adds partials t, t + 256, ... in order,
+// then a fixed butterfly and the 8 warp totals in order. s = float(g · Σ), g = 1/sqrt(qmax·n).
+__global__ void __launch_bounds__(kThreads)
+    lsq_finalize_kernel(const double* pa, int64_t ca, int64_t na, float* oa, const double* pb,
+                        int64_t cb, int64_t nb, float* ob, int32_t qmax) {
+  __shared__ double warp_part[kWarps];
+  const double* parts = blockIdx.x == 0 ? pa : pb;
+  const int64_t count = blockIdx.x == 0 ? ca : cb;
+  const int64_t numel = blockIdx.x == 0 ? na : nb;
+  float* out = blockIdx.x == 0 ? oa : ob;
+  double acc = 0.0;
+  for (int64_t i = threadIdx.x; i < count; i += kThreads) acc = __dadd_rn(acc, parts[i]);
+  acc = detail::warp_sum(acc);
+  if ((threadIdx.x & 31) == 0) warp_part[threadIdx.x >> 5] = acc;
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    double total = 0.0;
+    for (int w = 0; w < kWarps; ++w) total = __dadd_rn(total, warp_part[w]);
+    // g = 1 / sqrt(qmax · numel), the reference's fp64 expression
+    const double g = __ddiv_rn(1.0, __dsqrt_rn(__dmul_rn(static_cast<double>(qmax),
+                                                         static_cast<double>(numel))));
+    *out = __double2float_rn(__dmul_rn(g, total));
+  }
+}
+
+// ---- unpack + transpose ---------------------------------------------------------------------
+
+constexpr int kTileCols = 128;
+
+// out_t[c, r] from packed[r, c/2]: a warp unpacks 4 rows of a 32 × 128 tile (each lane one
+// 16-bit word = 4 codes), then 4-row column segments leave as 32-bit words.
+__global__ void __launch_bounds__(kThreads)
+    unpack_s4_transpose_kernel(const uint8_t* __restrict__ packed, int64_t rows, int64_t cols,
+                               int8_t* __restrict__ out_t) {
+  __shared__ __align__(16) int8_t tile[kTileRows][kTileCols + 4];
+  const int lane = threadIdx.x & 31;
+  const int warp = threadIdx.x >> 5;
+  const int64_t r0 = static_cast<int64_t>(blockIdx.x) * kTileRows;
+  const int64_t c0 = static_cast<int64_t>(blockIdx.y) * kTileCols;
+  const int64_t c = c0 + 4 * lane;
+  for (int rr = warp; rr < kTileRows; rr += kWarps) {
+    const int64_t row = r0 + rr;
+    if (row >= rows) break;
+    uint32_t word = 0;
+    if (c < cols) {
+      const uint32_t w16 = *reinterpret_cast<const uint16_t*>(packed + row * (cols / 2) + c / 2);
+#pragma unroll
+      for (int k = 0; k < 4; ++k)
+        word |= (static_cast<uint32_t>(nibble_at(w16, k)) & 0xffu) << (8 * k);
+    }
+    *reinterpret_cast<uint32_t*>(&tile[rr][4 * lane]) = word;
+  }
+  __syncthreads();
+  const int m = lane & 7;
+  const int64_t row = r0 + 4 * m;
+  for (int cb = warp * 4; cb < kTileCols; cb += kWarps * 4) {
+    const int cc = cb + (lane >> 3);
+    const int64_t col = c0 + cc;
+    if (col < cols && row < rows) {
+      const uint32_t word =
+          static_cast<uint8_t>(tile[4 * m][cc]) |
+          (static_cast<uint32_t>(static_cast<uint8_t>(tile[4 * m + 1][cc])) << 8) |
+          (static_cast<uint32_t>(static_cast<uint8_t>(tile[4 * m + 2][cc])) << 16) |
+          (static_cast<uint32_t>(static_cast<uint8_t>(tile[4 * m + 3][cc])) << 24);
+      *reinterpret_cast<uint32_t*>(out_t + col * rows + row) = word;
+    }
+  }
+}
+
+// ---- column sums --------------------------------------------------------------------------------
+
+constexpr int64_t kColumnChunkRows = 256;
+
+// partials[chunk, c] = Σ_{r in chunk} g[r, c] in fp64: warp w adds rows w, w + 8, ... of the
+// chunk for the 4 columns of each lane, then the 8 warp sums are added in order.
+template <class G>
+__global__ void __launch_bounds__(kThreads)
+    column_partials_kernel(const G* __restrict__ g, int64_t rows, int64_t cols,
+                           double* __restrict__ partials) {
+  __shared__ double sh[kWarps][kTileCols];
+  const int lane = threadIdx.x & 31;
+  const int warp = threadIdx.x >> 5;
+  const int64_t c = static_cast<int64_t>(blockIdx.x) * kTileCols + 4 * lane;
+  const int64_t rbeg = static_cast<int64_t>(blockIdx.y) * kColumnChunkRows;
+  const int64_t rend = rbeg + kColumnChunkRows < rows ? rbeg + kColumnChunkRows : rows;
+  double acc[4] = {0.0, 0.0, 0.0, 0.0};
+  if (c < cols) {
+    for (int64_t r = rbeg + warp; r < rend; r += kWarps) {
+      float v[4];
+      load4(g + r * cols + c, v);
+#pragma unroll
+      for (int k = 0; k < 4; ++k) acc[k] = __dadd_rn(acc[k], static_cast<double>(v[k]));
+    }
+  }
+#pragma unroll
+  for (int k = 0; k < 4; ++k) sh[warp][4 * lane + k] = acc[k];
+  __syncthreads();
+  if (threadIdx.x < kTileCols) {
+    const int64_t col = static_cast<int64_t>(blockIdx.x) * kTileCols + threadIdx.x;
+    if (col < cols) {
+      double total = 0.0;
+      for (int w = 0; w < kWarps; ++w) total = __dadd_rn(total, sh[w][threadIdx.x]);
+      partials[static_cast<int64_t>(blockIdx.y) * cols + col] = total;
+    }
+  }
+}
+
+__global__ void column_finalize_kernel(const double* __restrict__ partials, int64_t chunks,
+                                       int64_t cols, float* __restrict__ out) {
+  const int64_t col = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (col >= cols) return;
+  double total = 0.0;
+  for (int64_t ch = 0; ch < chunks; ++ch) total = __dadd_rn(total, partials[ch * cols + col]);
+  out[col] = __double2float_rn(total);
+}
+
+// ---- sampled-LSS helpers ---------------------------------------------------------------------------
+
+__global__ void __launch_bounds__(kThreads)
+    row_norms_packed_kernel(const uint8_t* __restrict__ packed, int64_t rows, int64_t cols,
+                            const float* scale, float* __restrict__ norms) {
+  const int lane = threadIdx.x & 31;
+  const int64_t row = static_cast<int64_t>(blockIdx.x) * kWarps + (threadIdx.x >> 5);
+  if (row >= rows) return;
+  const uint8_t* pr = packed + row * (cols / 2);
+  long long sum = 0;
+  for (int64_t b = lane; b < cols / 2; b += 32) {
+    const int lo = nibble_at(pr[b], 0), hi = nibble_at(pr[b], 1);
+    sum += lo * lo + hi * hi;
+  }
+  sum = detail::warp_sum(sum);
+  if (lane == 0) {
+    // float(sqrt(Σ)) (fp64 sqrt, one rounding), then × scale in fp32: ref::row_norms_s8 · sx
+    float nrm = __double2float_rn(__dsqrt_rn(static_cast<double>(sum)));
+    if (scale != nullptr) nrm = __fmul_rn(nrm, scale[0]);
+    norms[row] = nrm;
+  }
+}
+
+// Transposed gathers through a 32 (kept rows j) × 128 (columns) tile, as gather_rows_t_s8.
+// kind 0: split rows (14·hi | lo); kind 1: x codes from packed s4 (row i mod n).
+template <int kKind>
+__global__ void __launch_bounds__(kThreads)
+    gather_t_kernel(const int8_t* __restrict__ hi, const int8_t* __restrict__ lo,
+                    const uint8_t* __restrict__ x_packed, int64_t n, int64_t cols,
+                    const int32_t* __restrict__ index, int64_t k, int8_t* __restrict__ out) {
+  __shared__ int8_t tile[kTileRows][kTileCols + 4];
+  const int lane = threadIdx.x & 31;
+  const int warp = threadIdx.x >> 5;
+  const int64_t j0 = static_cast<int64_t>(blockIdx.x) * kTileRows;
+  const int64_t c0 = static_cast<int64_t>(blockIdx.y) * kTileCols;
+  for (int jj = warp; jj < kTileRows; jj += kWarps) {
+    const int64_t j = j0 + jj;
+    const int64_t src = j < k ? index[j] : -1;
+#pragma unroll
+    for (int e = 0; e < kTileCols / 32; ++e) {
+      const int64_t c = c0 + lane + 32 * e;
+      int8_t val = 0;
+      if (src >= 0 && c < cols) {
+        if constexpr (kKind == 0) {
+          val = src < n ? static_cast<int8_t>(kBitSplitBase * hi[src * cols + c])
+                        : lo[(src - n) * cols + c];
+        } else {
+          const int64_t r = src < n ? src : src - n;
+          val = static_cast<int8_t>(nibble_at(x_packed[r * (cols / 2) + c / 2], static_cast<int>(c & 1)));
+        }
+      }
+      tile[jj][lane + 32 * e] = val;
+    }
+  }
+  __syncthreads();
+  const int64_t j = j0 + lane;
+  for (int cc = warp; cc < kTileCols; cc += kWarps) {
+    const int64_t c = c0 + cc;
+    if (c >= cols) break;
+    if (j < k) out[c * k + j] = tile[lane][cc];
+  }
+}
+
+// out[j, :] = hi[i, :] | lo[i − n, :] | 0, 16 bytes per thread.
+__global__ void __launch_bounds__(kThreads)
+    gather_split_rows_kernel(const int8_t* __restrict__ hi, const int8_t* __restrict__ lo,
+                             int64_t n, int64_t cols, const int32_t* __restrict__ index, int64_t k,
+                             int8_t* __restrict__ out) {
+  const int64_t vecs = cols / 16;
+  const int64_t t = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x;
+  if (t >= k * vecs) return;
+  const int64_t j = t / vecs, v = t % vecs;
+  const int64_t src = index[j];
+  uint4 val = make_uint4(0, 0, 0, 0);
+  if (src >= 0) {
+    const int8_t* row = src < n ? hi + src * cols : lo + (src - n) * cols;
+    val = *reinterpret_cast<const uint4*>(row + 16 * v);
+  }
+  *reinterpret_cast<uint4*>(out + j * cols + 16 * v) = val;
+}
+
+__global__ void dx_coefs_kernel(const int32_t* __restrict__ index, int64_t k,
+                                const float* __restrict__ p, const float* __restrict__ split_scale,
+                                int64_t n, float* __restrict__ coef, int32_t* __restrict__ pos) {
+  const int64_t j = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (j >= k) return;
+  const int64_t i = index[j];
+  if (i < 0) {
+    coef[j] = 0.0f;
+    return;
+  }
+  // row_scale / p in fp64 (the reference's wh, wl), rounded once to fp32
+  const double s = static_cast<double>(split_scale[0]);
+  const double row_scale = i < n ? static_cast<double>(kBitSplitBase) * s : s;
+  coef[j] = __double2float_rn(__ddiv_rn(row_scale, static_cast<double>(p[i])));
+  pos[i] = static_cast<int32_t>(j);
+}
+
+unsigned blocks_for(int64_t count, int threads) {
+  return static_cast<unsigned>(detail::ceil_div(count, threads));
+}
+
+}  // namespace
+
+int64_t lsq_partials_count(int64_t rows, int64_t cols, int64_t block) {
+  return std::min(mask_tiles(rows, cols, chunks_for(block)), kMaxMaskBlocks);
+}
+
+template <class OutT>
+static void lsq_mask_hadamard_impl(const LsqMaskHadamardParams<OutT>& p, cudaStream_t stream) {
+  const float norm = static_cast<float>(1.0 / std::sqrt(static_cast<double>(p.block)));
+  dispatch_chunks(p.block, [&](auto jc) {
+    constexpr int J = decltype(jc)::value;
+    const int64_t col_tiles = detail::ceil_div(p.cols, kChunk * J);
+    const int64_t tiles = mask_tiles(p.rows, p.cols, J);
+    const auto blocks = static_cast<unsigned>(std::min(tiles, kMaxMaskBlocks));
+    lsq_mask_hadamard_kernel<OutT, J><<<blocks, kThreads, 0, stream>>>(p, norm, col_tiles, tiles);
+  });
+  NB_CUDA_CHECK_LAUNCH();
+}
+void lsq_mask_hadamard(const LsqMaskHadamardParams<float>& p, cudaStream_t stream) {
+  lsq_mask_hadamard_impl(p, stream);
+}
+void lsq_mask_hadamard(const LsqMaskHadamardParams<bf16_t>& p, cudaStream_t stream) {
+  lsq_mask_hadamard_impl(p, stream);
+}
+
+void lsq_finalize(const double* partials_a, int64_t count_a, int64_t numel_a, float* out_a,
+                  const double* partials_b, int64_t count_b, int64_t numel_b, float* out_b,
+                  int32_t qmax, cudaStream_t stream) {
+  lsq_finalize_kernel<<<2, kThreads, 0, stream>>>(partials_a, count_a, numel_a, out_a, partials_b,
+                                                  count_b, numel_b, out_b, qmax);
+  NB_CUDA_CHECK_LAUNCH();
+}
+
+void unpack_s4_transpose(const uint8_t* packed, int64_t rows, int64_t cols, int8_t* out_t,
+                         cudaStream_t stream) {
+  const dim3 grid(static_cast<unsigned>(detail::ceil_div(rows, kTileRows)),
+                  static_cast<unsigned>(detail::ceil_div(cols, kTileCols)));
+  unpack_s4_transpose_kernel<<<grid, kThreads, 0, stream>>>(packed, rows, cols, out_t);
+  NB_CUDA_CHECK_LAUNCH();
+}
+
+int64_t column_sum_partials(int64_t rows, int64_t cols) {
+  return detail::ceil_div(rows, kColumnChunkRows) * cols;
+}
+
+template <class G>
+static void column_sums_impl(const G* g, int64_t rows, int64_t cols, double* partials, float* out,
+                             cudaStream_t stream) {
+  const int64_t chunks = detail::ceil_div(rows, kColumnChunkRows);
+  const dim3 grid(static_cast<unsigned>(detail::ceil_div(cols, kTileCols)),
+                  static_cast<unsigned>(chunks));
+  column_partials_kernel<G><<<grid, kThreads, 0, stream>>>(g, rows, cols, partials);
+  NB_CUDA_CHECK_LAUNCH();
+  column_finalize_kernel<<<blocks_for(cols, kThreads), kThreads, 0, stream>>>(partials, chunks,
+                                                                              cols, out);
+  NB_CUDA_CHECK_LAUNCH();
+}
+void column_sums(const float* g, int64_t rows, int64_t cols, double* partials, float* out,
+                 cudaStream_t stream) {
+  column_sums_impl(g, rows, cols, partials, out, stream);
+}
+void column_sums(const bf16_t* g, int64_t rows, int64_t cols, double* partials, float* out,
+                 cudaStream_t stream) {
+  column_sums_impl(g, rows, cols, partials, out, stream);
+}
+
+void row_norms_packed(const uint8_t* packed, int64_t rows, int64_t cols, const float* scale,
+                      float* norms, cudaStream_t stream) {
+  row_norms_packed_kernel<<<blocks_for(rows, kWarps), kThreads, 0, stream>>>(packed, rows, cols,
+                                                                             scale, norms);
+  NB_CUDA_CHECK_LAUNCH();
+}
+
+void gather_split_t(const int8_t* hi, const int8_t* lo, int64_t n, int64_t cols,
+                    const int32_t* index, int64_t k, int8_t* out, cudaStream_t stream) {
+  if (k == 0) return;
+  const dim3 grid(static_cast<unsigned>(detail::ceil_div(k, kTileRows)),
+                  static_cast<unsigned>(detail::ceil_div(cols, kTileCols)));
+  gather_t_kernel<0><<<grid, kThreads, 0, stream>>>(hi, lo, nullptr, n, cols, index, k, out);
+  NB_CUDA_CHECK_LAUNCH();
+}
+
+void gather_x_t(const uint8_t* x_packed, int64_t n, int64_t d, const int32_t* index, int64_t k,
+                int8_t* out, cudaStream_t stream) {
+  if (k == 0) return;
+  const dim3 grid(static_cast<unsigned>(detail::ceil_div(k, kTileRows)),
+                  static_cast<unsigned>(detail::ceil_div(d, kTileCols)));
+  gather_t_kernel<1><<<grid, kThreads, 0, stream>>>(nullptr, nullptr, x_packed, n, d, index, k, out);
+  NB_CUDA_CHECK_LAUNCH();
+}
+
+void gather_split_rows(const int8_t* hi, const int8_t* lo, int64_t n, int64_t cols,
+                       const int32_t* index, int64_t k, int8_t* out, cudaStream_t stream) {
+  if (k == 0) return;
+  gather_split_rows_kernel<<<blocks_for(k * (cols / 16), kThreads), kThreads, 0, stream>>>(
+      hi, lo, n, cols, index, k, out);
+  NB_CUDA_CHECK_LAUNCH();
+}
+
+void dx_coefs(const int32_t* index, int64_t k, const float* p, const float* split_scale, int64_t n,
+              float* coef, int32_t* pos, cudaStream_t stream) {
+  NB_CUDA_CHECK(cudaMemsetAsync(pos, 0xff, static_cast<size_t>(2 * n) * sizeof(int32_t), stream));
+  if (k == 0) return;
+  dx_coefs_kernel<<<blocks_for(k, kThreads), kThreads, 0, stream>>>(index, k, p, split_scale, n,
+                                                                    coef, pos);
+  NB_CUDA_CHECK_LAUNCH();
+}
+
+}  // namespace nibble::cuda::linear_detail

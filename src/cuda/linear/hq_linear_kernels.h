@@ -1,0 +1,73 @@
+#pragma once
+// Launchers of the linear layer's own kernels (internal to src/cuda/linear; the public API is
+// hq_linear.h). Arguments are validated by the callers in hq_linear.cpp, once per layer call:
+// shapes are multiples of 16 and every base is 16-byte aligned, which these kernels assume.
+#include <cuda_runtime.h>
+
+#include <cstdint>
+
+#include "cuda/linear/hq_linear.h"
+#include "nibble/dtype.h"
+#include "nibble/format.h"
+
+namespace nibble::cuda::linear_detail {
+
+// ---- backward: side channel -> mask, δ̃ sum, inverse Hadamard -------------------------------
+// out = (mask ∘ g_t) · BlockDiag(H_k), mask = 1[e ≠ −8], and per thread block a partial
+//   Σ g_t·δ̃,  δ̃ = q (e = −8) or float(e)/14   (fp64 products of the fp32 values, as the ref)
+// written to partials[block id] (lsq_partials_count of them). The source g_t is either dense
+// [rows, cols] f32 or, for the sampled dx, gathered: g_t[r] = src[pos[r]] + src[pos[rows + r]]
+// (a position −1 reads 0).
+template <class OutT>
+struct LsqMaskHadamardParams {
+  const float* g_t = nullptr;         // dense source, or null
+  const float* gathered = nullptr;    // gathered source rows [*, cols], or null
+  const int32_t* pos = nullptr;       // [2·rows] with `gathered`
+  int64_t rows = 0, cols = 0, block = 32;
+  const uint8_t* q_packed = nullptr;  // [rows, cols/2]
+  const uint8_t* e_packed = nullptr;  // [rows, cols/2]
+  OutT* out = nullptr;                // [rows, cols]
+  double* partials = nullptr;         // [lsq_partials_count(rows, cols, block)]
+};
+int64_t lsq_partials_count(int64_t rows, int64_t cols, int64_t block);
+void lsq_mask_hadamard(const LsqMaskHadamardParams<float>& p, cudaStream_t stream);
+void lsq_mask_hadamard(const LsqMaskHadamardParams<bf16_t>& p, cudaStream_t stream);
+
+// out_a = float(g_a · Σ partials_a), g_a = 1/sqrt(qmax · numel_a) (fp64), and the same for b;
+// the partials are summed in one fixed order (deterministic). One launch for both.
+void lsq_finalize(const double* partials_a, int64_t count_a, int64_t numel_a, float* out_a,
+                  const double* partials_b, int64_t count_b, int64_t numel_b, float* out_b,
+                  int32_t qmax, cudaStream_t stream);
+
+// out_t[c, r] = code (r, c) of packed s4 [rows, cols/2]: the dw GEMM's B operand x_q_t.
+void unpack_s4_transpose(const uint8_t* packed, int64_t rows, int64_t cols, int8_t* out_t,
+                         cudaStream_t stream);
+
+// out[c] = float(Σ_r g[r, c]), fp64 partial sums over row chunks, then the chunks in order.
+int64_t column_sum_partials(int64_t rows, int64_t cols);  // doubles of scratch
+void column_sums(const float* g, int64_t rows, int64_t cols, double* partials, float* out,
+                 cudaStream_t stream);
+void column_sums(const bf16_t* g, int64_t rows, int64_t cols, double* partials, float* out,
+                 cudaStream_t stream);
+
+// ---- sampled-LSS helpers ---------------------------------------------------------------------
+// norms[r] = float(sqrt(Σ_k q[r, k]²)) · scale[0] from packed s4 codes (ref::row_norms_s8 ·sx).
+void row_norms_packed(const uint8_t* packed, int64_t rows, int64_t cols, const float* scale,
+                      float* norms, cudaStream_t stream);
+// Kept split row j (index[j] = i in [0, 2n) or −1): hi row i (i < n) or lo row i − n.
+//   split_t:  out[c, j] = 14·hi[i, c] | lo[i − n, c] | 0      out [cols, k]   (dw's A)
+//   x_t:      out[d, j] = x code (i mod n, d) | 0             out [d, k]      (dw's B)
+//   split:    out[j, c] = hi[i, c] | lo[i − n, c] | 0         out [k, cols]   (dx's A)
+void gather_split_t(const int8_t* hi, const int8_t* lo, int64_t n, int64_t cols,
+                    const int32_t* index, int64_t k, int8_t* out, cudaStream_t stream);
+void gather_x_t(const uint8_t* x_packed, int64_t n, int64_t d, const int32_t* index, int64_t k,
+                int8_t* out, cudaStream_t stream);
+void gather_split_rows(const int8_t* hi, const int8_t* lo, int64_t n, int64_t cols,
+                       const int32_t* index, int64_t k, int8_t* out, cudaStream_t stream);
+// For the kept dx rows j < k: coef[j] = float(row_scale(i) / p[i]) (row_scale = 14·s for hi
+// rows, s for lo, in fp64 as the reference), pos[i] = j; padding rows get coef 0. pos must be
+// filled with −1 before (the launcher does it).
+void dx_coefs(const int32_t* index, int64_t k, const float* p, const float* split_scale,
+              int64_t n, float* coef, int32_t* pos, cudaStream_t stream);
+
+}  // namespace nibble::cuda::linear_detail

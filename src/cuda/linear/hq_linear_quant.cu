@@ -1,0 +1,222 @@
+// The linear layer's fused forward quantizer: block Hadamard + LSQ codes + the LSQ residual
+// side channel in one pass over x (hq_linear.h, hq_lsq_quantize).
+//
+// Work split (the layout of src/cuda/quant/hadamard.cu, see hadamard_warp.cuh): a thread block
+// of 8 warps owns 32 rows × W columns, W = 128·J, J = max(1, block/128); a warp transforms
+// R = max(1, 4/J) rows at a time, their loads issued together. Per lane and chunk, 4 codes
+// leave as one 32-bit word (q), two 16-bit words of packed nibbles (q and e), and a word in
+// the shared tile from which the transposed codes are stored as 4-row column segments.
+#include <cmath>
+#include <cstdint>
+#include <type_traits>
+
+#include "cuda/common/check.h"
+#include "cuda/linear/hadamard_warp.cuh"
+#include "cuda/linear/hq_linear.h"
+#include "cuda/quant/device_util.h"
+#include "cuda/quant/launch_checks.h"
+
+namespace nibble::cuda {
+namespace {
+
+using linear_detail::kChunk;
+
+constexpr int kTileRows = 32;
+constexpr int kWarps = 8;
+constexpr int kThreads = kWarps * 32;
+
+template <int J>
+constexpr int kRowsPerBatch = J <= 2 ? 4 / J : 1;
+
+// The side-channel nibble of r whose code is already known (ref::lsq_residual_encode):
+//   −8 when !(qmin ≤ r ≤ qmax) (±Inf and NaN included), else
+//   clamp(floor(14·(rint(r) − r) + u), −7, 7)      (each step one fp32 rounding)
+__device__ __forceinline__ int residual_nibble(float r, float qmin, float qmax, float u) {
+  if (!(r >= qmin && r <= qmax)) return kLsqClipped;
+  const float delta = __fsub_rn(rintf(r), r);
+  const float t = __fmul_rn(static_cast<float>(kLsqResidualSteps), delta);
+  const float e = fminf(fmaxf(floorf(__fadd_rn(t, u)), -7.0f), 7.0f);
+  return static_cast<int>(e);
+}
+
+template <class T, int J>
+__global__ void __launch_bounds__(kThreads)
+    hq_lsq_quantize_kernel(HqLsqQuantizeParams<T> p, float norm, int64_t col_tiles,
+                           int64_t tiles) {
+  constexpr int W = kChunk * J;
+  constexpr int R = kRowsPerBatch<J>;
+  // +4 bytes per row: the column reads of the transpose fall in distinct banks.
+  __shared__ __align__(16) int8_t tile[kTileRows][W + 4];
+  const int lane = threadIdx.x & 31;
+  const int warp = threadIdx.x >> 5;
+  const float s = *p.step;
+  if (!(s > 0.0f && detail::is_finite(s)) && threadIdx.x == 0 && blockIdx.x == 0) {
+    detail::report(p.status, StatusKind::bad_scale, 0);
+  }
+  const float qmin = static_cast<float>(p.range.qmin);
+  const float qmax = static_cast<float>(p.range.qmax);
+  const int block = static_cast<int>(p.block);
+  const int64_t half_cols = p.cols / 2;
+
+  // Tiles t = blockIdx.x, blockIdx.x + gridDim.x, ... (one tile per block in practice).
+  for (int64_t t = blockIdx.x; t < tiles; t += gridDim.x) {
+    const int64_t r0 = (t / col_tiles) * kTileRows;
+    const int64_t c0 = (t % col_tiles) * W;
+    for (int rb = warp * R; rb < kTileRows; rb += kWarps * R) {
+      if (r0 + rb >= p.rows) break;  // rows % 16 == 0 and R | 16: the R rows are all in range
+      float v[R][J][4];
+#pragma unroll
+      for (int i = 0; i < R; ++i) {
+        const int64_t row = r0 + rb + i;
+#pragma unroll
+        for (int j = 0; j < J; ++j) {
+          const int64_t c = c0 + kChunk * j + 4 * lane;
+          if (c < p.cols) {
+            linear_detail::load4(p.x + row * p.cols + c, v[i][j]);
+#pragma unroll
+            for (int k = 0; k < 4; ++k) {
+              if (!detail::is_finite(v[i][j][k]))
+                detail::report(p.status, StatusKind::nonfinite,
+                               static_cast<uint64_t>(row * p.cols + c + k));
+            }
+          } else {
+            // a whole Hadamard block past the end (block | cols): never mixes with real columns
+#pragma unroll
+            for (int k = 0; k < 4; ++k) v[i][j][k] = 0.0f;
+          }
+        }
+      }
+#pragma unroll
+      for (int i = 0; i < R; ++i) {
+        const int64_t row = r0 + rb + i;
+        linear_detail::hadamard_warp<J>(v[i], lane, block);
+#pragma unroll
+        for (int j = 0; j < J; ++j) {
+          const int64_t c = c0 + kChunk * j + 4 * lane;
+          if (c >= p.cols) continue;
+          const int64_t idx = row * p.cols + c;
+          float u[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+          if (p.e_packed != nullptr)
+            linear_detail::philox_uniform4(p.key, p.index_base + static_cast<uint64_t>(idx), u);
+          uint32_t word = 0, qpack = 0, epack = 0;
+#pragma unroll
+          for (int k = 0; k < 4; ++k) {
+            // v = (x·H_k)·2^(−k/2);  r = v / s;  q = clamp(rint(r), qmin, qmax)
+            const float vk = __fmul_rn(v[i][j][k], norm);
+            if (!detail::is_finite(vk))
+              detail::report(p.status, StatusKind::overflow, static_cast<uint64_t>(idx + k));
+            const float r = __fdiv_rn(vk, s);
+            const int code = static_cast<int>(fminf(fmaxf(rintf(r), qmin), qmax));
+            word |= (static_cast<uint32_t>(code) & 0xffu) << (8 * k);
+            qpack |= (static_cast<uint32_t>(code) & 0xfu) << (4 * k);
+            if (p.e_packed != nullptr) {
+              const int e = residual_nibble(r, qmin, qmax, u[k]);
+              epack |= (static_cast<uint32_t>(e) & 0xfu) << (4 * k);
+            }
+          }
+          *reinterpret_cast<uint32_t*>(&tile[rb + i][kChunk * j + 4 * lane]) = word;
+          if (p.q != nullptr) *reinterpret_cast<uint32_t*>(p.q + idx) = word;
+          const int64_t pidx = row * half_cols + c / 2;
+          if (p.q_packed != nullptr)
+            *reinterpret_cast<uint16_t*>(p.q_packed + pidx) = static_cast<uint16_t>(qpack);
+          if (p.e_packed != nullptr)
+            *reinterpret_cast<uint16_t*>(p.e_packed + pidx) = static_cast<uint16_t>(epack);
+        }
+      }
+    }
+    if (p.q_t == nullptr) continue;  // uniform across the block
+    __syncthreads();
+    // lane = 8·(column within a group of 4) + m: q_t[c, r0 + 4m .. 4m+3] = tile[4m .. 4m+3][cc]
+    const int m = lane & 7;
+    const int64_t row = r0 + 4 * m;
+    for (int cb = warp * 4; cb < W; cb += kWarps * 4) {
+      const int cc = cb + (lane >> 3);
+      const int64_t c = c0 + cc;
+      if (c < p.cols && row < p.rows) {
+        const uint32_t word =
+            static_cast<uint8_t>(tile[4 * m][cc]) |
+            (static_cast<uint32_t>(static_cast<uint8_t>(tile[4 * m + 1][cc])) << 8) |
+            (static_cast<uint32_t>(static_cast<uint8_t>(tile[4 * m + 2][cc])) << 16) |
+            (static_cast<uint32_t>(static_cast<uint8_t>(tile[4 * m + 3][cc])) << 24);
+        *reinterpret_cast<uint32_t*>(p.q_t + c * p.rows + row) = word;
+      }
+    }
+    __syncthreads();  // the next tile rewrites `tile`
+  }
+}
+
+bool is_power_of_two(int64_t v) { return v > 0 && (v & (v - 1)) == 0; }
+bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
+
+template <class T>
+void hq_lsq_quantize_impl(const HqLsqQuantizeParams<T>& p, cudaStream_t stream) {
+  const char* fn = "cuda::hq_lsq_quantize";
+  NB_CHECK(p.rows > 0 && p.cols > 0 && p.rows % 16 == 0 && p.cols % 16 == 0,
+           fn << ": shape [" << p.rows << ", " << p.cols
+              << "] must have positive multiples of 16 for rows and cols; zero-pad to ["
+              << (p.rows + 15) / 16 * 16 << ", " << (p.cols + 15) / 16 * 16 << "]");
+  NB_CHECK(is_power_of_two(p.block) && p.block <= 1024 && p.cols % p.block == 0,
+           fn << ": hadamard block " << p.block << " must be a power of two in [1, 1024] "
+              << "dividing cols = " << p.cols);
+  NB_CHECK(p.range.qmin < 0 && p.range.qmax > 0 && p.range.qmin >= -8 && p.range.qmax <= 7,
+           fn << ": code range [" << p.range.qmin << ", " << p.range.qmax
+              << "] must be signed (qmin < 0 < qmax) and inside [-8, 7] (the codes are packed "
+                 "s4); use [-7, 7] or [-8, 7]");
+  NB_CHECK(p.index_base % 4 == 0, fn << ": index_base " << p.index_base
+                                     << " must be a multiple of 4 (one Philox block per 4 "
+                                        "elements)");
+  NB_CHECK(p.q != nullptr || p.q_t != nullptr || p.q_packed != nullptr || p.e_packed != nullptr,
+           fn << ": no output requested; set q, q_t, q_packed or e_packed");
+  const int64_t n = p.rows * p.cols;
+  detail::check_device_pointer(p.x, n, fn, "x");
+  detail::check_device_pointer(p.step, 1, fn, "step");
+  for (const void* ptr : {static_cast<const void*>(p.x), static_cast<const void*>(p.q),
+                          static_cast<const void*>(p.q_t), static_cast<const void*>(p.q_packed),
+                          static_cast<const void*>(p.e_packed)}) {
+    NB_CHECK(ptr == nullptr || aligned16(ptr),
+             fn << ": every tensor must start on a 16-byte boundary (cudaMalloc bases); got "
+                << ptr);
+  }
+  if (p.q != nullptr) detail::check_device_pointer(p.q, n, fn, "q");
+  if (p.q_t != nullptr) detail::check_device_pointer(p.q_t, n, fn, "q_t");
+  if (p.q_packed != nullptr) detail::check_device_pointer(p.q_packed, n / 2, fn, "q_packed");
+  if (p.e_packed != nullptr) detail::check_device_pointer(p.e_packed, n / 2, fn, "e_packed");
+  if (p.status != nullptr) detail::check_device_pointer(p.status, 1, fn, "status");
+
+  HqLsqQuantizeParams<T> q = p;
+  q.key.role = RngRole::rounding;
+  // 2^(−k/2): the same expression as ref::hadamard_norm (fp64, one rounding to fp32)
+  const float norm = static_cast<float>(1.0 / std::sqrt(static_cast<double>(p.block)));
+  const int chunks = p.block <= kChunk ? 1 : static_cast<int>(p.block / kChunk);
+  const auto launch = [&](auto jc) {
+    constexpr int J = decltype(jc)::value;
+    const int64_t col_tiles = detail::ceil_div(p.cols, kChunk * J);
+    const int64_t tiles = detail::ceil_div(p.rows, kTileRows) * col_tiles;
+    // One tile per block: the kernel is bound by its arithmetic (an IEEE division and a
+    // quarter Philox block per element), and measured 10% slower with one wave of blocks
+    // walking several tiles each (bench/README.md); the tile loop stays for grids capped
+    // by the CUDA limit.
+    detail::check_grid_extent(tiles, fn, "the tiling");
+    const int64_t blocks = tiles;
+    hq_lsq_quantize_kernel<T, J><<<static_cast<unsigned>(blocks), kThreads, 0, stream>>>(
+        q, norm, col_tiles, tiles);
+  };
+  switch (chunks) {
+    case 1: launch(std::integral_constant<int, 1>{}); break;
+    case 2: launch(std::integral_constant<int, 2>{}); break;
+    case 4: launch(std::integral_constant<int, 4>{}); break;
+    default: launch(std::integral_constant<int, 8>{}); break;
+  }
+  NB_CUDA_CHECK_LAUNCH();
+}
+
+}  // namespace
+
+void hq_lsq_quantize(const HqLsqQuantizeParams<float>& p, cudaStream_t stream) {
+  hq_lsq_quantize_impl(p, stream);
+}
+void hq_lsq_quantize(const HqLsqQuantizeParams<bf16_t>& p, cudaStream_t stream) {
+  hq_lsq_quantize_impl(p, stream);
+}
+
+}  // namespace nibble::cuda

@@ -1,0 +1,686 @@
+// GPU tests of the HQ-MM / LSS-MM linear layer (src/cuda/linear/hq_linear.h) against the CPU
+// reference (ref::hq_linear_forward / ref::hq_linear_backward) and float64 recomputations.
+//   forward:  saved packed codes and side channel of x and w, w_q, w_q_t and x_q bit-exact
+//             (fp32 input, and bf16 input against the reference on the widened values);
+//             y within the dequant epilogue's rounding (the bound of test_gemm_gpu.cpp);
+//   backward: grad scale exact; dx, dw equal to the reference and within a derived fp32 bound
+//             of a float64 recomputation; dsx, dsw within the bound of two fp64 sums in
+//             different orders; db within one fp32 ulp plus the fp64 sums' bound; bf16 dx
+//             equal to the reference's value rounded to bf16;
+//   sampled timing variant: dx within fp32 rounding of the reference's Bernoulli estimator,
+//             dw equal (within fp32 rounding) to the unweighted kept-row sum it documents;
+//   shapes that are not multiples of 16 are rejected with a message saying to pad.
+// Every case draws fresh Philox inputs with its own seed; outputs are poisoned first.
+#include <cuda_runtime.h>
+#include <gtest/gtest.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstdio>
+#include <cstring>
+#include <string>
+#include <vector>
+
+#include "cuda/common/check.h"
+#include "cuda/linear/hq_linear.h"
+#include "cuda/quant/status.h"
+#include "nibble/dtype.h"
+#include "nibble/error.h"
+#include "nibble/rng.h"
+#include "ref/bitsplit.h"
+#include "ref/gemm.h"
+#include "ref/hadamard.h"
+#include "ref/linear.h"
+
+using namespace nibble;
+
+static_assert(cuda::kLsqResidualSteps == ref::kLsqResidualSteps &&
+                  cuda::kLsqClipped == ref::kLsqClipped,
+              "the CUDA side channel must use the reference's constants");
+
+namespace {
+
+template <class T>
+class DeviceBuffer {
+ public:
+  explicit DeviceBuffer(int64_t n) : n_(n) {
+    NB_CUDA_CHECK(cudaMalloc(&ptr_, static_cast<size_t>(std::max<int64_t>(n, 1)) * sizeof(T)));
+    poison();
+  }
+  ~DeviceBuffer() { cudaFree(ptr_); }
+  DeviceBuffer(const DeviceBuffer&) = delete;
+  DeviceBuffer& operator=(const DeviceBuffer&) = delete;
+  T* get() const { return ptr_; }
+  void upload(const std::vector<T>& h) {
+    ASSERT_EQ(static_cast<int64_t>(h.size()), n_);
+    NB_CUDA_CHECK(cudaMemcpy(ptr_, h.data(), h.size() * sizeof(T), cudaMemcpyHostToDevice));
+  }
+  std::vector<T> download() const {
+    std::vector<T> h(static_cast<size_t>(n_));
+    NB_CUDA_CHECK(cudaMemcpy(h.data(), ptr_, h.size() * sizeof(T), cudaMemcpyDeviceToHost));
+    return h;
+  }
+  // 0xA5 bytes: a large negative float / bf16, no valid code pattern the tests accept.
+  void poison() { NB_CUDA_CHECK(cudaMemset(ptr_, 0xA5, static_cast<size_t>(n_) * sizeof(T))); }
+
+ private:
+  T* ptr_ = nullptr;
+  int64_t n_ = 0;
+};
+
+// Gaussian values with a few large outlier columns (as activations have), so that both the
+// clipped and the in-range side-channel cases occur.
+std::vector<float> random_activations(int64_t rows, int64_t cols, uint64_t seed) {
+  std::vector<float> v(static_cast<size_t>(rows * cols));
+  const PhiloxKey key{seed, 0, 0, RngRole::data};
+  for (int64_t i = 0; i < rows * cols; ++i) {
+    const float outlier = (i % cols) % 17 == 3 ? 12.0f : 1.0f;
+    v[static_cast<size_t>(i)] = outlier * philox_normal(key, static_cast<uint64_t>(i));
+  }
+  return v;
+}
+
+std::vector<float> widen(const std::vector<bf16_t>& v) {
+  std::vector<float> out(v.size());
+  for (size_t i = 0; i < v.size(); ++i) out[i] = bf16_to_f32(v[i].bits);
+  return out;
+}
+std::vector<bf16_t> narrow(const std::vector<float>& v) {
+  std::vector<bf16_t> out(v.size());
+  for (size_t i = 0; i < v.size(); ++i) out[i].bits = f32_to_bf16(v[i]);
+  return out;
+}
+// bf16 bit patterns (round to nearest even) of fp32 values, for exact comparisons.
+std::vector<uint16_t> bf16_bits(const std::vector<float>& v) {
+  std::vector<uint16_t> out(v.size());
+  for (size_t i = 0; i < v.size(); ++i) out[i] = f32_to_bf16(v[i]);
+  return out;
+}
+
+// Half of the LSQ initial step of x·H: about 3-5% of the elements clip, so the test sees
+// both kinds of side-channel entries.
+float test_step(const std::vector<float>& v, int64_t rows, int64_t cols, int64_t block,
+                QRange range) {
+  std::vector<float> t = v;
+  ref::hadamard_blocks(t.data(), rows, cols, block);
+  return 0.5f * ref::lsq_init_scale(t.data(), rows * cols, range);
+}
+
+std::vector<int8_t> transpose(const std::vector<int8_t>& in, int64_t rows, int64_t cols) {
+  std::vector<int8_t> out(in.size());
+  for (int64_t i = 0; i < rows; ++i)
+    for (int64_t j = 0; j < cols; ++j) out[j * rows + i] = in[i * cols + j];
+  return out;
+}
+
+// Everything one layer call needs on the device, for one shape.
+struct Layer {
+  int64_t n, d, c;
+  DeviceBuffer<float> sx{1}, sw{1}, bias;
+  DeviceBuffer<int8_t> w_q, w_q_t, x_q;
+  DeviceBuffer<uint8_t> w_qp, w_ep, x_qp, x_ep;
+  DeviceBuffer<uint64_t> status{1};
+  Layer(int64_t n_, int64_t d_, int64_t c_)
+      : n(n_), d(d_), c(c_), bias(c_), w_q(c_ * d_), w_q_t(c_ * d_), x_q(n_ * d_),
+        w_qp(c_ * d_ / 2), w_ep(c_ * d_ / 2), x_qp(n_ * d_ / 2), x_ep(n_ * d_ / 2) {}
+  cuda::HqLinearWeightCodes codes() const {
+    return {w_q.get(), w_q_t.get(), w_qp.get(), w_ep.get()};
+  }
+};
+
+struct Case {
+  int64_t n, d, c, block;
+  QRange range;
+};
+
+uint64_t seed_of(const Case& k, int variant) {
+  return 0x4c494e454152ull ^ (static_cast<uint64_t>(k.n) << 40) ^
+         (static_cast<uint64_t>(k.d) << 20) ^ static_cast<uint64_t>(k.c) ^
+         (static_cast<uint64_t>(k.block) << 52) ^ (static_cast<uint64_t>(variant) << 60);
+}
+
+// Forward on the GPU from x of type T (float or bf16); the reference runs on xf (x widened).
+template <class T>
+void run_forward(Layer& L, const std::vector<T>& x, const std::vector<T>& w,
+                 const std::vector<float>& bias, float sx, float sw, const cuda::HqLinearConfig& cfg,
+                 const PhiloxKey& key, std::vector<float>* y_f32, std::vector<bf16_t>* y_bf16) {
+  DeviceBuffer<T> dx(L.n * L.d), dw(L.c * L.d);
+  dx.upload(x);
+  dw.upload(w);
+  L.sx.upload({sx});
+  L.sw.upload({sw});
+  L.bias.upload(bias);
+  cuda::status_clear(L.status.get(), nullptr);
+  cuda::HqLinearWeightParams<T> wp;
+  wp.w = dw.get();
+  wp.n = L.n, wp.d = L.d, wp.c = L.c;
+  wp.sw = L.sw.get();
+  wp.out = L.codes();
+  wp.status = L.status.get();
+  cuda::hq_linear_quantize_weight(wp, cfg, key, nullptr);
+  DeviceBuffer<float> yf(L.n * L.c);
+  DeviceBuffer<bf16_t> yb(L.n * L.c);
+  cuda::HqLinearForwardParams<T> fp;
+  fp.x = dx.get();
+  fp.n = L.n, fp.d = L.d, fp.c = L.c;
+  fp.sx = L.sx.get();
+  fp.sw = L.sw.get();
+  fp.bias = L.bias.get();
+  fp.w_q = L.w_q.get();
+  fp.x_q = L.x_q.get();
+  fp.x_q_packed = L.x_qp.get();
+  fp.x_e_packed = L.x_ep.get();
+  fp.y_f32 = yf.get();
+  fp.status = L.status.get();
+  cuda::hq_linear_forward(fp, cfg, key, nullptr);
+  fp.y_f32 = nullptr;
+  fp.y = yb.get();
+  cuda::hq_linear_forward(fp, cfg, key, nullptr);
+  cuda::status_throw_if_set(L.status.get(), "linear forward", nullptr);
+  *y_f32 = yf.download();
+  *y_bf16 = yb.download();
+}
+
+ref::HqLinearConfig to_ref(const cuda::HqLinearConfig& cfg) {
+  ref::HqLinearConfig r;
+  r.block = cfg.block;
+  r.range = cfg.range;
+  r.lss = cfg.lss == cuda::LssVariant::keep_all ? ref::LssMode::keep_nonzero
+                                                 : ref::LssMode::bernoulli;
+  r.sample_fraction = cfg.sample_fraction;
+  return r;
+}
+
+// Counts differing bytes / codes, reporting the first few.
+template <class T>
+int64_t count_diff(const std::vector<T>& got, const std::vector<T>& want, const char* what) {
+  EXPECT_EQ(got.size(), want.size()) << what;
+  int64_t bad = 0;
+  for (size_t i = 0; i < std::min(got.size(), want.size()); ++i) {
+    if (got[i] != want[i]) {
+      if (bad < 5)
+        ADD_FAILURE() << what << "[" << i << "] = " << static_cast<int>(got[i]) << ", expected "
+                      << static_cast<int>(want[i]);
+      ++bad;
+    }
+  }
+  return bad;
+}
+
+// Checks the forward against the reference; returns the reference's saved state.
+template <class T>
+ref::HqLinearSaved check_forward(const Case& k, bool bf16_input, Layer& L, uint64_t seed) {
+  SCOPED_TRACE(testing::Message() << "N=" << k.n << " D=" << k.d << " C=" << k.c << " block="
+                                  << k.block << " range [" << k.range.qmin << ", "
+                                  << k.range.qmax << "] bf16_input=" << bf16_input);
+  std::vector<float> xf = random_activations(k.n, k.d, seed);
+  std::vector<float> wf = random_activations(k.c, k.d, seed + 1);
+  for (float& v : wf) v *= 0.02f;
+  std::vector<float> bias = random_activations(1, k.c, seed + 2);
+  std::vector<T> x, w;
+  if constexpr (sizeof(T) == 2) {
+    x = narrow(xf);
+    w = narrow(wf);
+    xf = widen(x);  // the reference sees exactly the values the GPU widens
+    wf = widen(w);
+  } else {
+    x = xf;
+    w = wf;
+  }
+  cuda::HqLinearConfig cfg;
+  cfg.block = k.block;
+  cfg.range = k.range;
+  const float sx = test_step(xf, k.n, k.d, k.block, k.range);
+  const float sw = test_step(wf, k.c, k.d, k.block, k.range);
+  const PhiloxKey key{seed + 3, 7, 2, RngRole::rounding};
+
+  std::vector<float> y_ref(static_cast<size_t>(k.n * k.c));
+  ref::HqLinearSaved saved;
+  ref::hq_linear_forward(xf.data(), wf.data(), bias.data(), k.n, k.d, k.c, sx, sw, to_ref(cfg),
+                         key, y_ref.data(), &saved);
+
+  std::vector<float> y32;
+  std::vector<bf16_t> y16;
+  run_forward(L, x, w, bias, sx, sw, cfg, key, &y32, &y16);
+
+  EXPECT_EQ(count_diff(L.x_qp.download(), saved.x_q_packed, "x_q_packed"), 0);
+  EXPECT_EQ(count_diff(L.x_ep.download(), saved.x_e_packed, "x_e_packed"), 0);
+  EXPECT_EQ(count_diff(L.w_qp.download(), saved.w_q_packed, "w_q_packed"), 0);
+  EXPECT_EQ(count_diff(L.w_ep.download(), saved.w_e_packed, "w_e_packed"), 0);
+  const std::vector<int8_t> xq = saved.x_q(), wq = saved.w_q(), xe = saved.x_e();
+  EXPECT_EQ(count_diff(L.x_q.download(), xq, "x_q"), 0);
+  EXPECT_EQ(count_diff(L.w_q.download(), wq, "w_q"), 0);
+  EXPECT_EQ(count_diff(L.w_q_t.download(), transpose(wq, k.c, k.d), "w_q_t"), 0);
+  // The test must see both kinds of side-channel entries to mean anything.
+  const auto clipped = std::count(xe.begin(), xe.end(), static_cast<int8_t>(ref::kLsqClipped));
+  EXPECT_GT(clipped, 0);
+  EXPECT_LT(clipped, static_cast<int64_t>(xe.size()));
+
+  // y: acc exact on both sides; the epilogue is fma(float(acc), sx·sw, b) on the GPU and
+  // fl(fl(float(acc)·(sx·sw)) + b) in the reference: each rounding ≤ 2^-24 of its result, so
+  // |y_f32 − ref| ≤ 2^-22·(|p| + |b|) with p = acc·sx·sw; the bf16 output adds half a bf16 ulp,
+  // ≤ 2^-8·|ref|, plus twice the f32 term (test_gemm_gpu.cpp, check_dequant).
+  std::vector<int32_t> acc(static_cast<size_t>(k.n * k.c));
+  ref::gemm_s8s8_s32_tn(xq.data(), wq.data(), k.n, k.c, k.d, acc.data());
+  const float s_xw = sx * sw;
+  int64_t bad = 0;
+  for (int64_t i = 0; i < k.n * k.c; ++i) {
+    const double p = std::fabs(static_cast<double>(acc[i]) * s_xw);
+    const double b = std::fabs(bias[static_cast<size_t>(i % k.c)]);
+    const double r = y_ref[static_cast<size_t>(i)];
+    const double b32 = std::ldexp(p + b, -22);
+    const double b16 = std::ldexp(std::fabs(r), -8) + std::ldexp(p + b, -21);
+    const double e32 = std::fabs(y32[static_cast<size_t>(i)] - r);
+    const double e16 = std::fabs(bf16_to_f32(y16[static_cast<size_t>(i)].bits) - r);
+    if (!(e32 <= b32) || !(e16 <= b16)) {
+      if (bad < 5)
+        ADD_FAILURE() << "y[" << i << "]: f32 " << y32[static_cast<size_t>(i)] << ", bf16 "
+                      << bf16_to_f32(y16[static_cast<size_t>(i)].bits) << ", ref " << r;
+      ++bad;
+    }
+  }
+  EXPECT_EQ(bad, 0);
+  return saved;
+}
+
+const std::vector<Case>& forward_cases() {
+  static const std::vector<Case> cases = {
+      {48, 64, 32, 32, kInt4Sym},       // the default block, tiles cut at 48 rows
+      {16, 16, 16, 16, kInt4Full},      // smallest legal shape, the released code's range
+      {64, 256, 48, 256, kInt4Sym},     // block 256: two chunks per warp row
+      {32, 2048, 16, 1024, kInt4Full},  // block 1024: eight chunks, registers at their most
+      {160, 384, 80, 128, kInt4Sym},    // block 128 = one chunk, three column tiles
+      {96, 48, 64, 2, kInt4Sym},        // block 2, D = 48 < one 128-column chunk
+      {80, 208, 112, 1, kInt4Sym},      // block 1 (no transform), D = 208 (1.6 chunks)
+      {16, 1024, 4608, 32, kInt4Sym},   // w: 1152 tiles, more than one wave: blocks loop
+  };
+  return cases;
+}
+
+TEST(LinearGpu, ForwardMatchesRefF32) {
+  int v = 0;
+  for (const Case& k : forward_cases()) {
+    Layer L(k.n, k.d, k.c);
+    check_forward<float>(k, false, L, seed_of(k, v++));
+  }
+}
+
+TEST(LinearGpu, ForwardMatchesRefBf16Input) {
+  int v = 20;
+  for (const Case& k : forward_cases()) {
+    Layer L(k.n, k.d, k.c);
+    check_forward<bf16_t>(k, true, L, seed_of(k, v++));
+  }
+}
+
+// ---- backward ------------------------------------------------------------------------------
+
+// Float64 block Hadamard (the same butterfly, no rounding) for the oracle.
+void hadamard_f64(std::vector<double>& v, int64_t rows, int64_t cols, int64_t block) {
+  const double norm = 1.0 / std::sqrt(static_cast<double>(block));
+  for (int64_t r = 0; r < rows; ++r) {
+    double* x = v.data() + r * cols;
+    for (int64_t h = 1; h < block; h <<= 1)
+      for (int64_t i = 0; i < cols; i += 2 * h)
+        for (int64_t j = i; j < i + h; ++j) {
+          const double a = x[j], b = x[j + h];
+          x[j] = a + b;
+          x[j + h] = a - b;
+        }
+    for (int64_t j = 0; j < cols; ++j) x[j] *= norm;
+  }
+}
+
+// For a transformed-domain gradient t (float64, unmasked) and the side channel: the oracle's
+// output H(mask∘t), the LSQ term sum Σ t·δ̃ and Σ|t·δ̃|, and per element the bound
+//   |fl − exact| ≤ (log2(block) + 4)·2^-24 · 2^(−k/2)·Σ_{j in the block} |t_j| + t_err
+// (t_err: the caller's bound on the error of each t_j times the same row sum). Origin: the
+// GPU's t carries ≤ 2 roundings (2^-23 relative, folded into t_rel); the butterfly adds one
+// rounding per stage to partial sums bounded by Σ|t_j| (log2(block) stages), the norm's own
+// rounding and the final multiply add two more.
+struct Oracle {
+  std::vector<double> out, bound;
+  double lsq_sum = 0, lsq_abs = 0;
+};
+Oracle oracle(const std::vector<double>& t, double t_rel, const std::vector<int8_t>& q,
+              const std::vector<int8_t>& e, int64_t rows, int64_t cols, int64_t block) {
+  Oracle o;
+  o.out.resize(t.size());
+  o.bound.resize(t.size());
+  std::vector<double> masked_abs(t.size());
+  for (size_t i = 0; i < t.size(); ++i) {
+    const double delta = ref::lsq_residual_decode(e[i], q[i]);
+    o.lsq_sum += t[i] * delta;
+    o.lsq_abs += std::fabs(t[i] * delta);
+    o.out[i] = e[i] == ref::kLsqClipped ? 0.0 : t[i];
+    masked_abs[i] = std::fabs(o.out[i]);
+  }
+  hadamard_f64(o.out, rows, cols, block);
+  const double stages = std::log2(static_cast<double>(block));
+  const double norm = 1.0 / std::sqrt(static_cast<double>(block));
+  for (int64_t r = 0; r < rows; ++r)
+    for (int64_t b0 = 0; b0 < cols; b0 += block) {
+      double sum = 0;
+      for (int64_t j = 0; j < block; ++j) sum += masked_abs[static_cast<size_t>(r * cols + b0 + j)];
+      const double bd = ((stages + 4.0) * std::ldexp(1.0, -24) + t_rel) * norm * sum;
+      for (int64_t j = 0; j < block; ++j) o.bound[static_cast<size_t>(r * cols + b0 + j)] = bd;
+    }
+  return o;
+}
+
+// Elementwise: |got − oracle| ≤ bound, and got == the reference's value (as floats).
+int64_t check_grad(const std::vector<float>& got, const std::vector<float>& ref_v,
+                   const Oracle& o, bool expect_equal_to_ref, const char* what) {
+  int64_t bad = 0, unequal = 0;
+  double worst = 0;
+  for (size_t i = 0; i < got.size(); ++i) {
+    const double err = std::fabs(static_cast<double>(got[i]) - o.out[i]);
+    if (o.bound[i] > 0) worst = std::max(worst, err / o.bound[i]);
+    const bool bound_ok = err <= o.bound[i] || (o.bound[i] == 0 && got[i] == 0.0f);
+    if (!bound_ok) {
+      if (bad < 5)
+        ADD_FAILURE() << what << "[" << i << "] = " << got[i] << ", float64 " << o.out[i]
+                      << ", |err| " << err << " > bound " << o.bound[i];
+      ++bad;
+    }
+    if (got[i] != ref_v[i]) ++unequal;
+  }
+  std::printf("[ info     ] %s: largest |err|/bound %.3f, %lld of %zu differ from the reference\n",
+              what, worst, static_cast<long long>(unequal), got.size());
+  if (expect_equal_to_ref) {
+    EXPECT_EQ(unequal, 0) << what << " should equal the reference";
+  }
+  return bad;
+}
+
+// LSQ step gradient: both sides add the same fp64 terms in different fixed orders; each fp64
+// sum is within (n−1)·2^-53·Σ|t| of the exact sum, the product with g adds ≤ 2^-53 relative,
+// and each side rounds to fp32 once (≤ half an ulp of the result):
+//   |gpu − ref| ≤ g·2n·2^-53·Σ|t·δ̃| + ulp(|ref|).
+void check_step_grad(float got, float want, double g, double lsq_abs, int64_t n, const char* what) {
+  const double ulp = std::ldexp(1.0, std::ilogb(std::max(std::fabs(want), 1e-30f)) - 23);
+  const double bound = g * 2.0 * static_cast<double>(n) * std::ldexp(1.0, -53) * lsq_abs + ulp;
+  EXPECT_LE(std::fabs(static_cast<double>(got) - want), bound)
+      << what << ": gpu " << got << ", ref " << want;
+}
+
+// db: both sides sum N fp32 values in fp64 (different fixed orders) and round once:
+//   |gpu − ref| ≤ 2N·2^-53·Σ|dy| + ulp(|ref|).
+void check_db(const std::vector<float>& got, const std::vector<float>& want,
+              const std::vector<float>& dy, int64_t n, int64_t c) {
+  int64_t bad = 0;
+  for (int64_t j = 0; j < c; ++j) {
+    double abs_sum = 0;
+    for (int64_t r = 0; r < n; ++r) abs_sum += std::fabs(dy[static_cast<size_t>(r * c + j)]);
+    const float w = want[static_cast<size_t>(j)];
+    const double ulp = std::ldexp(1.0, std::ilogb(std::max(std::fabs(w), 1e-30f)) - 23);
+    const double bound = 2.0 * static_cast<double>(n) * std::ldexp(1.0, -53) * abs_sum + ulp;
+    if (!(std::fabs(static_cast<double>(got[static_cast<size_t>(j)]) - w) <= bound)) {
+      if (bad < 5) ADD_FAILURE() << "db[" << j << "] = " << got[static_cast<size_t>(j)] << ", ref " << w;
+      ++bad;
+    }
+  }
+  EXPECT_EQ(bad, 0);
+}
+
+struct BackwardOut {
+  std::vector<float> dx, dw, db;
+  float dsx = 0, dsw = 0, scale = 0;
+};
+
+// Runs the GPU backward on the state the forward left in L; dy of type G, dx of type DX.
+template <class G, class DX>
+BackwardOut run_backward(Layer& L, const std::vector<G>& dy, const cuda::HqLinearConfig& cfg,
+                         const PhiloxKey& key) {
+  DeviceBuffer<G> ddy(L.n * L.c);
+  ddy.upload(dy);
+  const size_t ws_bytes = cuda::hq_linear_backward_workspace_bytes(L.n, L.d, L.c, cfg);
+  DeviceBuffer<uint8_t> ws(static_cast<int64_t>(ws_bytes));
+  DeviceBuffer<DX> dx(L.n * L.d);
+  DeviceBuffer<float> dw(L.c * L.d), db(L.c), scalars(3);
+  cuda::HqLinearBackwardParams<G> p;
+  p.dy = ddy.get();
+  p.n = L.n, p.d = L.d, p.c = L.c;
+  p.sx = L.sx.get();
+  p.sw = L.sw.get();
+  p.x_q_packed = L.x_qp.get();
+  p.x_e_packed = L.x_ep.get();
+  p.w_q_packed = L.w_qp.get();
+  p.w_e_packed = L.w_ep.get();
+  p.w_q_t = L.w_q_t.get();
+  p.workspace = ws.get();
+  p.workspace_bytes = ws_bytes;
+  if constexpr (sizeof(DX) == 2) p.dx = dx.get();
+  else p.dx_f32 = dx.get();
+  p.dw = dw.get();
+  p.db = db.get();
+  p.dsx = scalars.get();
+  p.dsw = scalars.get() + 1;
+  p.grad_scale = scalars.get() + 2;
+  p.status = L.status.get();
+  cuda::status_clear(L.status.get(), nullptr);
+  cuda::hq_linear_backward(p, cfg, key, nullptr);
+  cuda::status_throw_if_set(L.status.get(), "linear backward", nullptr);
+  BackwardOut o;
+  if constexpr (sizeof(DX) == 2) o.dx = widen(dx.download());
+  else o.dx = dx.download();
+  o.dw = dw.download();
+  o.db = db.download();
+  const std::vector<float> s = scalars.download();
+  o.dsx = s[0], o.dsw = s[1], o.scale = s[2];
+  return o;
+}
+
+// Output gradient: Gaussian rows of varied magnitude (a few heavy rows, as B.3 describes) and
+// a block of exactly-zero rows.
+std::vector<float> random_grad(int64_t n, int64_t c, uint64_t seed) {
+  std::vector<float> g(static_cast<size_t>(n * c));
+  const PhiloxKey key{seed, 0, 0, RngRole::data};
+  for (int64_t r = 0; r < n; ++r) {
+    const float row_scale = r % 7 == 0 ? 4.0f : (r % 5 == 1 ? 0.0f : 0.05f);
+    for (int64_t j = 0; j < c; ++j)
+      g[static_cast<size_t>(r * c + j)] =
+          row_scale * philox_normal(key, static_cast<uint64_t>(r * c + j));
+  }
+  return g;
+}
+
+template <class G, class DX>
+void check_backward_keep_all(const Case& k, uint64_t seed) {
+  SCOPED_TRACE(testing::Message() << "N=" << k.n << " D=" << k.d << " C=" << k.c << " block="
+                                  << k.block << " dy " << (sizeof(G) == 2 ? "bf16" : "f32")
+                                  << " dx " << (sizeof(DX) == 2 ? "bf16" : "f32"));
+  Layer L(k.n, k.d, k.c);
+  const ref::HqLinearSaved saved = check_forward<float>(k, false, L, seed);
+  std::vector<float> dyf = random_grad(k.n, k.c, seed + 10);
+  std::vector<G> dy;
+  if constexpr (sizeof(G) == 2) {
+    dy = narrow(dyf);
+    dyf = widen(dy);
+  } else {
+    dy = dyf;
+  }
+  cuda::HqLinearConfig cfg;
+  cfg.block = k.block;
+  cfg.range = k.range;
+  const PhiloxKey key{seed + 11, 3, 5, RngRole::rounding};
+  const ref::HqLinearGrads want = ref::hq_linear_backward(dyf.data(), saved, to_ref(cfg), key);
+  const BackwardOut got = run_backward<G, DX>(L, dy, cfg, key);
+
+  EXPECT_EQ(got.scale, want.grad_scale);
+  // float64 oracle: t = s·sw·(combined·w_q) and s·sx·(combinedᵀ·x_q) from exact integer sums
+  std::vector<int8_t> hi(dyf.size()), lo(dyf.size()), comb(dyf.size());
+  const float s = ref::bitsplit(dyf.data(), k.n, k.c,
+                                PhiloxKey{key.seed, key.step, key.layer, RngRole::grad_output_rounding},
+                                hi.data(), lo.data(), comb.data());
+  const std::vector<int8_t> xq = saved.x_q(), wq = saved.w_q(), xe = saved.x_e(), we = saved.w_e();
+  std::vector<int32_t> acc_x(static_cast<size_t>(k.n * k.d)), acc_w(static_cast<size_t>(k.c * k.d));
+  ref::gemm_s8s8_s32_tn(comb.data(), transpose(wq, k.c, k.d).data(), k.n, k.d, k.c, acc_x.data());
+  ref::gemm_s8s8_s32_tn(transpose(comb, k.n, k.c).data(), transpose(xq, k.n, k.d).data(), k.c, k.d,
+                        k.n, acc_w.data());
+  std::vector<double> tx(acc_x.size()), tw(acc_w.size());
+  for (size_t i = 0; i < tx.size(); ++i) tx[i] = static_cast<double>(acc_x[i]) * s * saved.sw;
+  for (size_t i = 0; i < tw.size(); ++i) tw[i] = static_cast<double>(acc_w[i]) * s * saved.sx;
+  // t on the GPU: float(acc) exact (|acc| ≤ 720·K < 2^24), then fl(s·sw) and the product:
+  // two roundings, ≤ 2^-23 relative.
+  const Oracle ox = oracle(tx, std::ldexp(1.0, -23), xq, xe, k.n, k.d, k.block);
+  const Oracle ow = oracle(tw, std::ldexp(1.0, -23), wq, we, k.c, k.d, k.block);
+  if constexpr (sizeof(DX) == 2) {
+    // bf16 dx: the reference's fp32 value rounded to nearest even, exactly.
+    EXPECT_EQ(count_diff(bf16_bits(got.dx), bf16_bits(want.dx), "dx (bf16 bits)"), 0);
+  } else {
+    EXPECT_EQ(check_grad(got.dx, want.dx, ox, true, "dx"), 0);
+  }
+  EXPECT_EQ(check_grad(got.dw, want.dw, ow, true, "dw"), 0);
+  const double gx = 1.0 / std::sqrt(static_cast<double>(k.range.qmax) * static_cast<double>(k.n * k.d));
+  const double gw = 1.0 / std::sqrt(static_cast<double>(k.range.qmax) * static_cast<double>(k.c * k.d));
+  check_step_grad(got.dsx, want.dsx, gx, ox.lsq_abs, k.n * k.d, "dsx");
+  check_step_grad(got.dsw, want.dsw, gw, ow.lsq_abs, k.c * k.d, "dsw");
+  check_db(got.db, want.db, dyf, k.n, k.c);
+}
+
+const std::vector<Case>& backward_cases() {
+  static const std::vector<Case> cases = {
+      {64, 128, 48, 32, kInt4Sym},
+      {128, 256, 96, 256, kInt4Sym},
+      {48, 2048, 32, 1024, kInt4Full},
+      {96, 48, 64, 2, kInt4Sym},
+      {256, 512, 512, 64, kInt4Full},
+      {16384, 640, 32, 32, kInt4Sym},   // dx: 2560 tiles > 2048 mask blocks: blocks loop
+  };
+  return cases;
+}
+
+TEST(LinearGpu, BackwardKeepAllMatchesRef) {
+  int v = 40;
+  for (const Case& k : backward_cases()) check_backward_keep_all<float, float>(k, seed_of(k, v++));
+}
+
+TEST(LinearGpu, BackwardBf16GradientsMatchRef) {
+  int v = 50;
+  for (const Case& k : backward_cases()) check_backward_keep_all<bf16_t, bf16_t>(k, seed_of(k, v++));
+}
+
+// The sampled timing variant: dx is the reference's Bernoulli estimator up to fp32 rounding;
+// dw is the unweighted sum over the kept split rows (documented as biased, hq_linear.h).
+TEST(LinearGpu, SampledVariantDxMatchesRefEstimator) {
+  const Case k{128, 256, 64, 32, kInt4Sym};
+  const uint64_t seed = seed_of(k, 60);
+  Layer L(k.n, k.d, k.c);
+  const ref::HqLinearSaved saved = check_forward<float>(k, false, L, seed);
+  const std::vector<float> dy = random_grad(k.n, k.c, seed + 10);
+  cuda::HqLinearConfig cfg;
+  cfg.block = k.block;
+  cfg.range = k.range;
+  cfg.lss = cuda::LssVariant::sampled_timing;
+  cfg.sample_fraction = 0.3;
+  const PhiloxKey key{seed + 11, 3, 5, RngRole::rounding};
+  const ref::HqLinearGrads want = ref::hq_linear_backward(dy.data(), saved, to_ref(cfg), key);
+  const BackwardOut got = run_backward<float, float>(L, dy, cfg, key);
+
+  // Recompute the reference's dx selection: split, dx scores, p, Bernoulli rows.
+  const int64_t n = k.n, c = k.c, d = k.d;
+  std::vector<int8_t> hi(dy.size()), lo(dy.size());
+  const float s = ref::bitsplit(dy.data(), n, c,
+                                PhiloxKey{key.seed, key.step, key.layer, RngRole::grad_output_rounding},
+                                hi.data(), lo.data(), nullptr);
+  const double budget = cfg.sample_fraction * static_cast<double>(2 * n);
+  std::vector<float> sc(static_cast<size_t>(2 * n)), p(sc.size());
+  std::vector<uint8_t> keep(sc.size());
+  ref::leverage_scores(hi.data(), lo.data(), n, c, s, nullptr, sc.data());
+  ref::fit_probabilities(sc.data(), 2 * n, budget, p.data());
+  const int64_t kept = ref::sample_rows(p.data(), 2 * n, PhiloxKey{key.seed, key.step, key.layer, RngRole::sample_dx}, keep.data());
+  EXPECT_GT(kept, 0);
+  EXPECT_LT(kept, 2 * n);  // sampling actually dropped rows
+  const std::vector<int8_t> wq = saved.w_q(), xq = saved.x_q(), xe = saved.x_e();
+  const std::vector<int8_t> wq_t = transpose(wq, c, d);
+  std::vector<int32_t> ah(static_cast<size_t>(n * d)), al(ah.size());
+  ref::gemm_s8s8_s32_tn(hi.data(), wq_t.data(), n, d, c, ah.data());
+  ref::gemm_s8s8_s32_tn(lo.data(), wq_t.data(), n, d, c, al.data());
+  // t = (wh·acc_hi + wl·acc_lo)·sw; the GPU rounds coef = wh (or wl), coef·sw, and each
+  // product (3 roundings per term) and adds the two terms (1 more): ≤ 4·2^-24 relative of
+  // |t_hi| + |t_lo|. The oracle takes t_rel relative to |t|, so pass the absolute-sum form
+  // through a per-element t_abs: use the larger of the two forms below.
+  std::vector<double> t(ah.size()), t_abs(ah.size());
+  for (int64_t r = 0; r < n; ++r) {
+    const double wh = keep[static_cast<size_t>(r)] ? 14.0 * s / p[static_cast<size_t>(r)] : 0.0;
+    const double wl = keep[static_cast<size_t>(n + r)] ? static_cast<double>(s) / p[static_cast<size_t>(n + r)] : 0.0;
+    for (int64_t j = 0; j < d; ++j) {
+      const size_t e = static_cast<size_t>(r * d + j);
+      t[e] = (wh * ah[e] + wl * al[e]) * saved.sw;
+      t_abs[e] = (std::fabs(wh * ah[e]) + std::fabs(wl * al[e])) * saved.sw;
+    }
+  }
+  // Oracle with cancellation-aware bound: run it on t for the values and on t_abs for the
+  // bound (t_abs ≥ |t|, so the bound only grows).
+  Oracle ox = oracle(t, 0.0, xq, xe, n, d, k.block);
+  const Oracle ob = oracle(t_abs, std::ldexp(1.0, -22), xq, std::vector<int8_t>(xe.size(), 0), n, d, k.block);
+  for (size_t i = 0; i < ox.bound.size(); ++i) ox.bound[i] = std::max(ox.bound[i], ob.bound[i]);
+  EXPECT_EQ(check_grad(got.dx, want.dx, ox, false, "sampled dx"), 0);
+
+  // dw: s·sx·Σ_{kept_dw i} (14·hi | lo)_iᵀ·x_q(i mod N) (no 1/p), then mask and H.
+  std::vector<float> xn(static_cast<size_t>(n)), scw(static_cast<size_t>(2 * n)), pw(scw.size());
+  std::vector<uint8_t> keep_w(scw.size());
+  ref::row_norms_s8(xq.data(), n, d, xn.data());
+  for (float& v : xn) v *= saved.sx;
+  ref::leverage_scores(hi.data(), lo.data(), n, c, s, xn.data(), scw.data());
+  ref::fit_probabilities(scw.data(), 2 * n, budget, pw.data());
+  ref::sample_rows(pw.data(), 2 * n, PhiloxKey{key.seed, key.step, key.layer, RngRole::sample_dw}, keep_w.data());
+  std::vector<double> tw(static_cast<size_t>(c * d), 0.0);
+  for (int64_t i = 0; i < 2 * n; ++i) {
+    if (!keep_w[static_cast<size_t>(i)]) continue;
+    const int64_t r = i % n;
+    for (int64_t col = 0; col < c; ++col) {
+      const int code = i < n ? 14 * hi[static_cast<size_t>(r * c + col)] : lo[static_cast<size_t>(r * c + col)];
+      if (code == 0) continue;
+      for (int64_t j = 0; j < d; ++j) tw[static_cast<size_t>(col * d + j)] += static_cast<double>(code) * xq[static_cast<size_t>(r * d + j)];
+    }
+  }
+  for (double& v : tw) v *= static_cast<double>(s) * saved.sx;
+  const Oracle ow = oracle(tw, std::ldexp(1.0, -23), wq, saved.w_e(), c, d, k.block);
+  EXPECT_EQ(check_grad(got.dw, got.dw, ow, false, "sampled dw (unweighted)"), 0);
+  check_db(got.db, want.db, dy, n, c);
+}
+
+TEST(LinearGpu, RejectsShapesThatAreNotMultiplesOf16) {
+  DeviceBuffer<float> x(64 * 64), w(64 * 64), s(2);
+  DeviceBuffer<int8_t> q(64 * 64);
+  DeviceBuffer<bf16_t> y(64 * 64);
+  cuda::HqLinearConfig cfg;
+  cfg.block = 8;
+  auto forward = [&](int64_t n, int64_t d, int64_t c) {
+    cuda::HqLinearForwardParams<float> p;
+    p.x = x.get();
+    p.n = n, p.d = d, p.c = c;
+    p.sx = s.get();
+    p.sw = s.get() + 1;
+    p.w_q = q.get();
+    p.x_q = q.get();
+    p.y = y.get();
+    cuda::hq_linear_forward(p, cfg, PhiloxKey{}, nullptr);
+  };
+  for (const auto& shape : {std::vector<int64_t>{24, 32, 32}, std::vector<int64_t>{32, 40, 32},
+                            std::vector<int64_t>{32, 32, 20}}) {
+    try {
+      forward(shape[0], shape[1], shape[2]);
+      ADD_FAILURE() << "N=" << shape[0] << " D=" << shape[1] << " C=" << shape[2] << " accepted";
+    } catch (const Error& e) {
+      const std::string msg = e.what();
+      EXPECT_NE(msg.find("multiples of 16"), std::string::npos) << msg;
+      EXPECT_NE(msg.find("pad"), std::string::npos) << msg;
+    }
+  }
+  // A block that does not divide D.
+  cfg.block = 64;
+  try {
+    forward(32, 96, 32);
+    ADD_FAILURE() << "block 64 with D = 96 accepted";
+  } catch (const Error& e) {
+    EXPECT_NE(std::string(e.what()).find("dividing D"), std::string::npos) << e.what();
+  }
+  // The backward and the workspace query apply the same rules.
+  EXPECT_THROW(cuda::hq_linear_backward_workspace_bytes(24, 32, 32, cuda::HqLinearConfig{}), Error);
+}
+
+}  // namespace
