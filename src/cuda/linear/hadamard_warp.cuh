@@ -25,8 +25,11 @@ namespace nibble::cuda::linear_detail {
 constexpr unsigned kFullMask = 0xffffffffu;
 constexpr int kChunk = 128;  // columns per warp-wide chunk: 32 lanes × 4
 
-template <int J>
+// B > 0 names the block at compile time (B = `block`): every stage unrolls and the shuffle
+// stages lose their loop and divergence checks; B = 0 reads the runtime `block`.
+template <int J, int B = 0>
 __device__ __forceinline__ void hadamard_warp(float (&v)[J][4], int lane, int block) {
+  if constexpr (B > 0) block = B;
 #pragma unroll
   for (int h = 1; h <= 2; h <<= 1) {
     if (h < block) {
@@ -44,16 +47,21 @@ __device__ __forceinline__ void hadamard_warp(float (&v)[J][4], int lane, int bl
       }
     }
   }
-  for (int h = 4; h < block && h < kChunk; h <<= 1) {
+#pragma unroll
+  for (int h = 4; h < kChunk; h <<= 1) {
+    if (h >= block) break;
     const int m = h >> 2;
-    const bool lower = (lane & m) == 0;
+    // the lower lane holds a and receives b: a + b = fma(a, +1, b); the upper holds b and
+    // receives a: a − b = fma(b, −1, a). The product by ±1 is exact, so the fma rounds once,
+    // exactly like __fadd_rn / __fsub_rn (signed zeros included), in one instruction instead
+    // of an add, a subtract and a select.
+    const float sign = (lane & m) == 0 ? 1.0f : -1.0f;
 #pragma unroll
     for (int j = 0; j < J; ++j) {
 #pragma unroll
       for (int k = 0; k < 4; ++k) {
         const float other = __shfl_xor_sync(kFullMask, v[j][k], m);
-        // the lower lane holds a: a + b; the upper holds b and receives a: a − b
-        v[j][k] = lower ? __fadd_rn(v[j][k], other) : __fsub_rn(other, v[j][k]);
+        v[j][k] = __fmaf_rn(v[j][k], sign, other);
       }
     }
   }
@@ -105,6 +113,30 @@ __device__ __forceinline__ void store4(bf16_t* p, const float (&v)[4]) {
   *reinterpret_cast<uint2*>(p) = w;
 }
 
+// The helpers below replace rounding and int <-> float conversion instructions (FRND, F2I,
+// I2F) by adds and bit operations: fewer instructions in the issue-bound quantizer, and each
+// replacement is exact, so codes stay bit-identical to the reference.
+
+// 1.5·2^23. For fp32 v with |v| ≤ 2^21, v + kRoundMagic is rint(v) (the sum's ulp is 1, ties to
+// even, like rintf) plus 1.5·2^23, and its bit pattern is 0x4B400000 + rint(v): the low bits
+// hold rint(v) in two's complement, and (sum − kRoundMagic) is rint(v) as a float (exact).
+constexpr float kRoundMagic = 12582912.0f;
+
+// floor(v) for |v| ≤ 2^21 as 0x4B400000 + floor(v): the exact sum v + 1.5·2^23 lies in
+// [2^23, 2^24), where the fp32 values are the integers, so rounding it down (__fadd_rd) gives
+// 1.5·2^23 + floor(v).
+__device__ __forceinline__ uint32_t floor_bits(float v) {
+  return __float_as_uint(__fadd_rd(v, kRoundMagic));
+}
+
+// philox_uniform's value (w >> 8)·2^-24 without an int -> float conversion: with m = bits
+// 8..30 of w, f = 0.5 + m·2^-24 exactly (0.5's exponent, m as the fraction). Bit 31 set:
+// (2^23 + m)·2^-24 = f; clear: m·2^-24 = f − 0.5, exact (Sterbenz), +0 for m = 0.
+__device__ __forceinline__ float uniform_from_word(uint32_t w) {
+  const float f = __uint_as_float(0x3f000000u | ((w >> 8) & 0x7fffffu));
+  return (w & 0x80000000u) != 0u ? f : __fsub_rn(f, 0.5f);
+}
+
 // The 4 uniforms of elements index .. index + 3 (index % 4 == 0) from one Philox call: the
 // 4 words of one counter block, what philox_uniform returns for each (rng.h).
 __device__ __forceinline__ void philox_uniform4(const PhiloxKey& key, uint64_t index,
@@ -115,7 +147,7 @@ __device__ __forceinline__ void philox_uniform4(const PhiloxKey& key, uint64_t i
   const Philox4 out = philox4x32_10(ctr, static_cast<uint32_t>(key.seed),
                                     static_cast<uint32_t>(key.seed >> 32));
 #pragma unroll
-  for (int k = 0; k < 4; ++k) u[k] = static_cast<float>(out.v[k] >> 8) * (1.0f / 16777216.0f);
+  for (int k = 0; k < 4; ++k) u[k] = uniform_from_word(out.v[k]);
 }
 
 // Sign-extended nibble k (0..3) of a 16-bit word of packed s4 (element 2i low, 2i+1 high).

@@ -4,8 +4,12 @@
 // Work split (the layout of src/cuda/quant/hadamard.cu, see hadamard_warp.cuh): a thread block
 // of 8 warps owns 32 rows × W columns, W = 128·J, J = max(1, block/128); a warp transforms
 // R = max(1, 4/J) rows at a time, their loads issued together. Per lane and chunk, 4 codes
-// leave as one 32-bit word (q), two 16-bit words of packed nibbles (q and e), and a word in
-// the shared tile from which the transposed codes are stored as 4-row column segments.
+// leave as one 32-bit word (q), two 16-bit words of packed nibbles (q and e), and (with q_t) a
+// word in the shared tile from which the transposed codes are stored as 4-row column segments.
+// The kernel is issue-bound (ncu: ~80% of issue slots), so the code counts instructions: one
+// division per element, no rounding/conversion instructions (magic-number adds), no branches
+// in the common path, the Hadamard block a template parameter (bench/README.md, "Quantization
+// passes").
 #include <cmath>
 #include <cstdint>
 #include <type_traits>
@@ -31,15 +35,21 @@ constexpr int kRowsPerBatch = J <= 2 ? 4 / J : 1;
 // The side-channel nibble of r whose code is already known (ref::lsq_residual_encode):
 //   −8 when !(qmin ≤ r ≤ qmax) (±Inf and NaN included), else
 //   clamp(floor(14·(rint(r) − r) + u), −7, 7)      (each step one fp32 rounding)
-__device__ __forceinline__ int residual_nibble(float r, float qmin, float qmax, float u) {
-  if (!(r >= qmin && r <= qmax)) return kLsqClipped;
-  const float delta = __fsub_rn(rintf(r), r);
+// Arguments: clamped = clamp(r, qmin, qmax), so r is in range iff clamped == r (false for NaN
+// and ±Inf); rint_r = rint(clamped) (= rint(r) in range). Returns the nibble's 4 bits.
+// Branch-free: out of range the arithmetic runs on whatever r is (NaN/Inf included; the clamp
+// maps NaN to −7, so nothing is undefined) and the select discards it. floor(clamp(y)) =
+// clamp(floor(y)) (floor is monotonic and fixes integers), so floor_bits applies.
+__device__ __forceinline__ uint32_t residual_nibble(float r, float clamped, float rint_r, float u) {
+  const float delta = __fsub_rn(rint_r, r);
   const float t = __fmul_rn(static_cast<float>(kLsqResidualSteps), delta);
-  const float e = fminf(fmaxf(floorf(__fadd_rn(t, u)), -7.0f), 7.0f);
-  return static_cast<int>(e);
+  const float y = fminf(fmaxf(__fadd_rn(t, u), -7.0f), 7.0f);
+  const uint32_t e = linear_detail::floor_bits(y) & 0xfu;
+  return clamped == r ? e : static_cast<uint32_t>(kLsqClipped) & 0xfu;
 }
 
-template <class T, int J>
+// B: the Hadamard block at compile time (hadamard_warp's B; 128·J when J > 1).
+template <class T, int J, int B>
 __global__ void __launch_bounds__(kThreads)
     hq_lsq_quantize_kernel(HqLsqQuantizeParams<T> p, float norm, int64_t col_tiles,
                            int64_t tiles) {
@@ -64,6 +74,8 @@ __global__ void __launch_bounds__(kThreads)
     const int64_t c0 = (t % col_tiles) * W;
     for (int rb = warp * R; rb < kTileRows; rb += kWarps * R) {
       if (r0 + rb >= p.rows) break;  // rows % 16 == 0 and R | 16: the R rows are all in range
+      // All R·J loads first, then the NaN/Inf test: the status atomics could alias x for the
+      // compiler, so a check between two loads would serialise them.
       float v[R][J][4];
 #pragma unroll
       for (int i = 0; i < R; ++i) {
@@ -73,12 +85,6 @@ __global__ void __launch_bounds__(kThreads)
           const int64_t c = c0 + kChunk * j + 4 * lane;
           if (c < p.cols) {
             linear_detail::load4(p.x + row * p.cols + c, v[i][j]);
-#pragma unroll
-            for (int k = 0; k < 4; ++k) {
-              if (!detail::is_finite(v[i][j][k]))
-                detail::report(p.status, StatusKind::nonfinite,
-                               static_cast<uint64_t>(row * p.cols + c + k));
-            }
           } else {
             // a whole Hadamard block past the end (block | cols): never mixes with real columns
 #pragma unroll
@@ -86,41 +92,78 @@ __global__ void __launch_bounds__(kThreads)
           }
         }
       }
+      bool bad = false;  // one branch per batch; the per-element reports only when taken
+#pragma unroll
+      for (int i = 0; i < R; ++i)
+#pragma unroll
+        for (int j = 0; j < J; ++j)
+#pragma unroll
+          for (int k = 0; k < 4; ++k) bad |= !detail::is_finite(v[i][j][k]);
+      if (bad) {
+        for (int i = 0; i < R; ++i) {
+          for (int j = 0; j < J; ++j) {
+            const int64_t c = c0 + kChunk * j + 4 * lane;
+            for (int k = 0; k < 4; ++k) {
+              if (c < p.cols && !detail::is_finite(v[i][j][k]))
+                detail::report(p.status, StatusKind::nonfinite,
+                               static_cast<uint64_t>((r0 + rb + i) * p.cols + c + k));
+            }
+          }
+        }
+      }
 #pragma unroll
       for (int i = 0; i < R; ++i) {
         const int64_t row = r0 + rb + i;
-        linear_detail::hadamard_warp<J>(v[i], lane, block);
+        linear_detail::hadamard_warp<J, B>(v[i], lane, block);
 #pragma unroll
         for (int j = 0; j < J; ++j) {
           const int64_t c = c0 + kChunk * j + 4 * lane;
           if (c >= p.cols) continue;
           const int64_t idx = row * p.cols + c;
-          float u[4] = {0.0f, 0.0f, 0.0f, 0.0f};
-          if (p.e_packed != nullptr)
-            linear_detail::philox_uniform4(p.key, p.index_base + static_cast<uint64_t>(idx), u);
-          uint32_t word = 0, qpack = 0, epack = 0;
+          // v = (x·H_k)·2^(−k/2);  r = v / s  (one division per element, kept in r[])
+          float r[4];
+          bool overflow = false;
 #pragma unroll
           for (int k = 0; k < 4; ++k) {
-            // v = (x·H_k)·2^(−k/2);  r = v / s;  q = clamp(rint(r), qmin, qmax)
             const float vk = __fmul_rn(v[i][j][k], norm);
-            if (!detail::is_finite(vk))
-              detail::report(p.status, StatusKind::overflow, static_cast<uint64_t>(idx + k));
-            const float r = __fdiv_rn(vk, s);
-            const int code = static_cast<int>(fminf(fmaxf(rintf(r), qmin), qmax));
-            word |= (static_cast<uint32_t>(code) & 0xffu) << (8 * k);
-            qpack |= (static_cast<uint32_t>(code) & 0xfu) << (4 * k);
-            if (p.e_packed != nullptr) {
-              const int e = residual_nibble(r, qmin, qmax, u[k]);
-              epack |= (static_cast<uint32_t>(e) & 0xfu) << (4 * k);
+            overflow |= !detail::is_finite(vk);
+            r[k] = __fdiv_rn(vk, s);
+          }
+          if (overflow) {
+            for (int k = 0; k < 4; ++k) {
+              if (!detail::is_finite(__fmul_rn(v[i][j][k], norm)))
+                detail::report(p.status, StatusKind::overflow, static_cast<uint64_t>(idx + k));
             }
           }
-          *reinterpret_cast<uint32_t*>(&tile[rb + i][kChunk * j + 4 * lane]) = word;
-          if (p.q != nullptr) *reinterpret_cast<uint32_t*>(p.q + idx) = word;
+          // q = clamp(rint(r), qmin, qmax) = rint(clamp(r, qmin, qmax)) (qmin, qmax integers;
+          // NaN → qmin either way, fmaxf drops it): one magic add, no rint/convert
+          float clamped[4], mq[4];
+          uint32_t word = 0, qpack = 0;
+#pragma unroll
+          for (int k = 0; k < 4; ++k) {
+            clamped[k] = fminf(fmaxf(r[k], qmin), qmax);
+            mq[k] = __fadd_rn(clamped[k], linear_detail::kRoundMagic);
+            const uint32_t code = __float_as_uint(mq[k]);  // low byte: the code
+            word |= (code & 0xffu) << (8 * k);
+            qpack |= (code & 0xfu) << (4 * k);
+          }
           const int64_t pidx = row * half_cols + c / 2;
+          if (p.e_packed != nullptr) {  // uniform
+            float u[4];
+            linear_detail::philox_uniform4(p.key, p.index_base + static_cast<uint64_t>(idx), u);
+            uint32_t epack = 0;
+#pragma unroll
+            for (int k = 0; k < 4; ++k) {
+              const float rint_r = __fsub_rn(mq[k], linear_detail::kRoundMagic);
+              epack |= residual_nibble(r[k], clamped[k], rint_r, u[k]) << (4 * k);
+            }
+            *reinterpret_cast<uint16_t*>(p.e_packed + pidx) = static_cast<uint16_t>(epack);
+          }
+          if (p.q_t != nullptr)  // uniform across the block
+            *reinterpret_cast<uint32_t*>(&tile[rb + i][kChunk * j + 4 * lane]) = word;
+          if (p.q != nullptr) *reinterpret_cast<uint32_t*>(p.q + idx) = word;
           if (p.q_packed != nullptr)
             *reinterpret_cast<uint16_t*>(p.q_packed + pidx) = static_cast<uint16_t>(qpack);
-          if (p.e_packed != nullptr)
-            *reinterpret_cast<uint16_t*>(p.e_packed + pidx) = static_cast<uint16_t>(epack);
         }
       }
     }
@@ -187,9 +230,9 @@ void hq_lsq_quantize_impl(const HqLsqQuantizeParams<T>& p, cudaStream_t stream) 
   q.key.role = RngRole::rounding;
   // 2^(−k/2): the same expression as ref::hadamard_norm (fp64, one rounding to fp32)
   const float norm = static_cast<float>(1.0 / std::sqrt(static_cast<double>(p.block)));
-  const int chunks = p.block <= kChunk ? 1 : static_cast<int>(p.block / kChunk);
-  const auto launch = [&](auto jc) {
+  const auto launch = [&](auto jc, auto bc) {
     constexpr int J = decltype(jc)::value;
+    constexpr int B = decltype(bc)::value;
     const int64_t col_tiles = detail::ceil_div(p.cols, kChunk * J);
     const int64_t tiles = detail::ceil_div(p.rows, kTileRows) * col_tiles;
     // One tile per block: the kernel is bound by its arithmetic (an IEEE division and a
@@ -198,14 +241,23 @@ void hq_lsq_quantize_impl(const HqLsqQuantizeParams<T>& p, cudaStream_t stream) 
     // by the CUDA limit.
     detail::check_grid_extent(tiles, fn, "the tiling");
     const int64_t blocks = tiles;
-    hq_lsq_quantize_kernel<T, J><<<static_cast<unsigned>(blocks), kThreads, 0, stream>>>(
+    hq_lsq_quantize_kernel<T, J, B><<<static_cast<unsigned>(blocks), kThreads, 0, stream>>>(
         q, norm, col_tiles, tiles);
   };
-  switch (chunks) {
-    case 1: launch(std::integral_constant<int, 1>{}); break;
-    case 2: launch(std::integral_constant<int, 2>{}); break;
-    case 4: launch(std::integral_constant<int, 4>{}); break;
-    default: launch(std::integral_constant<int, 8>{}); break;
+  using std::integral_constant;
+  constexpr integral_constant<int, 1> one{};
+  switch (p.block) {  // a power of two in [1, 1024] (checked above)
+    case 1: launch(one, integral_constant<int, 1>{}); break;
+    case 2: launch(one, integral_constant<int, 2>{}); break;
+    case 4: launch(one, integral_constant<int, 4>{}); break;
+    case 8: launch(one, integral_constant<int, 8>{}); break;
+    case 16: launch(one, integral_constant<int, 16>{}); break;
+    case 32: launch(one, integral_constant<int, 32>{}); break;
+    case 64: launch(one, integral_constant<int, 64>{}); break;
+    case 128: launch(one, integral_constant<int, 128>{}); break;
+    case 256: launch(integral_constant<int, 2>{}, integral_constant<int, 256>{}); break;
+    case 512: launch(integral_constant<int, 4>{}, integral_constant<int, 512>{}); break;
+    default: launch(integral_constant<int, 8>{}, integral_constant<int, 1024>{}); break;
   }
   NB_CUDA_CHECK_LAUNCH();
 }

@@ -21,21 +21,76 @@ constexpr int kMaxGridStride = 1024;
 // ---- bitsplit -------------------------------------------------------------------------------
 
 // First pass: scale[1] = max(0, max_i |g_i|). Non-negative floats order like their bit
-// patterns, so an unsigned atomicMax is an exact float max (scale[1] starts at +0).
+// patterns, so an unsigned atomicMax is an exact float max (scale[1] starts at +0), and so is
+// an unsigned max of |g|'s bit patterns inside a thread (a bf16's pattern is the top half of
+// its fp32 one: two of them at once by __vmaxu2).
+//
+// vec (g 16-byte aligned): each thread reads 16-byte vectors, four in flight per iteration
+// (one 2-byte load per thread and step left the pass latency-bound: ~4 KB in flight per SM);
+// a vector with a NaN/Inf (its largest |pattern| ≥ the infinity pattern) is re-read element by
+// element to report them. The n % (16 / sizeof(T)) tail and unaligned g take the scalar loop.
 template <class T>
-__global__ void __launch_bounds__(kThreads) absmax_kernel(BitSplitParams<T> p) {
+__device__ __forceinline__ uint32_t abs_bits(T v) {
+  return __float_as_uint(fabsf(detail::to_f32(v)));
+}
+
+template <class T>
+__device__ __forceinline__ uint32_t vector_abs_max(const uint4& w) {
+  if constexpr (sizeof(T) == 4) {
+    return max(max(w.x & 0x7fffffffu, w.y & 0x7fffffffu),
+               max(w.z & 0x7fffffffu, w.w & 0x7fffffffu));
+  } else {
+    const uint32_t m2 = __vmaxu2(__vmaxu2(w.x & 0x7fff7fffu, w.y & 0x7fff7fffu),
+                                 __vmaxu2(w.z & 0x7fff7fffu, w.w & 0x7fff7fffu));
+    return max(m2 & 0xffffu, m2 >> 16) << 16;
+  }
+}
+
+template <class T>
+__device__ __forceinline__ void absmax_scalar(const BitSplitParams<T>& p, int64_t i,
+                                              uint32_t& m) {
+  const uint32_t b = abs_bits(p.g[i]);
+  if (b < 0x7f800000u) {
+    m = max(m, b);
+  } else {
+    detail::report(p.status, StatusKind::nonfinite, static_cast<uint64_t>(i));
+  }
+}
+
+template <class T>
+__global__ void __launch_bounds__(kThreads) absmax_kernel(BitSplitParams<T> p, bool vec) {
+  constexpr int V = 16 / static_cast<int>(sizeof(T));  // elements per 16-byte vector
+  constexpr int kInFlight = 4;
   __shared__ float warp_max[kWarps];
   const int64_t n = p.rows * p.cols;
-  float m = 0.0f;
-  for (int64_t i = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x; i < n;
-       i += static_cast<int64_t>(gridDim.x) * kThreads) {
-    const float v = detail::to_f32(p.g[i]);
-    if (detail::is_finite(v)) {
-      m = fmaxf(m, fabsf(v));
-    } else {
-      detail::report(p.status, StatusKind::nonfinite, static_cast<uint64_t>(i));
+  const int64_t stride = static_cast<int64_t>(gridDim.x) * kThreads;
+  const int64_t tid = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x;
+  uint32_t mb = 0;  // max |g| bit pattern over the finite elements seen
+  int64_t done = 0;  // elements [0, done) belong to the vector loop
+  if (vec) {
+    const int64_t nv = n / V;
+    const uint4* gv = reinterpret_cast<const uint4*>(p.g);
+    const auto take = [&](const uint4& w, int64_t v) {
+      const uint32_t b = vector_abs_max<T>(w);
+      if (b < 0x7f800000u) {
+        mb = max(mb, b);
+      } else {
+        for (int e = 0; e < V; ++e) absmax_scalar(p, v * V + e, mb);
+      }
+    };
+    int64_t v = tid;
+    for (; v + (kInFlight - 1) * stride < nv; v += kInFlight * stride) {
+      uint4 w[kInFlight];
+#pragma unroll
+      for (int k = 0; k < kInFlight; ++k) w[k] = gv[v + k * stride];
+#pragma unroll
+      for (int k = 0; k < kInFlight; ++k) take(w[k], v + k * stride);
     }
+    for (; v < nv; v += stride) take(gv[v], v);
+    done = nv * V;
   }
+  for (int64_t i = done + tid; i < n; i += stride) absmax_scalar(p, i, mb);
+  float m = __uint_as_float(mb);  // finite and ≥ 0: fmaxf below is exact
   m = detail::warp_max(m);
   if ((threadIdx.x & 31) == 0) warp_max[threadIdx.x >> 5] = m;
   __syncthreads();
@@ -43,6 +98,34 @@ __global__ void __launch_bounds__(kThreads) absmax_kernel(BitSplitParams<T> p) {
     for (int w = 1; w < kWarps; ++w) m = fmaxf(m, warp_max[w]);
     atomicMax(reinterpret_cast<unsigned int*>(p.scale + 1), __float_as_uint(m));
   }
+}
+
+// The splitting arithmetic replaces rounding and int <-> float conversion instructions (FRND,
+// F2I, I2F) by adds and bit operations (the pass is issue-bound); each replacement is exact.
+// 1.5·2^23: for fp32 |v| ≤ 2^21, v + kRoundMagic = rint(v) + 1.5·2^23 (the sum's ulp is 1, ties
+// to even like rintf), whose bit pattern is 0x4B400000 + rint(v).
+constexpr float kRoundMagic = 12582912.0f;
+constexpr uint32_t kRoundMagicBits = 0x4B400000u;
+
+// floor(v) for |v| ≤ 2^21 as 0x4B400000 + floor(v): the exact sum v + 1.5·2^23 lies in
+// [2^23, 2^24), where the fp32 values are the integers, so rounding it down (__fadd_rd) gives
+// 1.5·2^23 + floor(v).
+__device__ __forceinline__ uint32_t floor_bits(float v) {
+  return __float_as_uint(__fadd_rd(v, kRoundMagic));
+}
+
+// philox_uniform's (w >> 8)·2^-24 without an int -> float conversion: with m = bits 8..30 of w,
+// f = 0.5 + m·2^-24 exactly; bit 31 set: (2^23 + m)·2^-24 = f; clear: f − 0.5 (exact, Sterbenz).
+__device__ __forceinline__ float uniform_from_word(uint32_t w) {
+  const float f = __uint_as_float(0x3f000000u | ((w >> 8) & 0x7fffffu));
+  return (w & 0x80000000u) != 0u ? f : __fsub_rn(f, 0.5f);
+}
+
+// The low bytes of a, b, c, d as one little-endian word (two byte permutes).
+__device__ __forceinline__ uint32_t pack_bytes(int a, int b, int c, int d) {
+  const uint32_t ab = __byte_perm(static_cast<uint32_t>(a), static_cast<uint32_t>(b), 0x0040);
+  const uint32_t cd = __byte_perm(static_cast<uint32_t>(c), static_cast<uint32_t>(d), 0x0040);
+  return __byte_perm(ab, cd, 0x5410);
 }
 
 // The 4 uniforms of elements index .. index + 3 (index % 4 == 0) from ONE Philox call: they
@@ -56,7 +139,7 @@ __device__ __forceinline__ void philox_uniform4(const PhiloxKey& key, uint64_t i
   const Philox4 out = philox4x32_10(ctr, static_cast<uint32_t>(key.seed),
                                     static_cast<uint32_t>(key.seed >> 32));
 #pragma unroll
-  for (int k = 0; k < 4; ++k) u[k] = static_cast<float>(out.v[k] >> 8) * (1.0f / 16777216.0f);
+  for (int k = 0; k < 4; ++k) u[k] = uniform_from_word(out.v[k]);
 }
 
 // Second pass over 32 × 128 tiles. Lane l holds the 4 consecutive columns 4l .. 4l+3 of a tile
@@ -67,7 +150,7 @@ __device__ __forceinline__ void philox_uniform4(const PhiloxKey& key, uint64_t i
 //   lo = clamp(floor((T − 14·hi) + u), −6, 6);  combined = 14·hi + lo
 template <class T>
 __global__ void __launch_bounds__(kThreads) bitsplit_kernel(BitSplitParams<T> p, bool vec,
-                                                            bool vec_t) {
+                                                            bool vec_t, bool vec16_t) {
   constexpr int kRowsPerWarp = kTileRows / kWarps;
   __shared__ __align__(16) int8_t tile[kTileRows][kTileCols + 4];  // +4: conflict-free columns
   const int lane = threadIdx.x & 31;
@@ -115,25 +198,32 @@ __global__ void __launch_bounds__(kThreads) bitsplit_kernel(BitSplitParams<T> p,
 #pragma unroll
       for (int k = 0; k < 4; ++k) u[k] = philox_uniform(p.key, static_cast<uint64_t>(idx + k));
     }
-    uint32_t word_hi = 0, word_lo = 0, word_comb = 0;  // 4 codes each, element k in byte k
-    long long sum_hi = 0, sum_lo = 0;
+    int hqs[4], lqs[4];
 #pragma unroll
     for (int k = 0; k < 4; ++k) {
       const float t = __fdiv_rn(g[i][k], s);
-      const float h = fminf(fmaxf(rintf(__fdiv_rn(t, base)), -half), half);
-      const float l =
-          fminf(fmaxf(floorf(__fadd_rn(__fsub_rn(t, __fmul_rn(base, h)), u[k])), -half), half);
-      const int hq = static_cast<int>(h);
-      const int lq = static_cast<int>(l);
-      word_hi |= (static_cast<uint32_t>(hq) & 0xffu) << (8 * k);
-      word_lo |= (static_cast<uint32_t>(lq) & 0xffu) << (8 * k);
-      word_comb |= (static_cast<uint32_t>(kBitSplitBase * hq + lq) & 0xffu) << (8 * k);
-      if (c + k < p.cols) {  // padding columns are 0 and give 0 codes, but keep sums clean
-        sum_hi += hq * hq;
-        sum_lo += lq * lq;
-      }
+      // clamp(rint(q), −6, 6) = rint(clamp(q, −6, 6)) and clamp(floor(y), ..) = floor(clamp(y, ..))
+      // (monotonic, integers fixed; NaN → −6 either way): magic adds instead of FRND/F2I
+      const float hm = __fadd_rn(fminf(fmaxf(__fdiv_rn(t, base), -half), half), kRoundMagic);
+      const float h = __fsub_rn(hm, kRoundMagic);  // exact
+      const float y =
+          fminf(fmaxf(__fadd_rn(__fsub_rn(t, __fmul_rn(base, h)), u[k]), -half), half);
+      const int hq = static_cast<int>(__float_as_uint(hm) - kRoundMagicBits);
+      const int lq = static_cast<int>(floor_bits(y) - kRoundMagicBits);
+      hqs[k] = hq;
+      lqs[k] = lq;
     }
-    *reinterpret_cast<uint32_t*>(&tile[rb + i][4 * lane]) = word_comb;
+    // 4 codes per word, element k in byte k; hi and lo only when asked for (uniform)
+    const uint32_t word_comb = pack_bytes(kBitSplitBase * hqs[0] + lqs[0],
+                                          kBitSplitBase * hqs[1] + lqs[1],
+                                          kBitSplitBase * hqs[2] + lqs[2],
+                                          kBitSplitBase * hqs[3] + lqs[3]);
+    const uint32_t word_hi =
+        p.hi != nullptr ? pack_bytes(hqs[0], hqs[1], hqs[2], hqs[3]) : 0u;
+    const uint32_t word_lo =
+        p.lo != nullptr ? pack_bytes(lqs[0], lqs[1], lqs[2], lqs[3]) : 0u;
+    if (p.combined_t != nullptr)  // uniform across the block
+      *reinterpret_cast<uint32_t*>(&tile[rb + i][4 * lane]) = word_comb;
     if (vec && c < p.cols) {
       if (p.hi != nullptr) *reinterpret_cast<uint32_t*>(p.hi + idx) = word_hi;
       if (p.lo != nullptr) *reinterpret_cast<uint32_t*>(p.lo + idx) = word_lo;
@@ -147,9 +237,17 @@ __global__ void __launch_bounds__(kThreads) bitsplit_kernel(BitSplitParams<T> p,
         if (p.combined != nullptr) p.combined[idx + k] = static_cast<int8_t>(word_comb >> (8 * k));
       }
     }
-    if (p.row_sumsq != nullptr) {
-      sum_hi = detail::warp_sum(sum_hi);
-      sum_lo = detail::warp_sum(sum_lo);
+    if (p.row_sumsq != nullptr) {  // uniform; only the sampled backward asks for the sums
+      int lane_hi = 0, lane_lo = 0;  // ≤ 4·36 each
+#pragma unroll
+      for (int k = 0; k < 4; ++k) {
+        if (c + k < p.cols) {  // padding columns are 0 and give 0 codes, but keep sums clean
+          lane_hi += hqs[k] * hqs[k];
+          lane_lo += lqs[k] * lqs[k];
+        }
+      }
+      const long long sum_hi = detail::warp_sum(static_cast<long long>(lane_hi));
+      const long long sum_lo = detail::warp_sum(static_cast<long long>(lane_lo));
       if (lane == 0) {
         // integer sums: exact and order-independent across the column tiles
         atomicAdd(reinterpret_cast<unsigned long long*>(p.row_sumsq + row),
@@ -161,7 +259,29 @@ __global__ void __launch_bounds__(kThreads) bitsplit_kernel(BitSplitParams<T> p,
   }
   if (p.combined_t == nullptr) return;  // uniform across the block
   __syncthreads();
-  if (vec_t) {
+  if (vec16_t) {
+    // thread = 2·column + half: combined_t[c, r0 + 16·half .. +15] as one 16-byte store, so a
+    // warp writes 16 columns × 32 contiguous bytes per instruction (rows % 16 == 0: the 16 rows
+    // are all in range or all out). The byte reads hit distinct banks (rows 16 apart are 2112
+    // bytes = 16 banks apart).
+    static_assert(kThreads == 2 * kTileCols, "one thread per column half");
+    const int cc = threadIdx.x >> 1;
+    const int rh = 16 * (threadIdx.x & 1);
+    const int64_t col = c0 + cc;
+    const int64_t row = r0 + rh;
+    if (col < p.cols && row < p.rows) {
+      uint32_t w[4];
+#pragma unroll
+      for (int q = 0; q < 4; ++q) {
+        w[q] = static_cast<uint8_t>(tile[rh + 4 * q][cc]) |
+               (static_cast<uint32_t>(static_cast<uint8_t>(tile[rh + 4 * q + 1][cc])) << 8) |
+               (static_cast<uint32_t>(static_cast<uint8_t>(tile[rh + 4 * q + 2][cc])) << 16) |
+               (static_cast<uint32_t>(static_cast<uint8_t>(tile[rh + 4 * q + 3][cc])) << 24);
+      }
+      *reinterpret_cast<uint4*>(p.combined_t + col * p.rows + row) =
+          make_uint4(w[0], w[1], w[2], w[3]);
+    }
+  } else if (vec_t) {
     // lane = 8·(column within a group of 4) + q: combined_t[c, r0 + 4q .. 4q+3] as one word
     const int q = lane & 7;
     const int64_t row = r0 + 4 * q;
@@ -467,15 +587,16 @@ void bitsplit_impl(const BitSplitParams<T>& p, cudaStream_t stream) {
     NB_CUDA_CHECK(cudaMemsetAsync(p.row_sumsq, 0, static_cast<size_t>(2 * p.rows) * sizeof(int64_t),
                                   stream));
   }
-  absmax_kernel<T><<<grid_stride_blocks(n), kThreads, 0, stream>>>(p);
-  NB_CUDA_CHECK_LAUNCH();
   auto aligned4 = [](const void* ptr, size_t bytes) {
     return ptr == nullptr || reinterpret_cast<uintptr_t>(ptr) % bytes == 0;
   };
+  absmax_kernel<T><<<grid_stride_blocks(n), kThreads, 0, stream>>>(p, aligned4(p.g, 16));
+  NB_CUDA_CHECK_LAUNCH();
   const bool vec = p.cols % 4 == 0 && aligned4(p.g, 4 * sizeof(T)) && aligned4(p.hi, 4) &&
                    aligned4(p.lo, 4) && aligned4(p.combined, 4);
   const bool vec_t = p.rows % 4 == 0 && aligned4(p.combined_t, 4);
-  bitsplit_kernel<T><<<tile_grid(p.rows, p.cols), kThreads, 0, stream>>>(p, vec, vec_t);
+  const bool vec16_t = p.rows % 16 == 0 && aligned4(p.combined_t, 16);
+  bitsplit_kernel<T><<<tile_grid(p.rows, p.cols), kThreads, 0, stream>>>(p, vec, vec_t, vec16_t);
   NB_CUDA_CHECK_LAUNCH();
 }
 
