@@ -5,11 +5,13 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstring>
 #include <functional>
 #include <vector>
 
 #include "nibble/error.h"
 #include "nibble/parallel.h"
+#include "ref/simd.h"
 
 namespace nibble::ref {
 namespace {
@@ -25,12 +27,119 @@ void check_scores(const char* op, const float* scores, int64_t n) {
   }
 }
 
-// Row norms in fp64, rounded once to fp32: sqrt(Σ_c q[r,c]²).
+// Row norms in fp64, rounded once to fp32: sqrt(Σ_c q[r,c]²). Every partial sum of these
+// integer squares is an integer below 2^53, exact in fp64 in any order, so the sum is taken
+// in integers (which vectorize): int32 over blocks of 2^16 squares (≤ 2^30), then int64.
 float row_norm_s8(const int8_t* row, int64_t cols) {
-  double sum = 0.0;
-  for (int64_t c = 0; c < cols; ++c) sum += static_cast<double>(row[c]) * row[c];
-  return static_cast<float>(std::sqrt(sum));
+  constexpr int64_t kBlock = int64_t{1} << 16;
+  int64_t sum = 0;
+  for (int64_t c0 = 0; c0 < cols; c0 += kBlock) {
+    const int64_t c1 = std::min(cols, c0 + kBlock);
+    int32_t part = 0;
+    for (int64_t c = c0; c < c1; ++c) part += static_cast<int32_t>(row[c]) * row[c];
+    sum += part;
+  }
+  return static_cast<float>(std::sqrt(static_cast<double>(sum)));
 }
+
+// min(0, min g) and max(0, max g) over n values; false if any value is not finite.
+// min and max are exact, so any split of the values into runs or lanes gives the same
+// extremes up to the sign of a zero result, which s = 2·max(|min − 1e-8|, |max + 1e-8|)/196
+// does not see.
+bool finite_min_max_plain(const float* g, int64_t n, float* g_min, float* g_max) {
+  bool finite = true;
+  float lo = 0.0f, hi = 0.0f;
+  for (int64_t i = 0; i < n; ++i) {
+    finite = finite && std::isfinite(g[i]);
+    lo = std::min(lo, g[i]);
+    hi = std::max(hi, g[i]);
+  }
+  *g_min = lo;
+  *g_max = hi;
+  return finite;
+}
+
+#ifdef NB_HAVE_X86_DISPATCH
+// finite_min_max_plain with 8-float vectors: min_ps(v, lo) is (v < lo ? v : lo), std::min's
+// choice; the test for non-finite values looks for all exponent bits set.
+NB_TARGET_AVX2 bool finite_min_max_avx2(const float* g, int64_t n, float* g_min, float* g_max) {
+  __m256 lo = _mm256_setzero_ps(), hi = lo;
+  __m256i bad = _mm256_setzero_si256();
+  const __m256i exponent = _mm256_set1_epi32(0x7f800000);
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) {
+    const __m256 v = _mm256_loadu_ps(g + i);
+    lo = _mm256_min_ps(v, lo);
+    hi = _mm256_max_ps(v, hi);
+    const __m256i e = _mm256_and_si256(_mm256_castps_si256(v), exponent);
+    bad = _mm256_or_si256(bad, _mm256_cmpeq_epi32(e, exponent));
+  }
+  alignas(32) float lanes[16];
+  _mm256_store_ps(lanes, lo);
+  _mm256_store_ps(lanes + 8, hi);
+  float tail_min = 0.0f, tail_max = 0.0f;
+  const bool ok = finite_min_max_plain(g + i, n - i, &tail_min, &tail_max) &&
+                  _mm256_testz_si256(bad, bad);
+  for (int l = 0; l < 8; ++l) {
+    tail_min = std::min(tail_min, lanes[l]);
+    tail_max = std::max(tail_max, lanes[8 + l]);
+  }
+  *g_min = tail_min;
+  *g_max = tail_max;
+  return ok;
+}
+#endif
+
+// The split of `count` elements with their uniforms u: the header's formulas, per element.
+void split_plain(const float* g, const float* u, int64_t count, float s, int8_t* hi, int8_t* lo,
+                 int8_t* combined) {
+  const float base = static_cast<float>(kBitSplitBase);
+  const float half = static_cast<float>(kBitSplitHalf);
+  for (int64_t i = 0; i < count; ++i) {
+    // T = g / s;  hi = clamp(rne(T / 14), −6, 6)   (rintf: half to even)
+    const float t = g[i] / s;
+    const float h = std::clamp(std::nearbyint(t / base), -half, half);
+    // lo = clamp(floor((T − 14·hi) + u), −6, 6)
+    const float l = std::clamp(std::floor((t - base * h) + u[i]), -half, half);
+    const int32_t hq = static_cast<int32_t>(h);
+    const int32_t lq = static_cast<int32_t>(l);
+    hi[i] = static_cast<int8_t>(hq);
+    lo[i] = static_cast<int8_t>(lq);
+    if (combined != nullptr) combined[i] = static_cast<int8_t>(kBitSplitBase * hq + lq);
+  }
+}
+
+#ifdef NB_HAVE_X86_DISPATCH
+// split_plain on 32 elements per step, the same operations per lane (ref/simd.h).
+NB_TARGET_AVX2 void split_avx2(const float* g, const float* u, int64_t count, float s, int8_t* hi,
+                               int8_t* lo, int8_t* combined) {
+  const __m256 vs = _mm256_set1_ps(s);
+  const __m256 base = _mm256_set1_ps(static_cast<float>(kBitSplitBase));
+  const __m256 half = _mm256_set1_ps(static_cast<float>(kBitSplitHalf));
+  const __m256 neg_half = _mm256_set1_ps(-static_cast<float>(kBitSplitHalf));
+  const __m256i base_i = _mm256_set1_epi32(kBitSplitBase);
+  int64_t i = 0;
+  for (; i + 32 <= count; i += 32) {
+    __m256i hq[4], lq[4], cq[4];
+    for (int k = 0; k < 4; ++k) {
+      const __m256 t = _mm256_div_ps(_mm256_loadu_ps(g + i + 8 * k), vs);
+      const __m256 h =
+          detail::clamp_ps(detail::nearbyint_ps(_mm256_div_ps(t, base)), neg_half, half);
+      const __m256 r = _mm256_add_ps(_mm256_sub_ps(t, _mm256_mul_ps(base, h)),
+                                     _mm256_loadu_ps(u + i + 8 * k));
+      const __m256 l = detail::clamp_ps(_mm256_floor_ps(r), neg_half, half);
+      hq[k] = _mm256_cvtps_epi32(h);  // integers: the conversion is exact
+      lq[k] = _mm256_cvtps_epi32(l);
+      cq[k] = _mm256_add_epi32(_mm256_mullo_epi32(base_i, hq[k]), lq[k]);
+    }
+    detail::store_s8x32(hi + i, hq);
+    detail::store_s8x32(lo + i, lq);
+    if (combined != nullptr) detail::store_s8x32(combined + i, cq);
+  }
+  split_plain(g + i, u + i, count - i, s, hi + i, lo + i,
+              combined != nullptr ? combined + i : nullptr);
+}
+#endif
 
 }  // namespace
 
@@ -43,38 +152,59 @@ float bitsplit(const float* g, int64_t rows, int64_t cols, const PhiloxKey& key,
                                              : hi == nullptr ? "hi"
                                                              : "lo")
                                          << "; pass [rows, cols] buffers (combined may be null)");
-  // One pass: reject non-finite values (first bad index) and find min/max.
+  [[maybe_unused]] const bool avx2 = detail::use_avx2();
+  // One pass for min/max and finiteness; on a failure, a second finds the first bad index.
   float g_min = 0.0f;  // clamped ≤ 0
   float g_max = 0.0f;  // clamped ≥ 0
-  for (int64_t i = 0; i < rows * cols; ++i) {
-    NB_CHECK(std::isfinite(g[i]), "bitsplit: g[" << i / cols << ", " << i % cols << "] = " << g[i]
-                                                 << " is not finite; the gradient diverged "
-                                                    "upstream (lower the learning rate or "
-                                                    "check the loss)");
-    g_min = std::min(g_min, g[i]);
-    g_max = std::max(g_max, g[i]);
+  // Runs of 2^15 values (in parallel for large g: detail::scan_runs), merged in run order;
+  // min/max are exact.
+  constexpr int64_t kRun = int64_t{1} << 15;
+  const int64_t n_runs = (rows * cols + kRun - 1) / kRun;
+  std::vector<float> run_min(static_cast<size_t>(n_runs)), run_max(run_min.size());
+  std::vector<uint8_t> run_ok(run_min.size());
+  detail::scan_runs(rows * cols, kRun, [&](int64_t i0, int64_t i1) {
+    const auto run = static_cast<size_t>(i0 / kRun);
+#ifdef NB_HAVE_X86_DISPATCH
+    if (avx2) {
+      run_ok[run] = finite_min_max_avx2(g + i0, i1 - i0, &run_min[run], &run_max[run]);
+      return;
+    }
+#endif
+    run_ok[run] = finite_min_max_plain(g + i0, i1 - i0, &run_min[run], &run_max[run]);
+  });
+  bool finite = true;
+  for (size_t run = 0; run < run_min.size(); ++run) {
+    finite = finite && run_ok[run] != 0;
+    g_min = std::min(g_min, run_min[run]);
+    g_max = std::max(g_max, run_max[run]);
+  }
+  if (!finite) {
+    for (int64_t i = 0; i < rows * cols; ++i) {
+      NB_CHECK(std::isfinite(g[i]), "bitsplit: g[" << i / cols << ", " << i % cols << "] = " << g[i]
+                                                   << " is not finite; the gradient diverged "
+                                                      "upstream (lower the learning rate or "
+                                                      "check the loss)");
+    }
   }
   // m = max(|min − 1e-8|, |max + 1e-8|): the 1e-8 keeps s > 0 for an all-zero gradient.
   const float m = std::max(std::fabs(g_min - 1e-8f), std::fabs(g_max + 1e-8f));
   // s = 2m / 196 (fp32, multiply first)
   const float s = 2.0f * m / static_cast<float>(kBitSplitLevels);
-  const float base = static_cast<float>(kBitSplitBase);
-  const float half = static_cast<float>(kBitSplitHalf);
-  parallel_rows(rows, rows * cols, [&](int64_t r) {
-    for (int64_t c = 0; c < cols; ++c) {
-      const int64_t idx = r * cols + c;
-      // T = g / s;  hi = clamp(rne(T / 14), −6, 6)   (rintf: half to even)
-      const float t = g[idx] / s;
-      const float h = std::clamp(std::nearbyint(t / base), -half, half);
-      // lo = clamp(floor((T − 14·hi) + u), −6, 6),  u = philox_uniform(key, r·cols + c)
-      const float u = philox_uniform(key, static_cast<uint64_t>(idx));
-      const float l = std::clamp(std::floor((t - base * h) + u), -half, half);
-      const int32_t hq = static_cast<int32_t>(h);
-      const int32_t lq = static_cast<int32_t>(l);
-      hi[idx] = static_cast<int8_t>(hq);
-      lo[idx] = static_cast<int8_t>(lq);
-      if (combined != nullptr) combined[idx] = static_cast<int8_t>(kBitSplitBase * hq + lq);
+  // Element idx = r·cols + c draws u = philox_uniform(key, idx), so a chunk of whole rows
+  // is one run of consecutive indices.
+  const int64_t rows_per_chunk = std::max<int64_t>(1, 16384 / cols);
+  detail::parallel_chunks(rows, rows_per_chunk, cols, [&](int64_t r0, int64_t r1) {
+    const int64_t first = r0 * cols, count = (r1 - r0) * cols;
+    std::vector<float> u(static_cast<size_t>(count));
+    detail::philox_uniforms(key, static_cast<uint64_t>(first), count, u.data());
+    int8_t* comb = combined != nullptr ? combined + first : nullptr;
+#ifdef NB_HAVE_X86_DISPATCH
+    if (avx2) {
+      split_avx2(g + first, u.data(), count, s, hi + first, lo + first, comb);
+      return;
     }
+#endif
+    split_plain(g + first, u.data(), count, s, hi + first, lo + first, comb);
   });
   return s;
 }

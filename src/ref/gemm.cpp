@@ -1,7 +1,10 @@
 // CPU reference integer GEMMs (TN: C[M, N] = A[M, K] · B[N, K]ᵀ) and the dequantizing
-// epilogue. Plain loops: one parallel_for over the rows of C, each row accumulating in int32.
+// epilogue. The plain loops (one parallel_for over the rows of C, each row accumulating in
+// int32) are the oracle; the GEMMs run the register-blocked kernels of gemm_blocked.cpp,
+// which return the same bits (gemm.h), picked once for this CPU.
 #include "ref/gemm.h"
 
+#include <algorithm>
 #include <cmath>
 #include <cstdlib>
 #include <functional>
@@ -11,6 +14,7 @@
 #include "nibble/error.h"
 #include "nibble/format.h"
 #include "nibble/parallel.h"
+#include "ref/gemm_blocked.h"
 
 namespace nibble::ref {
 namespace {
@@ -32,14 +36,30 @@ void check_gemm_args(const char* op, const void* a, const void* b, int64_t m, in
               << "; pass buffers of [M, K], [N, K] and [M, N] elements");
 }
 
-// Largest |code| in a buffer of int8 codes (128 for −128).
-int32_t max_abs_s8(const int8_t* q, int64_t count) {
-  int32_t mx = 0;
+// Largest |code| in a buffer of int8 codes (128 for −128), from the smallest and largest
+// code: integer min/max reductions, which compilers vectorize.
+NB_ALWAYS_INLINE int32_t max_abs_s8_body(const int8_t* q, int64_t count) {
+  int8_t lo = 0, hi = 0;
   for (int64_t i = 0; i < count; ++i) {
-    const int32_t v = std::abs(static_cast<int32_t>(q[i]));
-    if (v > mx) mx = v;
+    lo = std::min(lo, q[i]);
+    hi = std::max(hi, q[i]);
   }
-  return mx;
+  return std::max(-static_cast<int32_t>(lo), static_cast<int32_t>(hi));
+}
+NB_TARGET_AVX2 int32_t max_abs_s8_avx2(const int8_t* q, int64_t count) {
+  return max_abs_s8_body(q, count);
+}
+int32_t max_abs_s8(const int8_t* q, int64_t count) {
+  // Runs of 2^16 codes (in parallel for large buffers: detail::scan_runs); the largest of
+  // their maxima.
+  constexpr int64_t kRun = int64_t{1} << 16;
+  std::vector<int32_t> run_max(static_cast<size_t>((count + kRun - 1) / kRun), 0);
+  const bool avx2 = detail::use_avx2();
+  detail::scan_runs(count, kRun, [&](int64_t i0, int64_t i1) {
+    run_max[static_cast<size_t>(i0 / kRun)] =
+        avx2 ? max_abs_s8_avx2(q + i0, i1 - i0) : max_abs_s8_body(q + i0, i1 - i0);
+  });
+  return *std::max_element(run_max.begin(), run_max.end());
 }
 
 // |Σ_k a·b| ≤ K·max|a|·max|b|: reject K where that bound exceeds the int32 accumulator.
@@ -80,27 +100,98 @@ void gemm_rows_s8s8(const int8_t* a, const int8_t* b, int64_t m, int64_t n, int6
   });
 }
 
+// Runs one kernel on validated arguments.
+void run_kernel(GemmKernel kernel, const int8_t* a, const int8_t* b, int64_t m, int64_t n,
+                int64_t k, int32_t* c) {
+  switch (kernel) {
+    case GemmKernel::loops: gemm_rows_s8s8(a, b, m, n, k, c); return;
+    case GemmKernel::blocked: detail::gemm_s8s8_blocked(a, b, m, n, k, c); return;
+    case GemmKernel::blocked_avx2: detail::gemm_s8s8_blocked_avx2(a, b, m, n, k, c); return;
+    case GemmKernel::blocked_avx512_vnni:
+      detail::gemm_s8s8_blocked_avx512_vnni(a, b, m, n, k, c);
+      return;
+  }
+  NB_FAIL("gemm: unknown kernel " << static_cast<int>(kernel));
+}
+
+// One row of epilogue_dequant without a zero point: y = float(acc) · (sa · sb) + bias.
+// Compiled plainly and for AVX2 (which has no FMA: a multiply, then an add, as written).
+NB_ALWAYS_INLINE void dequant_row_body(const int32_t* acc, int64_t n, float sa, const float* sb,
+                                       const float* bias, float* y) {
+  for (int64_t j = 0; j < n; ++j) y[j] = static_cast<float>(acc[j]) * (sa * sb[j]) + bias[j];
+}
+NB_TARGET_AVX2 void dequant_row_avx2(const int32_t* acc, int64_t n, float sa, const float* sb,
+                                     const float* bias, float* y) {
+  dequant_row_body(acc, n, sa, sb, bias, y);
+}
+
+void check_kernel_available(GemmKernel kernel) {
+  NB_CHECK(gemm_kernel_available(kernel),
+           "gemm_s8s8_s32_tn_with: kernel " << gemm_kernel_name(kernel)
+                                            << " needs an instruction set this CPU lacks; ask "
+                                               "gemm_kernel_available first, or use "
+                                               "gemm_default_kernel()");
+}
+
 }  // namespace
+
+bool gemm_kernel_available(GemmKernel kernel) {
+  switch (kernel) {
+    case GemmKernel::loops:
+    case GemmKernel::blocked: return true;
+    case GemmKernel::blocked_avx2: return detail::cpu_has_avx2();
+    case GemmKernel::blocked_avx512_vnni: return detail::cpu_has_avx512_vnni();
+  }
+  return false;
+}
+
+GemmKernel gemm_default_kernel() {
+  static const GemmKernel best = detail::cpu_has_avx512_vnni() ? GemmKernel::blocked_avx512_vnni
+                                 : detail::cpu_has_avx2()      ? GemmKernel::blocked_avx2
+                                                               : GemmKernel::blocked;
+  return best;
+}
+
+const char* gemm_kernel_name(GemmKernel kernel) {
+  switch (kernel) {
+    case GemmKernel::loops: return "loops";
+    case GemmKernel::blocked: return "blocked";
+    case GemmKernel::blocked_avx2: return "blocked_avx2";
+    case GemmKernel::blocked_avx512_vnni: return "blocked_avx512_vnni";
+  }
+  return "unknown";
+}
+
+void gemm_s8s8_s32_tn_with(GemmKernel kernel, const int8_t* a, const int8_t* b, int64_t m,
+                           int64_t n, int64_t k, int32_t* c) {
+  const char* op = "gemm_s8s8_s32_tn";
+  check_gemm_args(op, a, b, m, n, k, c);
+  check_kernel_available(kernel);
+  check_accumulator_range(op, k, max_abs_s8(a, m * k), max_abs_s8(b, n * k));
+  run_kernel(kernel, a, b, m, n, k, c);
+}
+
+void gemm_s8s8_s32_tn_loops(const int8_t* a, const int8_t* b, int64_t m, int64_t n, int64_t k,
+                            int32_t* c) {
+  gemm_s8s8_s32_tn_with(GemmKernel::loops, a, b, m, n, k, c);
+}
 
 void gemm_s8s8_s32_tn(const int8_t* a, const int8_t* b, int64_t m, int64_t n, int64_t k,
                       int32_t* c) {
-  const char* op = "gemm_s8s8_s32_tn";
-  check_gemm_args(op, a, b, m, n, k, c);
-  check_accumulator_range(op, k, max_abs_s8(a, m * k), max_abs_s8(b, n * k));
-  gemm_rows_s8s8(a, b, m, n, k, c);
+  gemm_s8s8_s32_tn_with(gemm_default_kernel(), a, b, m, n, k, c);
 }
 
 void gemm_s4s4_s32_tn(const uint8_t* a_packed, const uint8_t* b_packed, int64_t m, int64_t n,
                       int64_t k, int32_t* c) {
   const char* op = "gemm_s4s4_s32_tn";
   check_gemm_args(op, a_packed, b_packed, m, n, k, c);
-  // Unpack each operand row once; the int8 product is then the same loop as s8s8.
+  // Unpack each operand row once; the int8 product is then the same kernel as s8s8.
   std::vector<int8_t> a(static_cast<size_t>(m * k));
   std::vector<int8_t> b(static_cast<size_t>(n * k));
   unpack_s4_rows_into(a_packed, m, k, a.data());
   unpack_s4_rows_into(b_packed, n, k, b.data());
   check_accumulator_range(op, k, max_abs_s8(a.data(), m * k), max_abs_s8(b.data(), n * k));
-  gemm_rows_s8s8(a.data(), b.data(), m, n, k, c);
+  run_kernel(gemm_default_kernel(), a.data(), b.data(), m, n, k, c);
 }
 
 void gemm_s8s4_s32_tn(const int8_t* a, const uint8_t* b_packed, int64_t m, int64_t n, int64_t k,
@@ -110,7 +201,7 @@ void gemm_s8s4_s32_tn(const int8_t* a, const uint8_t* b_packed, int64_t m, int64
   std::vector<int8_t> b(static_cast<size_t>(n * k));
   unpack_s4_rows_into(b_packed, n, k, b.data());
   check_accumulator_range(op, k, max_abs_s8(a, m * k), max_abs_s8(b.data(), n * k));
-  gemm_rows_s8s8(a, b.data(), m, n, k, c);
+  run_kernel(gemm_default_kernel(), a, b.data(), m, n, k, c);
 }
 
 void row_sums_s8(const int8_t* b, int64_t n, int64_t k, int32_t* sums) {
@@ -158,6 +249,23 @@ void epilogue_dequant(const int32_t* acc, int64_t m, int64_t n, const DequantEpi
     for (int64_t j = 0; j < n; ++j)
       NB_CHECK(std::isfinite(epi.bias[j]),
                "epilogue_dequant: bias[" << j << "] = " << epi.bias[j] << " is not finite");
+  }
+  if (epi.zp_a == nullptr) {
+    // No zero point: the correction is 0, and int32 -> fp32 rounds acc as int64 -> fp32
+    // would. scale_b and bias expanded to [N] (1 and 0 where absent: the same fp32 values
+    // the general loop uses), so that the row loop has no branches and vectorizes.
+    std::vector<float> sb(static_cast<size_t>(n)), bias(static_cast<size_t>(n));
+    for (int64_t j = 0; j < n; ++j) {
+      sb[static_cast<size_t>(j)] = epi.scale_b ? epi.scale_b[epi.b_per_col ? j : 0] : 1.0f;
+      bias[static_cast<size_t>(j)] = epi.bias ? epi.bias[j] : 0.0f;
+    }
+    const bool avx2 = detail::use_avx2();
+    parallel_rows(m, m * n, [&](int64_t i) {
+      const float sa = epi.scale_a ? epi.scale_a[epi.a_per_row ? i : 0] : 1.0f;
+      if (avx2) dequant_row_avx2(acc + i * n, n, sa, sb.data(), bias.data(), y + i * n);
+      else dequant_row_body(acc + i * n, n, sa, sb.data(), bias.data(), y + i * n);
+    });
+    return;
   }
   parallel_rows(m, m * n, [&](int64_t i) {
     const float sa = epi.scale_a ? epi.scale_a[epi.a_per_row ? i : 0] : 1.0f;

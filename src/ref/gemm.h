@@ -16,6 +16,29 @@ void gemm_s4s4_s32_tn(const uint8_t* a_packed, const uint8_t* b_packed, int64_t 
 void gemm_s8s4_s32_tn(const int8_t* a, const uint8_t* b_packed, int64_t m, int64_t n,
                       int64_t k, int32_t* c);
 
+// ---- kernels ---------------------------------------------------------------------------
+// The GEMMs above run the fastest kernel this CPU supports (chosen once, at run time; the
+// build never assumes an instruction set). Every kernel returns the plain loops' int32
+// results bit for bit: integer sums are exact in any order, because the accumulator check
+// bounds every partial sum too. Selectable here for tests and benchmarks.
+enum class GemmKernel : uint8_t {
+  loops,                // the plain triple loop: the readable oracle
+  blocked,              // 4×16 register tiles over int16-widened panels, portable C++
+  blocked_avx2,         // 4×16 tiles with AVX2 vpmaddwd on int16 pairs (CPUs with AVX2)
+  blocked_avx512_vnni,  // 4×32 tiles with AVX-512 VNNI vpdpbusd on bytes: A is offset by
+                        // +128 to make it unsigned and 128·Σ_k b[n, k] is subtracted after,
+                        // exact modulo 2^32, and the true result fits int32
+};
+bool gemm_kernel_available(GemmKernel kernel);
+GemmKernel gemm_default_kernel();  // what gemm_s8s8_s32_tn and the s4 variants use
+const char* gemm_kernel_name(GemmKernel kernel);
+// gemm_s8s8_s32_tn with a chosen kernel (same checks); throws if this CPU lacks it.
+void gemm_s8s8_s32_tn_with(GemmKernel kernel, const int8_t* a, const int8_t* b, int64_t m,
+                           int64_t n, int64_t k, int32_t* c);
+// The plain loops: gemm_s8s8_s32_tn_with(GemmKernel::loops, ...).
+void gemm_s8s8_s32_tn_loops(const int8_t* a, const int8_t* b, int64_t m, int64_t n, int64_t k,
+                            int32_t* c);
+
 // Σ_k b[n, k] for each row of an int8 B[N, K]: the zero-point correction term.
 void row_sums_s8(const int8_t* b, int64_t n, int64_t k, int32_t* sums);
 

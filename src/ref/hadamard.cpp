@@ -8,6 +8,7 @@
 #include "nibble/error.h"
 #include "nibble/parallel.h"
 #include "ref/quant.h"
+#include "ref/simd.h"
 
 namespace nibble::ref {
 
@@ -46,6 +47,109 @@ int8_t lsq_code(float r, QRange range) {
   return static_cast<int8_t>(c);
 }
 
+// One row of hadamard_blocks: the plain butterfly in the documented order.
+void hadamard_row_plain(float* row, int64_t cols, int64_t block, float norm) {
+  for (int64_t base = 0; base < cols; base += block) {
+    float* v = row + base;
+    // Unnormalised fast Walsh–Hadamard butterfly, stages h = 1, 2, ..., block/2. Plain
+    // fp32 adds and subtracts: there is no product here that could be fused into an FMA.
+    for (int64_t h = 1; h < block; h *= 2) {
+      for (int64_t g = 0; g < block; g += 2 * h) {
+        for (int64_t i = g; i < g + h; ++i) {
+          const float a = v[i];
+          const float b = v[i + h];
+          v[i] = a + b;
+          v[i + h] = a - b;
+        }
+      }
+    }
+    // One multiply by 2^(−k/2) at the end instead of 1/√2 per stage: same matrix, one
+    // rounding per element, and exact when k is even.
+    for (int64_t i = 0; i < block; ++i) v[i] *= norm;
+  }
+}
+
+#ifdef NB_HAVE_X86_DISPATCH
+// hadamard_row_plain with 8-float vectors, for block ≥ 8, or any block when cols is a
+// multiple of 8. Every element goes through the same adds, subtracts and final multiply,
+// stage by stage, as in the plain loops; only the order of independent pairs within a
+// stage differs, which cannot change a result.
+NB_TARGET_AVX2 void hadamard_row_avx2(float* row, int64_t cols, int64_t block, float norm) {
+  const __m256 vnorm = _mm256_set1_ps(norm);
+  // Stages h = 1, 2, 4 (those below block) pair lanes of one vector: with sw the vector of
+  // each lane's partner, the first of a pair gets x + sw = a + b and the second sw − x = a − b.
+  for (int64_t j = 0; j < cols; j += 8) {
+    __m256 x = _mm256_loadu_ps(row + j);
+    __m256 sw = _mm256_permute_ps(x, 0xB1);  // h = 1: lanes (1, 0, 3, 2, ...)
+    x = _mm256_blend_ps(_mm256_add_ps(x, sw), _mm256_sub_ps(sw, x), 0xAA);
+    if (block >= 4) {
+      sw = _mm256_permute_ps(x, 0x4E);  // h = 2: lanes (2, 3, 0, 1, ...)
+      x = _mm256_blend_ps(_mm256_add_ps(x, sw), _mm256_sub_ps(sw, x), 0xCC);
+    }
+    if (block >= 8) {
+      sw = _mm256_permute2f128_ps(x, x, 0x01);  // h = 4: the two halves swapped
+      x = _mm256_blend_ps(_mm256_add_ps(x, sw), _mm256_sub_ps(sw, x), 0xF0);
+    }
+    if (block <= 8) x = _mm256_mul_ps(x, vnorm);
+    _mm256_storeu_ps(row + j, x);
+  }
+  // Stages h = 8, ..., block/2 pair whole vectors; the last one also applies the norm.
+  for (int64_t base = 0; base < cols && block > 8; base += block) {
+    float* v = row + base;
+    for (int64_t h = 8; h < block; h *= 2) {
+      const bool last = 2 * h == block;
+      for (int64_t g = 0; g < block; g += 2 * h) {
+        for (int64_t i = g; i < g + h; i += 8) {
+          const __m256 a = _mm256_loadu_ps(v + i);
+          const __m256 b = _mm256_loadu_ps(v + i + h);
+          __m256 sum = _mm256_add_ps(a, b), diff = _mm256_sub_ps(a, b);
+          if (last) {
+            sum = _mm256_mul_ps(sum, vnorm);
+            diff = _mm256_mul_ps(diff, vnorm);
+          }
+          _mm256_storeu_ps(v + i, sum);
+          _mm256_storeu_ps(v + i + h, diff);
+        }
+      }
+    }
+  }
+}
+#endif
+
+// lsq_quantize on a run of values (q and r may each be null).
+void lsq_quantize_plain(const float* v, int64_t count, float s, QRange range, int8_t* q,
+                        float* r) {
+  for (int64_t i = 0; i < count; ++i) {
+    // r = v / s (one fp32 division); q = clamp(round(r), qmin, qmax)
+    const float ri = v[i] / s;
+    if (r != nullptr) r[i] = ri;
+    if (q != nullptr) q[i] = lsq_code(ri, range);
+  }
+}
+
+#ifdef NB_HAVE_X86_DISPATCH
+// lsq_quantize_plain, 32 values per step. r may be ±Inf (a tiny s): the clamp takes it to a
+// bound as std::clamp does; it is never NaN (v is finite, s > 0).
+NB_TARGET_AVX2 void lsq_quantize_avx2(const float* v, int64_t count, float s, QRange range,
+                                      int8_t* q, float* r) {
+  const __m256 vs = _mm256_set1_ps(s);
+  const __m256 qmin = _mm256_set1_ps(static_cast<float>(range.qmin));
+  const __m256 qmax = _mm256_set1_ps(static_cast<float>(range.qmax));
+  int64_t i = 0;
+  for (; i + 32 <= count; i += 32) {
+    __m256i codes[4];
+    for (int k = 0; k < 4; ++k) {
+      const __m256 ri = _mm256_div_ps(_mm256_loadu_ps(v + i + 8 * k), vs);
+      if (r != nullptr) _mm256_storeu_ps(r + i + 8 * k, ri);
+      codes[k] = _mm256_cvtps_epi32(detail::clamp_ps(detail::nearbyint_ps(ri), qmin, qmax));
+    }
+    if (q != nullptr) detail::store_s8x32(q + i, codes);
+  }
+  lsq_quantize_plain(v + i, count - i, s, range, q != nullptr ? q + i : nullptr,
+                     r != nullptr ? r + i : nullptr);
+}
+#endif
+
 }  // namespace
 
 float hadamard_norm(int64_t block) {
@@ -79,28 +183,25 @@ void hadamard_blocks(float* x, int64_t rows, int64_t cols, int64_t block) {
                                                 << "] tensor");
   check_finite_values(x, rows, cols, "hadamard_blocks: x");
   const float norm = hadamard_norm(block);
-
-  parallel_for(rows, [&](int64_t r) {
-    float* row = x + r * cols;
-    for (int64_t base = 0; base < cols; base += block) {
-      float* v = row + base;
-      // Unnormalised fast Walsh–Hadamard butterfly, stages h = 1, 2, ..., block/2. Plain
-      // fp32 adds and subtracts: there is no product here that could be fused into an FMA.
-      for (int64_t h = 1; h < block; h *= 2) {
-        for (int64_t g = 0; g < block; g += 2 * h) {
-          for (int64_t i = g; i < g + h; ++i) {
-            const float a = v[i];
-            const float b = v[i + h];
-            v[i] = a + b;
-            v[i + h] = a - b;
-          }
-        }
+  // Block 1 is the identity: no stage, and the multiply by norm = 1 returns every finite
+  // value bit for bit (subnormals too, as long as nobody enables flush-to-zero), so there is
+  // nothing to do.
+  if (block == 1) return;
+  // The AVX2 form works on whole vectors of 8: inside a block, or across small blocks.
+  [[maybe_unused]] const bool avx2 = detail::use_avx2() && cols % 8 == 0;
+  const int64_t stages = std::bit_width(static_cast<uint64_t>(block));  // log2(block) + 1 passes
+  detail::parallel_chunks(rows, std::max<int64_t>(1, 4096 / std::max<int64_t>(cols, 1)),
+                          cols * stages, [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r) {
+#ifdef NB_HAVE_X86_DISPATCH
+      if (avx2) {
+        hadamard_row_avx2(x + r * cols, cols, block, norm);
+        continue;
       }
-      // One multiply by 2^(−k/2) at the end instead of 1/√2 per stage: same matrix, one
-      // rounding per element, and exact when k is even.
-      for (int64_t i = 0; i < block; ++i) v[i] *= norm;
+#endif
+      hadamard_row_plain(x + r * cols, cols, block, norm);
     }
-  }, cols);
+  });
 }
 
 float lsq_init_scale(const float* v, int64_t n, QRange range) {
@@ -124,12 +225,18 @@ void lsq_quantize(const float* v, int64_t n, float s, QRange range, int8_t* q, f
   check_lsq_range(range, fn);
   check_step(s, fn);
   check_finite_values(v, 1, n, "lsq_quantize: v");
-  parallel_for(n, [&](int64_t i) {
-    // r = v / s (one fp32 division); q = clamp(round(r), qmin, qmax)
-    const float ri = v[i] / s;
-    if (r != nullptr) r[i] = ri;
-    if (q != nullptr) q[i] = lsq_code(ri, range);
-  }, 1);
+  [[maybe_unused]] const bool avx2 = detail::use_avx2();
+  detail::parallel_chunks(n, 16384, 1, [&](int64_t i0, int64_t i1) {
+    float* r_run = r != nullptr ? r + i0 : nullptr;
+    int8_t* q_run = q != nullptr ? q + i0 : nullptr;
+#ifdef NB_HAVE_X86_DISPATCH
+    if (avx2) {
+      lsq_quantize_avx2(v + i0, i1 - i0, s, range, q_run, r_run);
+      return;
+    }
+#endif
+    lsq_quantize_plain(v + i0, i1 - i0, s, range, q_run, r_run);
+  });
 }
 
 float lsq_backward(const float* grad_v_in, const float* r, int64_t n, QRange range,

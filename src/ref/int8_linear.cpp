@@ -9,6 +9,7 @@
 #include "nibble/parallel.h"
 #include "ref/gemm.h"
 #include "ref/quant.h"
+#include "ref/simd.h"
 
 namespace nibble::ref {
 namespace {
@@ -21,11 +22,41 @@ void check_dims(int64_t n, int64_t d, int64_t c, const char* fn) {
 // out[cols, rows] = in[rows, cols]ᵀ: the K-contiguous copies the backward GEMMs need.
 std::vector<int8_t> transpose_s8(const std::vector<int8_t>& in, int64_t rows, int64_t cols) {
   std::vector<int8_t> out(in.size());
-  parallel_for(cols, [&](int64_t j) {
-    for (int64_t i = 0; i < rows; ++i) out[j * rows + i] = in[i * cols + j];
-  }, rows);
+  detail::transpose_s8(in.data(), rows, cols, out.data());
   return out;
 }
+
+// The stochastic rounding of quantize_rows_int8_stochastic for one row run with its
+// uniforms: q = clamp(floor(v/s + u), −127, 127).
+void round_row_plain(const float* v, const float* u, int64_t count, float s, int8_t* q) {
+  for (int64_t i = 0; i < count; ++i) {
+    // One fp32 division, one fp32 add, then floor. |v/s| ≤ 127, so the clamp only catches
+    // 127 + u rounding up to 128 in fp32.
+    const float t = v[i] / s;
+    const float f = std::floor(t + u[i]);
+    q[i] = static_cast<int8_t>(std::clamp(f, -127.0f, 127.0f));
+  }
+}
+
+#ifdef NB_HAVE_X86_DISPATCH
+// round_row_plain, 32 values per step with the same operations per lane.
+NB_TARGET_AVX2 void round_row_avx2(const float* v, const float* u, int64_t count, float s,
+                                   int8_t* q) {
+  const __m256 vs = _mm256_set1_ps(s);
+  const __m256 lo = _mm256_set1_ps(-127.0f), hi = _mm256_set1_ps(127.0f);
+  int64_t i = 0;
+  for (; i + 32 <= count; i += 32) {
+    __m256i codes[4];
+    for (int k = 0; k < 4; ++k) {
+      const __m256 t = _mm256_div_ps(_mm256_loadu_ps(v + i + 8 * k), vs);
+      const __m256 f = _mm256_floor_ps(_mm256_add_ps(t, _mm256_loadu_ps(u + i + 8 * k)));
+      codes[k] = _mm256_cvtps_epi32(detail::clamp_ps(f, lo, hi));
+    }
+    detail::store_s8x32(q + i, codes);
+  }
+  round_row_plain(v + i, u + i, count - i, s, q + i);
+}
+#endif
 
 // Per-row symmetric INT8 codes with nearest rounding (the forward's quantizer).
 void quantize_rows_nearest(const float* v, int64_t rows, int64_t cols, int8_t* q, float* scale) {
@@ -53,16 +84,20 @@ void quantize_rows_int8_stochastic(const float* v, int64_t rows, int64_t cols,
   NB_CHECK(v != nullptr && q != nullptr && scale != nullptr, fn << ": null pointer argument");
   // s[r] = absmax(row r)/127 (rejects NaN/Inf, naming the first bad index)
   compute_scales(v, rows, cols, Granularity::row, 0, kInt8Sym, false, scale, nullptr);
-  parallel_for(rows, [&](int64_t r) {
-    for (int64_t c = 0; c < cols; ++c) {
-      const int64_t i = r * cols + c;
-      // q = clamp(floor(v/s + u), −127, 127): one fp32 division, one fp32 add, then floor.
-      // |v/s| ≤ 127, so the clamp only catches 127 + u rounding up to 128 in fp32.
-      const float t = v[i] / scale[r];
-      const float f = std::floor(t + philox_uniform(key, index_base + static_cast<uint64_t>(i)));
-      q[i] = static_cast<int8_t>(std::clamp(f, -127.0f, 127.0f));
+  [[maybe_unused]] const bool avx2 = detail::use_avx2();
+  // q = clamp(floor(v/s + u), −127, 127), u = philox_uniform(key, index_base + r·cols + c):
+  // the uniforms of a row are one run of consecutive indices.
+  detail::parallel_chunks(rows, 1, cols, [&](int64_t r, int64_t) {
+    std::vector<float> u(static_cast<size_t>(cols));
+    detail::philox_uniforms(key, index_base + static_cast<uint64_t>(r * cols), cols, u.data());
+#ifdef NB_HAVE_X86_DISPATCH
+    if (avx2) {
+      round_row_avx2(v + r * cols, u.data(), cols, scale[r], q + r * cols);
+      return;
     }
-  }, cols);
+#endif
+    round_row_plain(v + r * cols, u.data(), cols, scale[r], q + r * cols);
+  });
 }
 
 void int8_linear_forward(const float* x, const float* w, const float* bias, int64_t n,
@@ -116,9 +151,16 @@ void int8_linear_backward(const float* dy, const Int8LinearSaved& saved, const P
   // dw[c,k] = float(Σ_n B_q[c,n]·x_q[n,k]) · b[c],  B[c,n] = dy[n,c]·sx[n]
   {
     std::vector<float> b_op(static_cast<size_t>(c * n));
-    parallel_for(c, [&](int64_t j) {
-      for (int64_t r = 0; r < n; ++r) b_op[static_cast<size_t>(j * n + r)] = dy[r * c + j] * saved.x_scale[static_cast<size_t>(r)];
-    }, n);
+    // In 64 × 64 tiles, so that the transposed reads and writes stay in cache.
+    detail::parallel_chunks(c, 64, n, [&](int64_t j0, int64_t j1) {
+      for (int64_t r0 = 0; r0 < n; r0 += 64) {
+        const int64_t r1 = std::min(n, r0 + 64);
+        for (int64_t j = j0; j < j1; ++j)
+          for (int64_t r = r0; r < r1; ++r)
+            b_op[static_cast<size_t>(j * n + r)] =
+                dy[r * c + j] * saved.x_scale[static_cast<size_t>(r)];
+      }
+    });
     std::vector<int8_t> b_q(b_op.size());
     std::vector<float> b_scale(static_cast<size_t>(c));
     quantize_rows_int8_stochastic(b_op.data(), c, n, k, static_cast<uint64_t>(n * c), b_q.data(),
@@ -151,13 +193,7 @@ void int8_linear_backward(const float* dy, const Int8LinearSaved& saved, const P
   }
 
   // db = Σ_rows dy (fp64 sums)
-  if (db != nullptr) {
-    parallel_for(c, [&](int64_t j) {
-      double acc = 0;
-      for (int64_t r = 0; r < n; ++r) acc += dy[r * c + j];
-      db[j] = static_cast<float>(acc);
-    }, n);
-  }
+  if (db != nullptr) detail::column_sums(dy, n, c, db);
 }
 
 }  // namespace nibble::ref

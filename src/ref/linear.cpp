@@ -1,6 +1,8 @@
 #include "ref/linear.h"
 
+#include <algorithm>
 #include <cmath>
+#include <exception>
 
 #include "nibble/error.h"
 #include "nibble/parallel.h"
@@ -8,6 +10,7 @@
 #include "ref/gemm.h"
 #include "ref/hadamard.h"
 #include "ref/quant.h"
+#include "ref/simd.h"
 
 namespace nibble::ref {
 namespace {
@@ -26,9 +29,7 @@ void check_scale(float s, const char* what) {
 // out[cols, rows] = in[rows, cols]ᵀ: the K-contiguous copies the backward GEMMs need.
 std::vector<int8_t> transpose_s8(const std::vector<int8_t>& in, int64_t rows, int64_t cols) {
   std::vector<int8_t> out(in.size());
-  parallel_for(cols, [&](int64_t j) {
-    for (int64_t i = 0; i < rows; ++i) out[j * rows + i] = in[i * cols + j];
-  }, rows);
+  detail::transpose_s8(in.data(), rows, cols, out.data());
   return out;
 }
 
@@ -67,6 +68,55 @@ int64_t vector_bytes(const std::vector<T>& v) {
   return static_cast<int64_t>(v.size() * sizeof(T));
 }
 
+// The side-channel nibble of r given its uniform u (lsq_residual_encode's formula).
+int8_t residual_code(float r, QRange range, float u) {
+  // Outside [qmin, qmax] (±Inf included): the STE mask is 0 and δ is the code itself.
+  if (!(r >= static_cast<float>(range.qmin) && r <= static_cast<float>(range.qmax))) {
+    return static_cast<int8_t>(kLsqClipped);
+  }
+  // δ = round(r) − r (exact in fp32), t = 14·δ ∈ [−7, 7], e = floor(t + u): E[e] = t
+  const float delta = std::nearbyint(r) - r;
+  const float t = static_cast<float>(kLsqResidualSteps) * delta;
+  const float e = std::floor(t + u);
+  // t + u can round up to 8 in fp32 when t = 7 (δ = 1/2 exactly); −8 is the clip flag.
+  return static_cast<int8_t>(std::clamp(e, -7.0f, 7.0f));
+}
+
+void encode_residuals_plain(const float* r, const float* u, int64_t count, QRange range,
+                            int8_t* e) {
+  for (int64_t i = 0; i < count; ++i) e[i] = residual_code(r[i], range, u[i]);
+}
+
+#ifdef NB_HAVE_X86_DISPATCH
+// encode_residuals_plain, 32 elements per step. For r = ±Inf the in-range lanes compute
+// NaN, which the clip flag then replaces, as the branch does.
+NB_TARGET_AVX2 void encode_residuals_avx2(const float* r, const float* u, int64_t count,
+                                          QRange range, int8_t* e) {
+  const __m256 qmin = _mm256_set1_ps(static_cast<float>(range.qmin));
+  const __m256 qmax = _mm256_set1_ps(static_cast<float>(range.qmax));
+  const __m256 steps = _mm256_set1_ps(static_cast<float>(kLsqResidualSteps));
+  const __m256 lo = _mm256_set1_ps(-7.0f), hi = _mm256_set1_ps(7.0f);
+  const __m256i clipped = _mm256_set1_epi32(kLsqClipped);
+  int64_t i = 0;
+  for (; i + 32 <= count; i += 32) {
+    __m256i codes[4];
+    for (int k = 0; k < 4; ++k) {
+      const __m256 ri = _mm256_loadu_ps(r + i + 8 * k);
+      const __m256 in_range = _mm256_and_ps(_mm256_cmp_ps(ri, qmin, _CMP_GE_OQ),
+                                            _mm256_cmp_ps(ri, qmax, _CMP_LE_OQ));
+      const __m256 delta = _mm256_sub_ps(detail::nearbyint_ps(ri), ri);
+      const __m256 t = _mm256_mul_ps(steps, delta);
+      const __m256 ev = detail::clamp_ps(
+          _mm256_floor_ps(_mm256_add_ps(t, _mm256_loadu_ps(u + i + 8 * k))), lo, hi);
+      codes[k] = _mm256_blendv_epi8(clipped, _mm256_cvtps_epi32(ev),
+                                    _mm256_castps_si256(in_range));
+    }
+    detail::store_s8x32(e + i, codes);
+  }
+  encode_residuals_plain(r + i, u + i, count - i, range, e + i);
+}
+#endif
+
 // HQ-quantizes v[rows, d] (codes into q) and, when e is not null, encodes the LSQ residual
 // side channel of every element, drawing index index_base + i of key's stream.
 void hq_quantize_with_residual(const float* v, int64_t rows, int64_t d, int64_t block, float s,
@@ -75,28 +125,165 @@ void hq_quantize_with_residual(const float* v, int64_t rows, int64_t d, int64_t 
   std::vector<float> r(e != nullptr ? static_cast<size_t>(rows * d) : 0);
   hq_quantize(v, rows, d, block, s, range, q, e != nullptr ? r.data() : nullptr);
   if (e == nullptr) return;
-  parallel_for(rows, [&](int64_t row) {
-    for (int64_t k = 0; k < d; ++k) {
-      const int64_t i = row * d + k;
-      e[i] = lsq_residual_encode(r[static_cast<size_t>(i)], range, key,
-                                 index_base + static_cast<uint64_t>(i));
+  [[maybe_unused]] const bool avx2 = detail::use_avx2();
+  // Whole rows per chunk: one run of consecutive Philox indices each.
+  detail::parallel_chunks(rows, std::max<int64_t>(1, 16384 / d), d, [&](int64_t r0, int64_t r1) {
+    const int64_t first = r0 * d, count = (r1 - r0) * d;
+    std::vector<float> u(static_cast<size_t>(count));
+    detail::philox_uniforms(key, index_base + static_cast<uint64_t>(first), count, u.data());
+#ifdef NB_HAVE_X86_DISPATCH
+    if (avx2) {
+      encode_residuals_avx2(r.data() + first, u.data(), count, range, e + first);
+      return;
     }
-  }, d);
+#endif
+    encode_residuals_plain(r.data() + first, u.data(), count, range, e + first);
+  });
+}
+
+// out[b, k] = float(Σ_j coef(b, j)·v[j, k]) for b < nb, k < d, with coef(b, j) =
+// coef[b·stride_b + j·stride_j]: fp64 sums over j in index order, zero coefficients skipped
+// (the W4A4 straight-through products). Callers pass blocks of kCombRows outputs b, so that
+// they share each pass over v.
+constexpr int64_t kCombRows = 4;
+
+void fp64_combinations_plain(const float* coef, int64_t stride_b, int64_t stride_j, int64_t nb,
+                             const float* v, int64_t nj, int64_t d, float* out) {
+  std::vector<double> acc(static_cast<size_t>(d));
+  for (int64_t b = 0; b < nb; ++b) {
+    std::fill(acc.begin(), acc.end(), 0.0);
+    for (int64_t j = 0; j < nj; ++j) {
+      const double g = coef[b * stride_b + j * stride_j];
+      if (g == 0.0) continue;
+      for (int64_t k = 0; k < d; ++k)
+        acc[static_cast<size_t>(k)] += g * static_cast<double>(v[j * d + k]);
+    }
+    for (int64_t k = 0; k < d; ++k)
+      out[b * d + k] = static_cast<float>(acc[static_cast<size_t>(k)]);
+  }
+}
+
+#ifdef NB_HAVE_X86_DISPATCH
+// fp64_combinations_plain for a block of 4 outputs and d a multiple of 8: a 4 × 8 tile of
+// sums stays in registers while j runs; each sum still takes its terms in j order, each
+// term a multiply then an add (AVX2 has no FMA to fuse them), and a zero coefficient skips
+// its term as in the plain loop.
+NB_TARGET_AVX2 void fp64_combinations_avx2(const float* coef, int64_t stride_b, int64_t stride_j,
+                                           int64_t nb, const float* v, int64_t nj, int64_t d,
+                                           float* out) {
+  if (nb != kCombRows || d % 8 != 0) {
+    fp64_combinations_plain(coef, stride_b, stride_j, nb, v, nj, d, out);
+    return;
+  }
+  std::vector<double> g(static_cast<size_t>(kCombRows * nj));  // g[b·nj + j] = coef(b, j)
+  for (int64_t j = 0; j < nj; ++j)
+    for (int64_t b = 0; b < kCombRows; ++b)
+      g[static_cast<size_t>(b * nj + j)] = coef[b * stride_b + j * stride_j];
+  const double* g0 = g.data();
+  const double* g1 = g0 + nj;
+  const double* g2 = g1 + nj;
+  const double* g3 = g2 + nj;
+  for (int64_t k0 = 0; k0 < d; k0 += 8) {
+    __m256d a00 = _mm256_setzero_pd(), a01 = a00, a10 = a00, a11 = a00;
+    __m256d a20 = a00, a21 = a00, a30 = a00, a31 = a00;
+    for (int64_t j = 0; j < nj; ++j) {
+      const __m256 vf = _mm256_loadu_ps(v + j * d + k0);
+      const __m256d v0 = _mm256_cvtps_pd(_mm256_castps256_ps128(vf));
+      const __m256d v1 = _mm256_cvtps_pd(_mm256_extractf128_ps(vf, 1));
+      // acc += g·v for each output whose coefficient is non-zero
+      if (g0[j] != 0.0) {
+        const __m256d gv = _mm256_set1_pd(g0[j]);
+        a00 = _mm256_add_pd(a00, _mm256_mul_pd(gv, v0));
+        a01 = _mm256_add_pd(a01, _mm256_mul_pd(gv, v1));
+      }
+      if (g1[j] != 0.0) {
+        const __m256d gv = _mm256_set1_pd(g1[j]);
+        a10 = _mm256_add_pd(a10, _mm256_mul_pd(gv, v0));
+        a11 = _mm256_add_pd(a11, _mm256_mul_pd(gv, v1));
+      }
+      if (g2[j] != 0.0) {
+        const __m256d gv = _mm256_set1_pd(g2[j]);
+        a20 = _mm256_add_pd(a20, _mm256_mul_pd(gv, v0));
+        a21 = _mm256_add_pd(a21, _mm256_mul_pd(gv, v1));
+      }
+      if (g3[j] != 0.0) {
+        const __m256d gv = _mm256_set1_pd(g3[j]);
+        a30 = _mm256_add_pd(a30, _mm256_mul_pd(gv, v0));
+        a31 = _mm256_add_pd(a31, _mm256_mul_pd(gv, v1));
+      }
+    }
+    // float(acc): the conversion rounds like static_cast (current mode, half to even)
+    const __m256d sums[kCombRows][2] = {{a00, a01}, {a10, a11}, {a20, a21}, {a30, a31}};
+    for (int64_t b = 0; b < kCombRows; ++b) {
+      _mm_storeu_ps(out + b * d + k0, _mm256_cvtpd_ps(sums[b][0]));
+      _mm_storeu_ps(out + b * d + k0 + 4, _mm256_cvtpd_ps(sums[b][1]));
+    }
+  }
+}
+#endif
+
+#ifdef NB_HAVE_X86_DISPATCH
+// fp64_combinations_avx2 with AVX-512, a 4 × 16 tile: the multiply and the add are the
+// explicit-rounding intrinsics (half to even, the default mode the plain loop runs in), which
+// the compiler never fuses into an FMA, so each term is still a multiply, then an add.
+NB_TARGET_AVX512F void fp64_combinations_avx512(const float* coef, int64_t stride_b,
+                                                int64_t stride_j, int64_t nb, const float* v,
+                                                int64_t nj, int64_t d, float* out) {
+  if (nb != kCombRows || d % 16 != 0) {
+    fp64_combinations_plain(coef, stride_b, stride_j, nb, v, nj, d, out);
+    return;
+  }
+  constexpr int kRound = _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC;
+  std::vector<double> g(static_cast<size_t>(kCombRows * nj));  // g[b·nj + j] = coef(b, j)
+  for (int64_t j = 0; j < nj; ++j)
+    for (int64_t b = 0; b < kCombRows; ++b)
+      g[static_cast<size_t>(b * nj + j)] = coef[b * stride_b + j * stride_j];
+  for (int64_t k0 = 0; k0 < d; k0 += 16) {
+    __m512d acc[kCombRows][2];
+    for (auto& row : acc) row[0] = row[1] = _mm512_setzero_pd();
+    // The maskz forms with every lane selected are the plain operations; they avoid GCC 12's
+    // false "may be used uninitialized" warnings from the unmasked intrinsics' headers.
+    constexpr __mmask8 kAll = 0xFF;
+    for (int64_t j = 0; j < nj; ++j) {
+      const __m512d v0 = _mm512_maskz_cvtps_pd(kAll, _mm256_loadu_ps(v + j * d + k0));
+      const __m512d v1 = _mm512_maskz_cvtps_pd(kAll, _mm256_loadu_ps(v + j * d + k0 + 8));
+      for (int64_t b = 0; b < kCombRows; ++b) {
+        const double gb = g[static_cast<size_t>(b * nj + j)];
+        if (gb == 0.0) continue;
+        const __m512d gv = _mm512_set1_pd(gb);
+        const __m512d p0 = _mm512_maskz_mul_round_pd(kAll, gv, v0, kRound);
+        const __m512d p1 = _mm512_maskz_mul_round_pd(kAll, gv, v1, kRound);
+        acc[b][0] = _mm512_maskz_add_round_pd(kAll, acc[b][0], p0, kRound);
+        acc[b][1] = _mm512_maskz_add_round_pd(kAll, acc[b][1], p1, kRound);
+      }
+    }
+    for (int64_t b = 0; b < kCombRows; ++b) {
+      _mm256_storeu_ps(out + b * d + k0, _mm512_maskz_cvt_roundpd_ps(kAll, acc[b][0], kRound));
+      _mm256_storeu_ps(out + b * d + k0 + 8, _mm512_maskz_cvt_roundpd_ps(kAll, acc[b][1], kRound));
+    }
+  }
+}
+#endif
+
+void fp64_combinations(const float* coef, int64_t stride_b, int64_t stride_j, int64_t nb,
+                       const float* v, int64_t nj, int64_t d, float* out) {
+#ifdef NB_HAVE_X86_DISPATCH
+  if (detail::use_avx512f() && d % 16 == 0) {
+    fp64_combinations_avx512(coef, stride_b, stride_j, nb, v, nj, d, out);
+    return;
+  }
+  if (detail::use_avx2()) {
+    fp64_combinations_avx2(coef, stride_b, stride_j, nb, v, nj, d, out);
+    return;
+  }
+#endif
+  fp64_combinations_plain(coef, stride_b, stride_j, nb, v, nj, d, out);
 }
 
 }  // namespace
 
 int8_t lsq_residual_encode(float r, QRange range, const PhiloxKey& key, uint64_t index) {
-  // Outside [qmin, qmax] (±Inf included): the STE mask is 0 and δ is the code itself.
-  if (!(r >= static_cast<float>(range.qmin) && r <= static_cast<float>(range.qmax))) {
-    return static_cast<int8_t>(kLsqClipped);
-  }
-  // δ = round(r) − r (exact in fp32), t = 14·δ ∈ [−7, 7], e = floor(t + u): E[e] = t
-  const float delta = std::nearbyint(r) - r;
-  const float t = static_cast<float>(kLsqResidualSteps) * delta;
-  const float e = std::floor(t + philox_uniform(key, index));
-  // t + u can round up to 8 in fp32 when t = 7 (δ = 1/2 exactly); −8 is the clip flag.
-  return static_cast<int8_t>(std::clamp(e, -7.0f, 7.0f));
+  return residual_code(r, range, philox_uniform(key, index));
 }
 
 float lsq_residual_decode(int32_t e, int32_t q) {
@@ -308,8 +495,24 @@ HqLinearGrads hq_linear_backward(const float* dy, const HqLinearSaved& saved,
   // 2. LSQ step-size gradients and STE masks, in the transformed domain, from the side
   //    channel: the masks are exact, the δ sums unbiased (see lsq_residual_encode).
   const std::vector<int8_t> x_e = saved.x_e(), w_e = saved.w_e();
-  g.dsx = lsq_backward_coded(dx_t.data(), x_q.data(), x_e.data(), n * d, cfg.range, dx_t.data());
-  g.dsw = lsq_backward_coded(dw_t.data(), w_q.data(), w_e.data(), c * d, cfg.range, dw_t.data());
+  // The two fp64 sums are serial chains (index order is the spec) but independent of each
+  // other: one thread each. An error is rethrown after the loop, dx's first, as in sequence.
+  std::exception_ptr errors[2];
+  parallel_for(2, [&](int64_t which) {
+    try {
+      if (which == 0) {
+        g.dsx = lsq_backward_coded(dx_t.data(), x_q.data(), x_e.data(), n * d, cfg.range,
+                                   dx_t.data());
+      } else {
+        g.dsw = lsq_backward_coded(dw_t.data(), w_q.data(), w_e.data(), c * d, cfg.range,
+                                   dw_t.data());
+      }
+    } catch (...) {
+      errors[which] = std::current_exception();
+    }
+  }, (n + c) * d);
+  for (const std::exception_ptr& e : errors)
+    if (e) std::rethrow_exception(e);
 
   // 3. Back to the original domain: ·Hᵀ, and H is symmetric, so the same transform.
   hadamard_blocks(dx_t.data(), n, d, cfg.block);
@@ -319,11 +522,7 @@ HqLinearGrads hq_linear_backward(const float* dy, const HqLinearSaved& saved,
 
   // 4. db = Σ_rows dy (fp64 sums).
   g.db.assign(static_cast<size_t>(c), 0.0f);
-  parallel_for(c, [&](int64_t col) {
-    double acc = 0;
-    for (int64_t r = 0; r < n; ++r) acc += dy[r * c + col];
-    g.db[static_cast<size_t>(col)] = static_cast<float>(acc);
-  }, n);
+  detail::column_sums(dy, n, c, g.db.data());
   return g;
 }
 
@@ -398,30 +597,18 @@ void w4a4_linear_backward(const float* dy, const W4A4Saved& saved, float* dx, fl
   dequantize(x_q.data(), n, d, Granularity::row, 0, saved.x_scale.data(), zx, x_hat.data());
   dequantize(w_q.data(), c, d, Granularity::row, 0, saved.w_scale.data(), nullptr, w_hat.data());
   // Straight-through estimator: the rounding is treated as identity, so the gradients are
-  // those of y = x̂·ŵᵀ + b with respect to x̂ and ŵ.
+  // those of y = x̂·ŵᵀ + b with respect to x̂ and ŵ:
+  //   dx[r, k] = Σ_j dy[r, j]·ŵ[j, k],  dw[j, k] = Σ_r dy[r, j]·x̂[r, k]
+  // each an fp64 sum in index order that skips zero gradients, rounded once to fp32.
   if (dx != nullptr) {
-    parallel_for(n, [&](int64_t r) {
-      std::vector<double> acc(static_cast<size_t>(d), 0.0);
-      for (int64_t j = 0; j < c; ++j) {
-        const double g = dy[r * c + j];
-        if (g == 0.0) continue;
-        for (int64_t k = 0; k < d; ++k) acc[static_cast<size_t>(k)] += g * w_hat[static_cast<size_t>(j * d + k)];
-      }
-      for (int64_t k = 0; k < d; ++k) dx[r * d + k] = static_cast<float>(acc[static_cast<size_t>(k)]);
-    }, c * d);
+    detail::parallel_chunks(n, kCombRows, c * d, [&](int64_t r0, int64_t r1) {
+      fp64_combinations(dy + r0 * c, c, 1, r1 - r0, w_hat.data(), c, d, dx + r0 * d);
+    });
   }
-  parallel_for(c, [&](int64_t j) {
-    std::vector<double> acc(static_cast<size_t>(d), 0.0);
-    double bsum = 0;
-    for (int64_t r = 0; r < n; ++r) {
-      const double g = dy[r * c + j];
-      bsum += g;
-      if (g == 0.0) continue;
-      for (int64_t k = 0; k < d; ++k) acc[static_cast<size_t>(k)] += g * x_hat[static_cast<size_t>(r * d + k)];
-    }
-    for (int64_t k = 0; k < d; ++k) dw[j * d + k] = static_cast<float>(acc[static_cast<size_t>(k)]);
-    if (db) db[j] = static_cast<float>(bsum);
-  }, n * d);
+  detail::parallel_chunks(c, kCombRows, n * d, [&](int64_t j0, int64_t j1) {
+    fp64_combinations(dy + j0, 1, c, j1 - j0, x_hat.data(), n, d, dw + j0 * d);
+  });
+  if (db != nullptr) detail::column_sums(dy, n, c, db);
 }
 
 }  // namespace nibble::ref

@@ -2,11 +2,13 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstring>
 #include <limits>
 #include <vector>
 
 #include "nibble/error.h"
 #include "nibble/parallel.h"
+#include "ref/simd.h"
 
 namespace nibble::ref {
 
@@ -93,6 +95,68 @@ struct MinMax {
   }
 };
 
+// MinMax of a run of (finite) values.
+MinMax min_max_plain(const float* x, int64_t n) {
+  MinMax m;
+  for (int64_t i = 0; i < n; ++i) m.add(x[i]);
+  return m;
+}
+
+#ifdef NB_HAVE_X86_DISPATCH
+// min_max_plain in eight lanes: min_ps(v, lo) is (v < lo ? v : lo), std::min's choice, and
+// max_ps likewise. min and max are exact, so the lanes give the same extremes as one running
+// pair (a zero could only change sign, which no scale formula sees: ±0 as the min or max
+// changes neither max − min, nor absmax, nor round(min / s)).
+NB_TARGET_AVX2 MinMax min_max_avx2(const float* x, int64_t n) {
+  __m256 lo = _mm256_setzero_ps(), hi = lo;
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) {
+    const __m256 v = _mm256_loadu_ps(x + i);
+    lo = _mm256_min_ps(v, lo);
+    hi = _mm256_max_ps(v, hi);
+  }
+  alignas(32) float lanes[16];
+  _mm256_store_ps(lanes, lo);
+  _mm256_store_ps(lanes + 8, hi);
+  MinMax m = min_max_plain(x + i, n - i);
+  for (int l = 0; l < 8; ++l) m.merge(MinMax{lanes[l], lanes[8 + l]});
+  return m;
+}
+#endif
+
+MinMax min_max_run(const float* x, int64_t n) {
+#ifdef NB_HAVE_X86_DISPATCH
+  if (detail::use_avx2()) return min_max_avx2(x, n);
+#endif
+  return min_max_plain(x, n);
+}
+
+#ifdef NB_HAVE_X86_DISPATCH
+// quantize's loop for one run with one symmetric scale and nearest rounding, 32 values per
+// step: q = clamp(rne(x / s), qmin, qmax). Clamping the float before the conversion gives
+// the plain loop's codes (its saturation bounds lie outside [qmin, qmax]); x / s is never
+// NaN (x is finite, s > 0).
+NB_TARGET_AVX2 void quantize_nearest_avx2(const float* x, int64_t count, float s, QRange range,
+                                          int8_t* q) {
+  const __m256 vs = _mm256_set1_ps(s);
+  const __m256 qmin = _mm256_set1_ps(static_cast<float>(range.qmin));
+  const __m256 qmax = _mm256_set1_ps(static_cast<float>(range.qmax));
+  int64_t i = 0;
+  for (; i + 32 <= count; i += 32) {
+    __m256i codes[4];
+    for (int k = 0; k < 4; ++k) {
+      const __m256 v = _mm256_div_ps(_mm256_loadu_ps(x + i + 8 * k), vs);
+      codes[k] = _mm256_cvtps_epi32(detail::clamp_ps(detail::nearbyint_ps(v), qmin, qmax));
+    }
+    detail::store_s8x32(q + i, codes);
+  }
+  for (; i < count; ++i) {
+    const int64_t code = round_code_unchecked(x[i] / s, Rounding::nearest, PhiloxKey{}, 0);
+    q[i] = static_cast<int8_t>(std::clamp<int64_t>(code, range.qmin, range.qmax));
+  }
+}
+#endif
+
 // Scale (and zero point) of one slice from its min/max, fp32 as in the header.
 void slice_scale(const MinMax& mm, QRange range, bool asymmetric, float* scale, int32_t* zp,
                  const char* fn, int64_t index) {
@@ -118,10 +182,36 @@ void slice_scale(const MinMax& mm, QRange range, bool asymmetric, float* scale, 
   }
 }
 
+// True when no value is ±Inf or NaN: a branch-free test of the exponent bits (all set
+// means not finite), OR-ed over a run so that the loop vectorizes (runs: detail::scan_runs).
+NB_ALWAYS_INLINE bool run_is_finite(const float* x, int64_t n) {
+  uint32_t bad = 0;
+  for (int64_t i = 0; i < n; ++i) {
+    uint32_t bits;
+    std::memcpy(&bits, x + i, sizeof bits);
+    bad |= static_cast<uint32_t>((bits & 0x7f800000u) == 0x7f800000u);
+  }
+  return bad == 0;
+}
+NB_TARGET_AVX2 bool run_is_finite_avx2(const float* x, int64_t n) { return run_is_finite(x, n); }
+
+bool all_finite(const float* x, int64_t n) {
+  constexpr int64_t kRun = int64_t{1} << 15;
+  std::vector<uint8_t> bad_run(static_cast<size_t>((n + kRun - 1) / kRun), 0);
+  const bool avx2 = detail::use_avx2();
+  detail::scan_runs(n, kRun, [&](int64_t i0, int64_t i1) {
+    const bool ok = avx2 ? run_is_finite_avx2(x + i0, i1 - i0) : run_is_finite(x + i0, i1 - i0);
+    bad_run[static_cast<size_t>(i0 / kRun)] = !ok;
+  });
+  return std::find(bad_run.begin(), bad_run.end(), 1) == bad_run.end();
+}
+
 }  // namespace
 
 void check_finite_values(const float* x, int64_t rows, int64_t cols, const char* what) {
   const int64_t n = rows * cols;
+  if (all_finite(x, n)) return;
+  // Something is bad: find the first bad index for the message.
   for (int64_t i = 0; i < n; ++i) {
     NB_CHECK(std::isfinite(x[i]), what << " contains " << (std::isnan(x[i]) ? "NaN" : "Inf")
                                        << " at flat index " << i << " (row " << i / cols << ", col "
@@ -175,16 +265,12 @@ void compute_scales(const float* x, int64_t rows, int64_t cols, Granularity g, i
       // Per-row partial min/max, merged serially: min/max are exact, so the result does
       // not depend on the split.
       std::vector<MinMax> per_row(static_cast<size_t>(rows));
-      parallel_for(rows, [&](int64_t r) {
-        for (int64_t c = 0; c < cols; ++c) per_row[r].add(x[r * cols + c]);
-      }, cols);
+      parallel_for(rows, [&](int64_t r) { per_row[r] = min_max_run(x + r * cols, cols); }, cols);
       for (const MinMax& m : per_row) stats[0].merge(m);
       break;
     }
     case Granularity::row:
-      parallel_for(rows, [&](int64_t r) {
-        for (int64_t c = 0; c < cols; ++c) stats[r].add(x[r * cols + c]);
-      }, cols);
+      parallel_for(rows, [&](int64_t r) { stats[r] = min_max_run(x + r * cols, cols); }, cols);
       break;
     case Granularity::column:
       parallel_for(cols, [&](int64_t c) {
@@ -219,6 +305,18 @@ void quantize(const float* x, int64_t rows, int64_t cols, Granularity g, int64_t
   check_scales(scale, n_scales, fn);
   check_finite_values(x, rows, cols, "quantize: x");
 
+#ifdef NB_HAVE_X86_DISPATCH
+  // The common case of the linear layers: one symmetric scale per row (or per tensor),
+  // nearest rounding, no random numbers.
+  if (detail::use_avx2() && zero_point == nullptr && mode == Rounding::nearest &&
+      (g == Granularity::row || g == Granularity::tensor)) {
+    parallel_for(rows, [&](int64_t r) {
+      const float s = scale[g == Granularity::row ? r : 0];
+      quantize_nearest_avx2(x + r * cols, cols, s, range, q + r * cols);
+    }, cols);
+    return;
+  }
+#endif
   parallel_for(rows, [&](int64_t r) {
     for (int64_t c = 0; c < cols; ++c) {
       const int64_t i = r * cols + c;
@@ -257,11 +355,29 @@ void dequantize(const int8_t* q, int64_t rows, int64_t cols, Granularity g, int6
 namespace {
 
 void check_s4_codes(const int8_t* q, int64_t n, const char* fn) {
+  // A branch-free scan first (q + 8 in [0, 15] for a valid code; runs: detail::scan_runs),
+  // the message loop only when it found something.
+  constexpr int64_t kRun = int64_t{1} << 16;
+  std::vector<uint8_t> bad_run(static_cast<size_t>((n + kRun - 1) / kRun), 0);
+  detail::scan_runs(n, kRun, [&](int64_t i0, int64_t i1) {
+    uint32_t bad = 0;
+    for (int64_t i = i0; i < i1; ++i)
+      bad |= static_cast<uint32_t>(static_cast<uint8_t>(q[i] + 8) > 15);
+    bad_run[static_cast<size_t>(i0 / kRun)] = bad != 0;
+  });
+  if (std::find(bad_run.begin(), bad_run.end(), 1) == bad_run.end()) return;
   for (int64_t i = 0; i < n; ++i) {
     NB_CHECK(q[i] >= -8 && q[i] <= 7, fn << ": code " << static_cast<int>(q[i]) << " at index " << i
                                          << " is outside [-8, 7]; clamp codes to an INT4 range "
                                          << "before packing");
   }
+}
+
+// pack_s4 on codes already checked to lie in [-8, 7]:
+// byte b = q[2b] in bits 0-3, q[2b+1] in bits 4-7 (0 past an odd end)
+void pack_s4_unchecked(const int8_t* q, int64_t n, uint8_t* packed) {
+  for (int64_t b = 0; b < n / 2; ++b) packed[b] = pack_s4_pair(q[2 * b], q[2 * b + 1]);
+  if (n % 2 != 0) packed[n / 2] = pack_s4_pair(q[n - 1], 0);
 }
 
 }  // namespace
@@ -270,30 +386,30 @@ void pack_s4(const int8_t* q, int64_t n, uint8_t* packed) {
   NB_CHECK(n >= 0, "pack_s4: negative length " << n);
   NB_CHECK((q != nullptr && packed != nullptr) || n == 0, "pack_s4: null pointer for " << n << " codes");
   check_s4_codes(q, n, "pack_s4");
-  for (int64_t b = 0; b < (n + 1) / 2; ++b) {
-    // byte b = q[2b] in bits 0-3, q[2b+1] in bits 4-7 (0 past an odd end)
-    const int32_t odd = 2 * b + 1 < n ? q[2 * b + 1] : 0;
-    packed[b] = pack_s4_pair(q[2 * b], odd);
-  }
+  pack_s4_unchecked(q, n, packed);
 }
 
 void unpack_s4(const uint8_t* packed, int64_t n, int8_t* q) {
   NB_CHECK(n >= 0, "unpack_s4: negative length " << n);
   NB_CHECK((q != nullptr && packed != nullptr) || n == 0, "unpack_s4: null pointer for " << n << " codes");
-  for (int64_t i = 0; i < n; ++i) {
-    const uint8_t b = packed[i / 2];
-    q[i] = static_cast<int8_t>(i % 2 == 0 ? unpack_s4_low(b) : unpack_s4_high(b));
+  // element 2b from the low nibble of byte b, 2b + 1 from the high one
+  for (int64_t b = 0; b < n / 2; ++b) {
+    q[2 * b] = static_cast<int8_t>(unpack_s4_low(packed[b]));
+    q[2 * b + 1] = static_cast<int8_t>(unpack_s4_high(packed[b]));
   }
+  if (n % 2 != 0) q[n - 1] = static_cast<int8_t>(unpack_s4_low(packed[n / 2]));
 }
 
 void pack_s4_rows(const int8_t* q, int64_t rows, int64_t cols, uint8_t* packed) {
   check_shape(rows, cols, "pack_s4_rows");
   NB_CHECK((q != nullptr && packed != nullptr) || rows * cols == 0,
            "pack_s4_rows: null pointer for [" << rows << ", " << cols << "] codes");
-  // Validate serially first: an exception must not leave a parallel region.
+  // Validate first, outside the packing loop: an exception must not leave a parallel region.
   check_s4_codes(q, rows * cols, "pack_s4_rows");
   const int64_t row_bytes = (cols + 1) / 2;
-  parallel_for(rows, [&](int64_t r) { pack_s4(q + r * cols, cols, packed + r * row_bytes); }, cols);
+  parallel_for(rows, [&](int64_t r) {
+    pack_s4_unchecked(q + r * cols, cols, packed + r * row_bytes);
+  }, cols);
 }
 
 void unpack_s4_rows(const uint8_t* packed, int64_t rows, int64_t cols, int8_t* q) {

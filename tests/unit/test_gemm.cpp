@@ -13,6 +13,7 @@
 
 #include "nibble/error.h"
 #include "nibble/format.h"
+#include "nibble/parallel.h"
 #include "nibble/rng.h"
 #include "ref/gemm.h"
 
@@ -195,6 +196,144 @@ TEST(GemmRowSums, MatchesInt64Sums) {
     for (int64_t t = 0; t < k; ++t) want += b[j * k + t];
     EXPECT_EQ(sums[j], want) << "row " << j;
   }
+}
+
+// ---- kernels: every blocked kernel against the plain loops and the int64 oracle ------------
+
+namespace {
+
+const ref::GemmKernel kAllKernels[] = {ref::GemmKernel::loops, ref::GemmKernel::blocked,
+                                       ref::GemmKernel::blocked_avx2,
+                                       ref::GemmKernel::blocked_avx512_vnni};
+
+// Runs `kernel` and the loops on one shape; both must equal the int64 product exactly.
+void check_kernel_shape(ref::GemmKernel kernel, int64_t m, int64_t n, int64_t k,
+                        const std::vector<int8_t>& a, const std::vector<int8_t>& b,
+                        const std::vector<int64_t>& want) {
+  std::vector<int32_t> got(static_cast<size_t>(m * n), 0x5a5a5a5a);
+  std::vector<int32_t> loops(got.size(), 0x5a5a5a5a);
+  ref::gemm_s8s8_s32_tn_with(kernel, a.data(), b.data(), m, n, k, got.data());
+  ref::gemm_s8s8_s32_tn_loops(a.data(), b.data(), m, n, k, loops.data());
+  ASSERT_EQ(count_mismatches(loops, want), 0) << "loops, M=" << m << " N=" << n << " K=" << k;
+  ASSERT_EQ(count_mismatches(got, want), 0)
+      << ref::gemm_kernel_name(kernel) << ", M=" << m << " N=" << n << " K=" << k;
+}
+
+}  // namespace
+
+TEST(GemmKernels, DefaultKernelIsAvailable) {
+  EXPECT_TRUE(ref::gemm_kernel_available(ref::gemm_default_kernel()));
+  EXPECT_TRUE(ref::gemm_kernel_available(ref::GemmKernel::loops));
+  EXPECT_TRUE(ref::gemm_kernel_available(ref::GemmKernel::blocked));
+  for (ref::GemmKernel kernel : kAllKernels) {
+    if (!ref::gemm_kernel_available(kernel)) {
+      std::vector<int8_t> a(4, 1);
+      std::vector<int32_t> c(4);
+      const std::string msg = error_of(
+          [&] { ref::gemm_s8s8_s32_tn_with(kernel, a.data(), a.data(), 2, 2, 2, c.data()); });
+      EXPECT_NE(msg.find("needs an instruction set this CPU lacks"), std::string::npos) << msg;
+    }
+  }
+}
+
+// Random shapes (odd sizes, partial tiles and panels, more than one task per direction) and
+// full-range codes: every kernel this CPU has returns the loops' bits, and so does the s4
+// path (which unpacks and runs the default kernel).
+TEST(GemmKernels, EveryKernelMatchesTheLoopsBitForBit) {
+  const PhiloxKey shape_key{11000, 0, 0, RngRole::data};
+  std::vector<std::tuple<int64_t, int64_t, int64_t>> shapes = {
+      {1, 1, 1}, {4, 16, 2}, {4, 32, 4}, {5, 17, 3}, {64, 128, 64}, {65, 129, 130},
+      {130, 260, 77}, {257, 33, 1}, {3, 300, 513}};
+  for (uint64_t i = 0; i < 24; ++i) {
+    // M, N in [1, 200], K in [1, 300]
+    shapes.emplace_back(1 + philox_u32(shape_key, 3 * i) % 200,
+                        1 + philox_u32(shape_key, 3 * i + 1) % 200,
+                        1 + philox_u32(shape_key, 3 * i + 2) % 300);
+  }
+  uint64_t seed = 12000;
+  int tested = 0;
+  for (auto [m, n, k] : shapes) {
+    seed += 2;
+    const auto a = random_codes(m * k, -128, 127, seed);
+    const auto b = random_codes(n * k, -128, 127, seed + 1);
+    const auto want = naive_gemm(a, b, m, n, k);
+    for (ref::GemmKernel kernel : kAllKernels) {
+      if (!ref::gemm_kernel_available(kernel)) continue;
+      check_kernel_shape(kernel, m, n, k, a, b, want);
+      ++tested;
+    }
+    {
+      // Codes in [-8, 7] through the s4 entry points (odd K: half-used last bytes).
+      const auto a4 = random_codes(m * k, -8, 7, seed + 50);
+      const auto b4 = random_codes(n * k, -8, 7, seed + 51);
+      std::vector<int32_t> c4(static_cast<size_t>(m * n));
+      ref::gemm_s4s4_s32_tn(pack_rows(a4, m, k).data(), pack_rows(b4, n, k).data(), m, n, k,
+                            c4.data());
+      ASSERT_EQ(count_mismatches(c4, naive_gemm(a4, b4, m, n, k)), 0)
+          << "s4s4 M=" << m << " N=" << n << " K=" << k;
+    }
+  }
+  EXPECT_GE(tested, 2 * static_cast<int>(shapes.size()));  // loops and blocked at least
+}
+
+// The extreme codes at the largest K the int32 check accepts: −128·−128 everywhere (the
+// byte kernel's offset makes a + 128 = 0 there and leaves everything to the correction
+// term) and alternating −128 / 127 (sums that swing through the full range).
+TEST(GemmKernels, ExtremeCodesAtTheLargestSafeK) {
+  const int64_t k = 131071, m = 5, n = 33;
+  std::vector<int8_t> a(static_cast<size_t>(m * k), -128), b(static_cast<size_t>(n * k), -128);
+  for (int pattern = 0; pattern < 2; ++pattern) {
+    if (pattern == 1) {
+      for (size_t i = 0; i < a.size(); ++i) a[i] = static_cast<int8_t>(i % 3 == 0 ? 127 : -128);
+      for (size_t i = 0; i < b.size(); ++i) b[i] = static_cast<int8_t>(i % 5 == 0 ? 127 : -128);
+    }
+    const auto want = naive_gemm(a, b, m, n, k);
+    for (ref::GemmKernel kernel : kAllKernels) {
+      if (!ref::gemm_kernel_available(kernel)) continue;
+      check_kernel_shape(kernel, m, n, k, a, b, want);
+    }
+  }
+}
+
+// Small codes allow a large K: with a = ±1 and b = ±127, K = 2^19 passes the check (the
+// product stays below 2^26), while the byte kernel's offset sums Σ(a + 128)·b and 128·Σb reach
+// 129·127·2^19 > 2^33 and wrap: the wrapped difference must still be the exact product.
+TEST(GemmKernels, SmallCodesWithALargeKStayExact) {
+  const int64_t k = int64_t{1} << 19, m = 2, n = 3;
+  std::vector<int8_t> a(static_cast<size_t>(m * k), 1), b(static_cast<size_t>(n * k), 127);
+  a[5] = -1;   // rows that differ, so that a mixed-up row shows
+  b[k + 7] = -127;
+  std::vector<int64_t> want(static_cast<size_t>(m * n));
+  for (int64_t i = 0; i < m; ++i)
+    for (int64_t j = 0; j < n; ++j) {
+      int64_t acc = 0;
+      for (int64_t t = 0; t < k; ++t) acc += int64_t{a[i * k + t]} * b[j * k + t];
+      want[static_cast<size_t>(i * n + j)] = acc;
+    }
+  for (ref::GemmKernel kernel : kAllKernels) {
+    if (!ref::gemm_kernel_available(kernel)) continue;
+    std::vector<int32_t> c(static_cast<size_t>(m * n), 0x5a5a5a5a);
+    ref::gemm_s8s8_s32_tn_with(kernel, a.data(), b.data(), m, n, k, c.data());
+    EXPECT_EQ(count_mismatches(c, want), 0) << ref::gemm_kernel_name(kernel);
+  }
+}
+
+// Tasks are fixed blocks of C, so one thread and two give the same bits (and both are exact).
+TEST(GemmKernels, ResultsDoNotDependOnTheThreadCount) {
+  const int64_t m = 300, n = 200, k = 96;
+  const auto a = random_codes(m * k, -128, 127, 13000);
+  const auto b = random_codes(n * k, -128, 127, 13001);
+  const int before = num_threads();
+  for (ref::GemmKernel kernel : kAllKernels) {
+    if (!ref::gemm_kernel_available(kernel)) continue;
+    std::vector<int32_t> c1(static_cast<size_t>(m * n)), c2(c1.size());
+    set_num_threads(1);
+    ref::gemm_s8s8_s32_tn_with(kernel, a.data(), b.data(), m, n, k, c1.data());
+    set_num_threads(2);
+    ref::gemm_s8s8_s32_tn_with(kernel, a.data(), b.data(), m, n, k, c2.data());
+    EXPECT_EQ(c1, c2) << ref::gemm_kernel_name(kernel);
+  }
+  set_num_threads(before);
 }
 
 namespace {
