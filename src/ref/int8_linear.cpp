@@ -111,7 +111,7 @@ void int8_linear_forward(const float* x, const float* w, const float* bias, int6
   quantize_rows_nearest(w, c, d, w_q.data(), w_scale.data());
 
   // y[n,c] = float(x_q·w_qᵀ)[n,c] · (sx[n]·sw[c]) + b[c]
-  std::vector<int32_t> acc(static_cast<size_t>(n * c));
+  detail::UninitBuffer<int32_t> acc(n * c);
   gemm_s8s8_s32_tn(x_q.data(), w_q.data(), n, c, d, acc.data());
   DequantEpilogue epi;
   epi.scale_a = x_scale.data();
@@ -166,7 +166,7 @@ void int8_linear_backward(const float* dy, const Int8LinearSaved& saved, const P
     quantize_rows_int8_stochastic(b_op.data(), c, n, k, static_cast<uint64_t>(n * c), b_q.data(),
                                   b_scale.data());
     const std::vector<int8_t> x_q_t = transpose_s8(saved.x_q, n, d);  // [D, N]
-    std::vector<int32_t> acc(static_cast<size_t>(c * d));
+    detail::UninitBuffer<int32_t> acc(c * d);
     gemm_s8s8_s32_tn(b_q.data(), x_q_t.data(), c, d, n, acc.data());
     DequantEpilogue epi;
     epi.scale_a = b_scale.data();
@@ -184,7 +184,7 @@ void int8_linear_backward(const float* dy, const Int8LinearSaved& saved, const P
     std::vector<float> a_scale(static_cast<size_t>(n));
     quantize_rows_int8_stochastic(a_op.data(), n, c, k, 0, a_q.data(), a_scale.data());
     const std::vector<int8_t> w_q_t = transpose_s8(saved.w_q, c, d);  // [D, C]
-    std::vector<int32_t> acc(static_cast<size_t>(n * d));
+    detail::UninitBuffer<int32_t> acc(n * d);
     gemm_s8s8_s32_tn(a_q.data(), w_q_t.data(), n, d, c, acc.data());
     DequantEpilogue epi;
     epi.scale_a = a_scale.data();

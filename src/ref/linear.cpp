@@ -358,7 +358,7 @@ void hq_linear_forward(const float* x, const float* w, const float* bias, int64_
                             saved ? w_e.data() : nullptr);
 
   // y = float(x_q·w_qᵀ) · (sx·sw) + b
-  std::vector<int32_t> acc(static_cast<size_t>(n * c));
+  detail::UninitBuffer<int32_t> acc(n * c);
   gemm_s8s8_s32_tn(x_q.data(), w_q.data(), n, c, d, acc.data());
   DequantEpilogue epi;
   epi.scale_a = &sx;
@@ -421,7 +421,7 @@ HqLinearGrads hq_linear_backward(const float* dy, const HqLinearSaved& saved,
     // dw_t = float(combᵀ·x_q) · (s·sx): A = combᵀ [C, N], B = x_qᵀ [D, N]
     const std::vector<int8_t> comb_t = transpose_s8(comb, n, c);
     const std::vector<int8_t> x_q_t = transpose_s8(x_q, n, d);
-    std::vector<int32_t> acc_w(static_cast<size_t>(c * d));
+    detail::UninitBuffer<int32_t> acc_w(c * d);
     gemm_s8s8_s32_tn(comb_t.data(), x_q_t.data(), c, d, n, acc_w.data());
     DequantEpilogue epi_w;
     epi_w.scale_a = &s;
@@ -430,7 +430,7 @@ HqLinearGrads hq_linear_backward(const float* dy, const HqLinearSaved& saved,
 
     // dx_t = float(comb·w_q) · (s·sw): A = comb [N, C], B = w_qᵀ [D, C]
     const std::vector<int8_t> w_q_t = transpose_s8(w_q, c, d);
-    std::vector<int32_t> acc_x(static_cast<size_t>(n * d));
+    detail::UninitBuffer<int32_t> acc_x(n * d);
     gemm_s8s8_s32_tn(comb.data(), w_q_t.data(), n, d, c, acc_x.data());
     DequantEpilogue epi_x;
     epi_x.scale_a = &s;
@@ -478,7 +478,7 @@ HqLinearGrads hq_linear_backward(const float* dy, const HqLinearSaved& saved,
     fit_probabilities(sc_x.data(), 2 * n, budget, p_x.data());
     g.kept_rows_dx = sample_rows(p_x.data(), 2 * n, with_role(key, RngRole::sample_dx), keep_x.data());
     const std::vector<int8_t> w_q_t = transpose_s8(w_q, c, d);
-    std::vector<int32_t> acc_hi(static_cast<size_t>(n * d)), acc_lo(acc_hi.size());
+    detail::UninitBuffer<int32_t> acc_hi(n * d), acc_lo(n * d);
     gemm_s8s8_s32_tn(hi.data(), w_q_t.data(), n, d, c, acc_hi.data());
     gemm_s8s8_s32_tn(lo.data(), w_q_t.data(), n, d, c, acc_lo.data());
     parallel_for(n, [&](int64_t r) {
@@ -551,7 +551,8 @@ void w4a4_linear_forward(const float* x, const float* w, const float* bias, int6
            Rounding::nearest, unused, w_q.data());
 
   // y = float(acc − zx[n]·Σ_k w_q[c,k]) · (sx[n]·sw[c]) + b[c]
-  std::vector<int32_t> acc(static_cast<size_t>(n * c)), w_sum(static_cast<size_t>(c));
+  detail::UninitBuffer<int32_t> acc(n * c);
+  std::vector<int32_t> w_sum(static_cast<size_t>(c));
   gemm_s8s8_s32_tn(x_q.data(), w_q.data(), n, c, d, acc.data());
   row_sums_s8(w_q.data(), c, d, w_sum.data());
   DequantEpilogue epi;

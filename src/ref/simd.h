@@ -2,16 +2,20 @@
 // Internal to the CPU backend: what its vectorized paths share.
 //  - Run-time CPU checks. The build never assumes an instruction set (no -march): a hot loop
 //    has its plain C++ form (the reference) and, beside it, an AVX2 form in a function marked
-//    NB_TARGET_AVX2 that runs where use_avx2() says so. The AVX2 form performs the same IEEE
-//    operations on each element in the same order (AVX2 alone enables no FMA, so nothing is
-//    contracted), hence the same bits; tests compare the two with set_simd_enabled.
+//    NB_TARGET_AVX2 that runs where use_avx2() says so (a few have AVX-512 forms too: the
+//    integer GEMM, and W4A4's fp64 sums). A vectorized form performs the same IEEE operations
+//    on each element in the same order (AVX2 alone enables no FMA, so nothing is contracted;
+//    see NB_TARGET_AVX512F for AVX-512), hence the same bits; tests/unit/
+//    test_ref_vectorized.cpp compares the forms with set_simd_enabled.
 //  - philox_uniforms: philox_uniform over a run of consecutive indices, one Philox call per
 //    four indices (word w of block b is element 4b + w, rng.h), so the values are the same.
 #include <algorithm>
 #include <atomic>
+#include <bit>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <memory>
 #include <vector>
 
 #include "nibble/parallel.h"
@@ -87,7 +91,8 @@ NB_TARGET_AVX2 inline void store_s8x32(int8_t* dst, const __m256i v[4]) {
   const __m256i cd = _mm256_packs_epi32(v[2], v[3]);
   const __m256i abcd = _mm256_packs_epi16(ab, cd);
   const __m256i order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
-  _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst), _mm256_permutevar8x32_epi32(abcd, order));
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst),
+                      _mm256_permutevar8x32_epi32(abcd, order));
 }
 // std::clamp(v, lo, hi) on 8 lanes, for lo ≤ hi and v not NaN: the same value (on a tie
 // v == lo it returns lo, which could differ from v only in the sign of a zero bound).
@@ -187,6 +192,25 @@ inline void philox_uniforms(const PhiloxKey& key, uint64_t first, int64_t count,
   }
 }
 
+// A heap array of a trivial T that starts uninitialized, for outputs that are written in
+// full (a GEMM's int32 accumulators), where std::vector would first zero every byte.
+template <class T>
+class UninitBuffer {
+ public:
+  explicit UninitBuffer(int64_t n)
+      : data_(std::make_unique_for_overwrite<T[]>(static_cast<size_t>(n))),
+        size_(static_cast<size_t>(n)) {}
+  T* data() { return data_.get(); }
+  const T* data() const { return data_.get(); }
+  T& operator[](size_t i) { return data_[i]; }
+  const T& operator[](size_t i) const { return data_[i]; }
+  size_t size() const { return size_; }
+
+ private:
+  std::unique_ptr<T[]> data_;
+  size_t size_;
+};
+
 // fn(begin, end) over [0, n) in chunks of `chunk` indices (the last may be shorter), run in
 // parallel. The chunks depend on n and chunk only, never on the thread count; fn must write
 // only outputs of its own indices. One std::function call per chunk, not per index.
@@ -227,7 +251,8 @@ NB_ALWAYS_INLINE void transpose8x8_bytes(uint64_t w[8]) {
 // out[cols, rows] = in[rows, cols]ᵀ (bytes): 8 × 8 blocks through transpose8x8_bytes, the
 // ragged edges element by element; parallel over blocks of output rows.
 inline void transpose_s8(const int8_t* in, int64_t rows, int64_t cols, int8_t* out) {
-  static_assert(sizeof(uint64_t) == 8);
+  // Byte c of a loaded word holds column c only on a little-endian machine.
+  static_assert(std::endian::native == std::endian::little);
   parallel_chunks(cols, 64, rows, [&](int64_t j0, int64_t j1) {
     int64_t j = j0;
     for (; j + 8 <= j1; j += 8) {
