@@ -162,42 +162,10 @@ std::vector<Timing> time_group(const std::vector<std::function<void(int)>>& laun
     round_ns = std::chrono::duration<double, std::nano>(std::chrono::steady_clock::now() - t0).count();
     NB_CUDA_CHECK(cudaStreamSynchronize(stream));
   }
-  std::vector<cudaEvent_t> ev(static_cast<size_t>(runs) * nk * 2);
-  for (auto& e : ev) NB_CUDA_CHECK(cudaEventCreate(&e));
   // event records add host time too: 2·nk of them per round, generously 5 µs each
-  if (!host_waits) {
-    const double per_round = round_ns + 10000.0 * static_cast<double>(nk);
-    spin_kernel<<<1, 1, 0, stream>>>(static_cast<int64_t>(1.5 * per_round * runs) + 2000000);
-    NB_CUDA_CHECK_LAUNCH();
-  }
-  for (int r = 0; r < runs; ++r) {
-    for (size_t j = 0; j < nk; ++j) {
-      const size_t e = (static_cast<size_t>(r) * nk + j) * 2;
-      NB_CUDA_CHECK(cudaEventRecord(ev[e], stream));
-      launches[j](r % sets);
-      NB_CUDA_CHECK(cudaEventRecord(ev[e + 1], stream));
-    }
-  }
-  NB_CUDA_CHECK(cudaStreamSynchronize(stream));
-  std::vector<Timing> out(nk);
-  for (size_t j = 0; j < nk; ++j) {
-    std::vector<double> ms(static_cast<size_t>(runs));
-    for (int r = 0; r < runs; ++r) {
-      const size_t e = (static_cast<size_t>(r) * nk + j) * 2;
-      float t = 0;
-      NB_CUDA_CHECK(cudaEventElapsedTime(&t, ev[e], ev[e + 1]));
-      ms[static_cast<size_t>(r)] = t;
-    }
-    std::sort(ms.begin(), ms.end());
-    Timing& t = out[j];
-    t.runs = runs;
-    t.min_ms = ms.front();
-    t.max_ms = ms.back();
-    const size_t h = static_cast<size_t>(runs / 2);
-    t.median_ms = runs % 2 ? ms[h] : 0.5 * (ms[h - 1] + ms[h]);
-  }
-  for (auto& e : ev) cudaEventDestroy(e);
-  return out;
+  const double per_round = round_ns + 10000.0 * static_cast<double>(nk);
+  const int64_t spin_ns = host_waits ? 0 : static_cast<int64_t>(1.5 * per_round * runs) + 2000000;
+  return time_queued(launches, sets, runs, stream, spin_ns);
 }
 
 // One rotation set of a layer's inputs and per-set outputs.

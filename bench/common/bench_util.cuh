@@ -135,22 +135,19 @@ struct Timing {
   int runs = 0;
 };
 
-// Times several kernels under the same conditions: run r launches kernel 0, 1, ..., J-1 in
-// turn, each on input set r % sets and between its own pair of events, after `warmup`
-// untimed rounds. Interleaving matters on a GPU whose clock drifts with power and heat
-// (seen here: two identical configs timed one after the other differed by up to 10%), so
-// ratios between kernels come from paired measurements. Returns one Timing per kernel.
-inline std::vector<Timing> time_interleaved(const std::vector<std::function<void(int)>>& launches,
-                                            int sets, int warmup, int runs, cudaStream_t stream) {
+// The timed part of time_interleaved: `runs` rounds, round r launching kernel 0..J-1 on input
+// set r % sets, each between its own pair of events, all queued behind a spin kernel of
+// spin_ns nanoseconds (0: no spin, for launches that wait for the GPU themselves). The
+// caller has warmed up. Returns one Timing per kernel (median, min, max).
+inline std::vector<Timing> time_queued(const std::vector<std::function<void(int)>>& launches,
+                                       int sets, int runs, cudaStream_t stream, int64_t spin_ns) {
   const size_t nk = launches.size();
-  for (int i = 0; i < warmup; ++i)
-    for (const auto& l : launches) l(i % sets);
-  NB_CUDA_CHECK(cudaStreamSynchronize(stream));
   std::vector<cudaEvent_t> ev(static_cast<size_t>(runs) * nk * 2);
   for (auto& e : ev) NB_CUDA_CHECK(cudaEventCreate(&e));
-  // 20 µs of host time per queued launch is generous; the spin covers all of them.
-  spin_kernel<<<1, 1, 0, stream>>>(int64_t{20000} * runs * static_cast<int64_t>(nk) + 1000000);
-  NB_CUDA_CHECK_LAUNCH();
+  if (spin_ns > 0) {
+    spin_kernel<<<1, 1, 0, stream>>>(spin_ns);
+    NB_CUDA_CHECK_LAUNCH();
+  }
   for (int r = 0; r < runs; ++r) {
     for (size_t j = 0; j < nk; ++j) {
       const size_t e = (static_cast<size_t>(r) * nk + j) * 2;
@@ -179,6 +176,22 @@ inline std::vector<Timing> time_interleaved(const std::vector<std::function<void
   }
   for (auto& e : ev) cudaEventDestroy(e);
   return out;
+}
+
+// Times several kernels under the same conditions: run r launches kernel 0, 1, ..., J-1 in
+// turn, each on input set r % sets and between its own pair of events, after `warmup`
+// untimed rounds. Interleaving matters on a GPU whose clock drifts with power and heat
+// (seen here: two identical configs timed one after the other differed by up to 10%), so
+// ratios between kernels come from paired measurements. Returns one Timing per kernel.
+inline std::vector<Timing> time_interleaved(const std::vector<std::function<void(int)>>& launches,
+                                            int sets, int warmup, int runs, cudaStream_t stream) {
+  const size_t nk = launches.size();
+  for (int i = 0; i < warmup; ++i)
+    for (const auto& l : launches) l(i % sets);
+  NB_CUDA_CHECK(cudaStreamSynchronize(stream));
+  // 20 µs of host time per queued launch is generous; the spin covers all of them.
+  return time_queued(launches, sets, runs, stream,
+                     int64_t{20000} * runs * static_cast<int64_t>(nk) + 1000000);
 }
 
 // How many input sets to rotate through so that together they span at least four L2s
