@@ -82,13 +82,13 @@ class Gpt final : public Model {
 
   StepResult forward_backward(const Batch& batch, const StepContext& ctx) override {
     NB_CHECK(ctx.training, "forward_backward: StepContext::training is false; use evaluate()");
-    return guarded([&] { return run(batch, ctx, true); }, batch);
+    return run_guarded([&] { return run(batch, ctx, true); }, batch.targets);
   }
 
   StepResult evaluate(const Batch& batch, const StepContext& ctx) override {
     StepContext c = ctx;
     c.training = false;
-    return guarded([&] { return run(batch, c, false); }, batch);
+    return run_guarded([&] { return run(batch, c, false); }, batch.targets);
   }
 
   std::map<std::string, std::string> extra_state() const override {
@@ -125,21 +125,6 @@ class Gpt final : public Model {
     LayerNorm::Saved ln_f;
     Tensor h;  // [N, C] final LayerNorm output
   };
-
-  // A diverged step (a NaN or Inf reached an op) returns a NaN loss instead of throwing, so
-  // the trainer can report it and skip the update (nn.h). Gradients may then hold partial
-  // sums; the trainer zeroes them before the next step.
-  template <class F>
-  StepResult guarded(F&& f, const Batch& batch) {
-    try {
-      return f();
-    } catch (const ops::NonFiniteError&) {
-      StepResult r;
-      r.loss = std::numeric_limits<double>::quiet_NaN();
-      for (int32_t t : batch.targets) r.count += t >= 0 ? 1 : 0;
-      return r;
-    }
-  }
 
   void check_batch(const Batch& b, bool need_targets) const {
     NB_CHECK(b.size > 0 && b.seq > 0, "GPT batch: size " << b.size << " and seq " << b.seq << " must be positive");

@@ -8,12 +8,14 @@
 // must then be false). backward returns the input gradient and ADDS into Param::grad.
 // Calls nibble::ops only.
 #include <cstdint>
+#include <limits>
 #include <memory>
 #include <string>
 #include <vector>
 
 #include "nibble/nn.h"
 #include "nibble/tensor.h"
+#include "nibble/ops_layers.h"
 #include "nn/linear.h"
 
 namespace nibble::nn {
@@ -155,5 +157,21 @@ void validate_block_sizes(int64_t d_model, int64_t n_heads, int64_t d_ff, int64_
                           const PrecisionPlan& plan,
                           const std::vector<std::pair<LinearRole, int64_t>>& k_of_role);
 std::string plan_json(const PrecisionPlan& plan);  // {"qkv": "int4", ..., "quant": {...}}
+
+// Runs one forward(+backward) of a model. A diverged step (a NaN or Inf reached an op)
+// returns a NaN loss instead of throwing, so the trainer can report it and skip the update
+// (nn.h); gradients may then hold partial sums, which the trainer zeroes before the next step.
+// count = the targets (>= 0) the step would have scored.
+template <class F>
+StepResult run_guarded(F&& f, const std::vector<int32_t>& targets) {
+  try {
+    return f();
+  } catch (const ops::NonFiniteError&) {
+    StepResult r;
+    r.loss = std::numeric_limits<double>::quiet_NaN();
+    for (int32_t t : targets) r.count += t >= 0 ? 1 : 0;
+    return r;
+  }
+}
 
 }  // namespace nibble::nn

@@ -76,13 +76,13 @@ class Vit final : public Model {
 
   StepResult forward_backward(const Batch& batch, const StepContext& ctx) override {
     NB_CHECK(ctx.training, "forward_backward: StepContext::training is false; use evaluate()");
-    return guarded([&] { return run(batch, ctx, true); }, batch);
+    return run_guarded([&] { return run(batch, ctx, true); }, batch.labels);
   }
 
   StepResult evaluate(const Batch& batch, const StepContext& ctx) override {
     StepContext c = ctx;
     c.training = false;
-    return guarded([&] { return run(batch, c, false); }, batch);
+    return run_guarded([&] { return run(batch, c, false); }, batch.labels);
   }
 
   std::map<std::string, std::string> extra_state() const override {
@@ -107,17 +107,6 @@ class Vit final : public Model {
     LayerNorm::Saved ln_f;
   };
 
-  template <class F>
-  StepResult guarded(F&& f, const Batch& batch) {
-    try {
-      return f();
-    } catch (const ops::NonFiniteError&) {
-      StepResult r;
-      r.loss = std::numeric_limits<double>::quiet_NaN();
-      for (int32_t t : batch.labels) r.count += t >= 0 ? 1 : 0;
-      return r;
-    }
-  }
 
   void check_batch(const Batch& b) const {
     NB_CHECK(b.size > 0, "ViT batch: size " << b.size << " must be positive");
