@@ -67,8 +67,8 @@ int run_gemm_bench(const GemmBenchOptions& opt) {
   NB_CUDA_CHECK(cudaRuntimeGetVersion(&runtime_version));
   std::printf("device: %s (%d SMs, L2 %d MiB), CUDA runtime %d, commit %s\n", prop.name,
               prop.multiProcessorCount, prop.l2CacheSize >> 20, runtime_version, commit.c_str());
-  std::printf("ours: %s\n", cuda::sm90::kTileConfigName);
-  std::printf("median of %d timed runs after %d warm-up rounds, the five kernels interleaved; "
+  std::printf("ours: the launchers' tile choice per shape (sm90::choose_tile), named after the check\n");
+  std::printf("median of %d timed runs after %d warm-up rounds, the seven kernels interleaved; "
               "rotating input sets > 4x L2\n\n",
               runs, warmup);
 
@@ -83,12 +83,12 @@ int run_gemm_bench(const GemmBenchOptions& opt) {
                   "cuBLASLt FP8 e4m3"};
   chart.values.assign(chart.series.size(), {});
   bool all_match = true;
-  std::printf("%-22s %10s %10s %8s %10s %10s %10s %10s %9s  %s\n", "M x N x K", "ours TOPS",
-              "LtI8 TOPS", "ours/Lt", "ours+dq", "BF16 TF", "FP8 TF", "ours ms", "ours/BF16",
-              "check");
+  std::printf("%-22s %10s %10s %8s %10s %10s %10s %10s %9s %8s %8s  %s\n", "M x N x K",
+              "ours TOPS", "LtI8 TOPS", "ours/Lt", "ours+dq", "BF16 TF", "FP8 TF", "ours ms",
+              "ours/BF16", "c2x1/Lt", "c1x2/Lt", "check, tile");
   for (const Shape& s : shapes) {
     const int64_t m = s.m, n = s.n, k = s.k;
-    // Each input type has its own rotating sets (A, B), so that all five kernels can be timed
+    // Each input type has its own rotating sets (A, B), so that all seven kernels can be timed
     // interleaved; outputs (sized for 4-byte elements) and the dequant vectors are per set too.
     const size_t mk = static_cast<size_t>(m * k), nk = static_cast<size_t>(n * k);
     const size_t c_bytes = static_cast<size_t>(m * n) * 4;
@@ -127,7 +127,8 @@ int run_gemm_bench(const GemmBenchOptions& opt) {
 
     const std::vector<std::string> names = {"ours_s8s8_s32", "ours_s8s8_dequant_bf16",
                                             "cublaslt_s8s8_s32", "cublaslt_bf16",
-                                            "cublaslt_e4m3_bf16"};
+                                            "cublaslt_e4m3_bf16", "ours_s8s8_s32_forced_c2x1",
+                                            "ours_s8s8_s32_forced_c1x2"};
     const std::vector<std::function<void(int)>> launches = {
         [&](int i) {
           cuda::gemm_s8s8_s32_tn_sm90({A8[i].as<int8_t>(), B8[i].as<int8_t>(), m, n, k},
@@ -152,6 +153,18 @@ int run_gemm_bench(const GemmBenchOptions& opt) {
         [&](int i) {
           cuda::cublaslt_gemm_e4m3_bf16_tn(Af8[i].as<uint8_t>(), Bf8[i].as<uint8_t>(), m, n, k,
                                            C[i].as<bf16_t>(), stream);
+        },
+        // Both compiled tile configurations forced, timed in the same interleaved rounds: the
+        // paired evidence for the automatic rule (sm90::choose_tile).
+        [&](int i) {
+          cuda::gemm_s8s8_s32_tn_sm90({A8[i].as<int8_t>(), B8[i].as<int8_t>(), m, n, k,
+                                       cuda::GemmTile::coop_128x256_c2x1},
+                                      C[i].as<int32_t>(), stream);
+        },
+        [&](int i) {
+          cuda::gemm_s8s8_s32_tn_sm90({A8[i].as<int8_t>(), B8[i].as<int8_t>(), m, n, k,
+                                       cuda::GemmTile::coop_128x256_c1x2},
+                                      C[i].as<int32_t>(), stream);
         }};
     const std::vector<Timing> times = time_interleaved(launches, sets, warmup, runs, stream);
     const double ops = 2.0 * static_cast<double>(m) * static_cast<double>(n) * static_cast<double>(k);
@@ -175,14 +188,17 @@ int run_gemm_bench(const GemmBenchOptions& opt) {
     char label[64];
     std::snprintf(label, sizeof(label), "%lld x %lld x %lld", static_cast<long long>(m),
                   static_cast<long long>(n), static_cast<long long>(k));
-    std::printf("%-22s %10.0f %10.0f %7.1f%% %10.0f %10.0f %10.0f %10.4f %8.2fx  %s\n", label,
-                ours.rate, lt_i8.rate, 100.0 * ours.rate / lt_i8.rate, ours_dq.rate, lt_bf16.rate,
-                lt_fp8.rate, ours.t.median_ms, ours.rate / lt_bf16.rate,
-                mismatches == 0 ? "exact" : "MISMATCH");
+    const char* tile = cuda::sm90::tile_name(cuda::sm90::choose_tile({nullptr, nullptr, m, n, k}));
+    std::printf("%-22s %10.0f %10.0f %7.1f%% %10.0f %10.0f %10.0f %10.4f %8.2fx %7.1f%% %7.1f%%  %s %s\n",
+                label, ours.rate, lt_i8.rate, 100.0 * ours.rate / lt_i8.rate, ours_dq.rate,
+                lt_bf16.rate, lt_fp8.rate, ours.t.median_ms, ours.rate / lt_bf16.rate,
+                100.0 * results[5].rate / lt_i8.rate, 100.0 * results[6].rate / lt_i8.rate,
+                mismatches == 0 ? "exact" : "MISMATCH", tile);
     std::fflush(stdout);
 
     nlohmann::json js = {{"m", m}, {"n", n}, {"k", k}, {"rotating_sets", sets},
                          {"ours_vs_cublaslt_int8_mismatches", mismatches},
+                         {"ours_tile", tile},
                          {"ours_pct_of_cublaslt_int8", 100.0 * ours.rate / lt_i8.rate},
                          {"ours_over_cublas_bf16", ours.rate / lt_bf16.rate}};
     for (const Result& r : results) {
@@ -207,7 +223,7 @@ int run_gemm_bench(const GemmBenchOptions& opt) {
                           {"cuda_runtime", runtime_version},
                           {"date_utc", utc_now()},
                           {"git_commit", commit},
-                          {"ours_config", cuda::sm90::kTileConfigName},
+                          {"ours_config", "sm90::choose_tile per shape (shapes[].ours_tile)"},
                           {"runs", runs},
                           {"warmup", warmup},
                           {"ops_convention", "2*M*N*K per GEMM"},

@@ -21,6 +21,7 @@
 #include "cuda/blas/cublaslt_baselines.h"
 #include "cuda/common/check.h"
 #include "cuda/gemm/gemm_s8s8_s32_tn_sm90.h"
+#include "cuda/gemm/gemm_sm90_host.h"
 #include "nibble/dtype.h"
 #include "nibble/error.h"
 #include "nibble/parallel.h"
@@ -109,9 +110,11 @@ struct Shape3 {
 };
 
 // ours and cuBLASLt INT8 vs the CPU reference, all elements, exact.
-void check_s32(const Shape3& s, int lo, int hi, uint64_t seed) {
+void check_s32(const Shape3& s, int lo, int hi, uint64_t seed,
+               cuda::GemmTile tile = cuda::GemmTile::automatic) {
   SCOPED_TRACE(testing::Message() << "M=" << s.m << " N=" << s.n << " K=" << s.k << " codes ["
-                                  << lo << ", " << hi << "] seed " << seed);
+                                  << lo << ", " << hi << "] seed " << seed << " tile "
+                                  << cuda::sm90::tile_name(tile));
   const auto a = random_codes(s.m * s.k, lo, hi, seed);
   const auto b = random_codes(s.n * s.k, lo, hi, seed + 1);
   std::vector<int32_t> want(static_cast<size_t>(s.m * s.n));
@@ -123,7 +126,7 @@ void check_s32(const Shape3& s, int lo, int hi, uint64_t seed) {
   db.upload(b);
   dc.poison();
   dl.poison();
-  cuda::gemm_s8s8_s32_tn_sm90({da.get(), db.get(), s.m, s.n, s.k}, dc.get(), nullptr);
+  cuda::gemm_s8s8_s32_tn_sm90({da.get(), db.get(), s.m, s.n, s.k, tile}, dc.get(), nullptr);
   cuda::cublaslt_gemm_s8s8_s32_tn(da.get(), db.get(), s.m, s.n, s.k, dl.get(), nullptr);
   NB_CUDA_CHECK(cudaDeviceSynchronize());
   EXPECT_EQ(count_mismatches(dc.download(), want, s.n, "ours vs ref"), 0);
@@ -202,8 +205,10 @@ struct EpiCase {
 // The second term is the "tiny atol": it matters only where bias cancels p.
 // Returns the largest |err| / bound seen, so that a near miss shows in the test log.
 template <class OutT>
-double check_dequant(const Shape3& s, const EpiCase& c, uint64_t seed) {
+double check_dequant(const Shape3& s, const EpiCase& c, uint64_t seed,
+                     cuda::GemmTile tile = cuda::GemmTile::automatic) {
   SCOPED_TRACE(testing::Message() << "M=" << s.m << " N=" << s.n << " K=" << s.k
+                                  << " tile " << cuda::sm90::tile_name(tile)
                                   << " per_row=" << c.a_per_row << " per_col=" << c.b_per_col
                                   << " bias=" << c.with_bias << " null_scales=" << c.null_scales
                                   << " out=" << (sizeof(OutT) == 2 ? "bf16" : "f32"));
@@ -241,7 +246,8 @@ double check_dequant(const Shape3& s, const EpiCase& c, uint64_t seed) {
   epi.scale_b = c.null_scales ? nullptr : dsb.get();
   epi.b_per_col = c.b_per_col;
   epi.bias = c.with_bias ? dbias.get() : nullptr;
-  cuda::gemm_s8s8_s32_tn_dequant_sm90({da.get(), db.get(), s.m, s.n, s.k}, epi, dy.get(), nullptr);
+  cuda::gemm_s8s8_s32_tn_dequant_sm90({da.get(), db.get(), s.m, s.n, s.k, tile}, epi, dy.get(),
+                                      nullptr);
   NB_CUDA_CHECK(cudaDeviceSynchronize());
   const auto y = dy.download();
 
@@ -305,6 +311,69 @@ TEST(GemmS8S8S32TnDequantSm90, F32WithinRounding) {
     for (const auto& c : epi_cases())
       worst = std::max(worst, check_dequant<float>(s, c, seed_for(s.m, s.n, s.k, variant++)));
   std::printf("[ info     ] f32 dequant: largest |err| / bound = %.3f\n", worst);
+}
+
+// ---- tile configurations ----------------------------------------------------------------
+// Every compiled configuration, forced, on the odd shapes (tile counts of 1, odd and even along
+// both dimensions, so partial clusters are exercised) and through both epilogues.
+const std::vector<cuda::GemmTile>& forced_tiles() {
+  static const std::vector<cuda::GemmTile> tiles = {cuda::GemmTile::coop_128x256_c2x1,
+                                                    cuda::GemmTile::coop_128x256_c1x2};
+  return tiles;
+}
+
+TEST(GemmS8S8S32TnSm90, EveryTileConfigBitExact) {
+  int variant = 50;
+  for (const auto tile : forced_tiles()) {
+    for (const auto& s : odd_shapes()) check_s32(s, -128, 127, seed_for(s.m, s.n, s.k, variant++), tile);
+    check_s32({1100, 1536, 528}, -8, 7, seed_for(1100, 1536, 528, variant++), tile);
+  }
+}
+
+TEST(GemmS8S8S32TnDequantSm90, EveryTileConfigWithinRounding) {
+  int variant = 70;
+  for (const auto tile : forced_tiles()) {
+    for (const auto& s : {Shape3{129, 784, 4096}, Shape3{1000, 1536, 784}}) {
+      check_dequant<bf16_t>(s, epi_cases()[0], seed_for(s.m, s.n, s.k, variant++), tile);
+      check_dequant<float>(s, epi_cases()[2], seed_for(s.m, s.n, s.k, variant++), tile);
+    }
+  }
+}
+
+// The automatic rule (gemm_sm90_host.h) picks the 1×2 cluster only for the shapes it names.
+TEST(GemmS8S8S32TnSm90, AutomaticTileRule) {
+  using cuda::GemmTile;
+  const auto pick = [](int64_t m, int64_t n, int64_t k) {
+    return cuda::sm90::choose_tile({nullptr, nullptr, m, n, k});
+  };
+  EXPECT_EQ(pick(16384, 4096, 4096), GemmTile::coop_128x256_c1x2);
+  EXPECT_EQ(pick(16384, 4096, 11008), GemmTile::coop_128x256_c1x2);
+  EXPECT_EQ(pick(8192, 8192, 8192), GemmTile::coop_128x256_c2x1);     // M = N
+  EXPECT_EQ(pick(16384, 11008, 4096), GemmTile::coop_128x256_c2x1);   // N/256 odd
+  EXPECT_EQ(pick(16384, 768, 3072), GemmTile::coop_128x256_c2x1);     // N small
+  EXPECT_EQ(pick(16384, 4096, 1024), GemmTile::coop_128x256_c2x1);    // K small
+  EXPECT_EQ(cuda::sm90::choose_tile({nullptr, nullptr, 16384, 4096, 4096, GemmTile::coop_128x256_c2x1}),
+            GemmTile::coop_128x256_c2x1);  // a forced tile wins
+}
+
+// A shape the rule sends to the 1×2 cluster, through the launcher's own choice: ours vs
+// cuBLASLt INT8 (itself checked against the reference above) on every element.
+TEST(GemmS8S8S32TnSm90, AutomaticTileBitExactAtLargeShape) {
+  const int64_t m = 8192, n = 4096, k = 4096;
+  ASSERT_EQ(cuda::sm90::choose_tile({nullptr, nullptr, m, n, k}), cuda::GemmTile::coop_128x256_c1x2);
+  const uint64_t seed = seed_for(m, n, k, 90);
+  const auto a = random_codes(m * k, -128, 127, seed);
+  const auto b = random_codes(n * k, -128, 127, seed + 1);
+  DeviceBuffer<int8_t> da(m * k), db(n * k);
+  DeviceBuffer<int32_t> dc(m * n), dl(m * n);
+  da.upload(a);
+  db.upload(b);
+  dc.poison();
+  dl.poison();
+  cuda::gemm_s8s8_s32_tn_sm90({da.get(), db.get(), m, n, k}, dc.get(), nullptr);
+  cuda::cublaslt_gemm_s8s8_s32_tn(da.get(), db.get(), m, n, k, dl.get(), nullptr);
+  NB_CUDA_CHECK(cudaDeviceSynchronize());
+  EXPECT_EQ(count_mismatches(dc.download(), dl.download(), n, "ours vs cuBLASLt"), 0);
 }
 
 // K = 0 (e.g. no token kept for a weight gradient): acc = 0, so y = bias and c = 0.

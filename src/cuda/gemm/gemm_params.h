@@ -8,12 +8,24 @@
 
 namespace nibble::cuda {
 
+// Which compiled tile configuration of the sm_90a INT8 GEMM runs a call. `automatic` lets the
+// launcher choose by shape (sm90::choose_tile, gemm_sm90_host.cpp: a rule read off measured
+// sweeps, bench/README.md "Tile dispatch"); the others force one, for benchmarks and tests.
+// Every configuration computes the same int32 sums and the same epilogue per element, so the
+// choice changes speed only, never a result bit.
+enum class GemmTile : uint8_t {
+  automatic,
+  coop_128x256_c2x1,  // 128×256×128 tile, 2×1 cluster: B's tile multicast to 2 CTAs along M
+  coop_128x256_c1x2,  // 128×256×128 tile, 1×2 cluster: A's tile multicast to 2 CTAs along N
+};
+
 struct GemmS8S8Params {
   const int8_t* a = nullptr;  // A: [M, K] s8, row-major (K contiguous), 16-byte aligned base
   const int8_t* b = nullptr;  // B: [N, K] s8, row-major (K contiguous), 16-byte aligned base
   int64_t m = 0;              // rows of A and of the output; M = 0 is a no-op
   int64_t n = 0;              // rows of B = columns of the output; N·sizeof(out) % 16 == 0
   int64_t k = 0;              // K % 16 == 0 (16-byte rows for the tensor-memory copies)
+  GemmTile tile = GemmTile::automatic;
 };
 
 // EpiDequantBias — the fused dequantizing epilogue, applied to the int32 accumulators:

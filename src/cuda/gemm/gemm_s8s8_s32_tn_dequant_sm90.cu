@@ -45,7 +45,8 @@ void run_dequant(const char* fn, const GemmS8S8Params& p, const EpiDequantBias& 
     NB_CUDA_CHECK_LAUNCH();
     return;
   }
-  run_config<sm90::LauncherConfig>(p, epi, y, stream);
+  sm90::with_tile_config(sm90::choose_tile(p),
+                         [&]<class Config>() { run_config<Config>(p, epi, y, stream); });
 }
 
 }  // namespace

@@ -30,7 +30,8 @@ void gemm_s8s8_s32_tn_sm90(const GemmS8S8Params& p, int32_t* c, cudaStream_t str
     NB_CUDA_CHECK(cudaMemsetAsync(c, 0, static_cast<size_t>(p.m * p.n) * sizeof(int32_t), stream));
     return;
   }
-  run_s32<sm90::LauncherConfig>(p, c, stream);
+  sm90::with_tile_config(sm90::choose_tile(p),
+                         [&]<class Config>() { run_s32<Config>(p, c, stream); });
 }
 
 bool gemm_sm90_available() { return true; }

@@ -57,11 +57,23 @@ using PingpongConfig = TileConfig<kM, kN, 128, kClusterM, kClusterN,
                                   cutlass::gemm::KernelTmaWarpSpecializedPingpong,
                                   cutlass::epilogue::TmaWarpSpecialized>;
 
-// The configuration the launchers use for every shape, chosen by measurement on an H100 SXM
-// (bench/README.md, "configs tried"): 128×256×128 CTA tile, two CTAs of a 2×1 cluster sharing
-// B's tile through TMA multicast, two cooperative consumer warpgroups, persistent scheduler.
-// Its name for reports is sm90::kTileConfigName (gemm_sm90_host.h); keep the two in step.
-using LauncherConfig = CooperativeConfig<128, 256, 2, 1>;
+// The configurations the launchers compile, one per GemmTile value (gemm_params.h), chosen by
+// measurement on an H100 SXM (bench/README.md, "configs tried"): a 128×256×128 CTA tile, two
+// cooperative consumer warpgroups, persistent scheduler, and two CTAs of a cluster sharing one
+// operand's tile through TMA multicast (B along M for 2×1, A along N for 1×2).
+// with_tile_config(tile, f) calls f.template operator()<Config>() for the resolved tile
+// (never GemmTile::automatic: resolve it with sm90::choose_tile first).
+template <class F>
+decltype(auto) with_tile_config(GemmTile tile, F&& f) {
+  switch (tile) {
+    case GemmTile::coop_128x256_c1x2:
+      return f.template operator()<CooperativeConfig<128, 256, 1, 2>>();
+    case GemmTile::automatic:
+    case GemmTile::coop_128x256_c2x1:
+      break;
+  }
+  return f.template operator()<CooperativeConfig<128, 256, 2, 1>>();
+}
 
 // ---- epilogues -------------------------------------------------------------------------
 

@@ -71,4 +71,20 @@ void check_epilogue(const char* fn, const EpiDequantBias& epi) {
            fn << ": scale_a, scale_b and bias must be 4-byte aligned float pointers");
 }
 
+GemmTile choose_tile(const GemmS8S8Params& p) {
+  if (p.tile != GemmTile::automatic) return p.tile;
+  const bool n_tiles_even = p.n % 512 == 0;
+  if (n_tiles_even && p.m > p.n && p.n >= 4096 && p.k >= 4096) return GemmTile::coop_128x256_c1x2;
+  return GemmTile::coop_128x256_c2x1;
+}
+
+const char* tile_name(GemmTile tile) {
+  switch (tile) {
+    case GemmTile::automatic: return "automatic";
+    case GemmTile::coop_128x256_c2x1: return "coop_128x256x128_c2x1";
+    case GemmTile::coop_128x256_c1x2: return "coop_128x256x128_c1x2";
+  }
+  return "unknown";
+}
+
 }  // namespace nibble::cuda::sm90
