@@ -1,0 +1,53 @@
+#!/usr/bin/env bash
+# One call on a GPU machine: correctness first, then the benchmarks, each stage under its own
+# time limit so that a slow stage cannot eat the others' results. Binaries are built
+# beforehand (the GPU machine may lack the Debian -dev packages the build needs):
+#   cmake -S . -B build-gpu -DCMAKE_BUILD_TYPE=Release -DCMAKE_CUDA_ARCHITECTURES=90a
+#   cmake --build build-gpu --target nibble nibble_gpu_tests
+# Usage: scripts/gpu_check.sh [BIN_DIR [OUT_DIR]]   (defaults: build-gpu, $OUT or out/gpu)
+# Writes eight files to OUT_DIR (the lent machine returns at most eight): gpu_tests.txt (device
+# line first), sanitizer.txt, gemm.{txt,json,svg}, linear.{txt,json,svg}.
+set -uo pipefail
+bin="${1:-build-gpu}"
+out="${2:-${OUT:-out/gpu}}"
+mkdir -p "$out"
+status=0
+
+stage() {  # stage NAME LIMIT_S LOG CMD...: runs CMD with a time limit, appends to LOG
+  local name="$1" limit="$2" log="$3"
+  shift 3
+  echo "== $name (limit ${limit}s): $*" | tee -a "$log"
+  local t0=$SECONDS
+  timeout "$limit" "$@" >>"$log" 2>&1
+  local rc=$?
+  echo "== $name: exit $rc after $((SECONDS - t0)) s" | tee -a "$log"
+  [ $rc -ne 0 ] && status=1
+  return 0
+}
+
+{
+  nvidia-smi --query-gpu=name,driver_version,power.limit,clocks.max.sm,clocks.sm,temperature.gpu \
+    --format=csv
+  date -u +%Y-%m-%dT%H:%M:%SZ
+} >"$out/gpu_tests.txt" 2>&1
+
+stage "GPU tests" 150 "$out/gpu_tests.txt" "$bin/nibble_gpu_tests"
+tail -3 "$out/gpu_tests.txt"
+
+# compute-sanitizer on the kernels new in this change (small shapes; the full suite under
+# memcheck takes far longer than a lease allows).
+san_filter="${SAN_FILTER:-GemmS4*:*Sampled*}"
+stage "memcheck" 90 "$out/sanitizer.txt" compute-sanitizer --tool memcheck --error-exitcode 1 \
+  "$bin/nibble_gpu_tests" --gtest_filter="$san_filter"
+race_filter="${RACE_FILTER:-GemmS4S4S32TnSm80.BitExactOddShapes*}"
+stage "racecheck" 60 "$out/sanitizer.txt" compute-sanitizer --tool racecheck --error-exitcode 1 \
+  "$bin/nibble_gpu_tests" --gtest_filter="$race_filter"
+grep -E "ERROR SUMMARY|RACECHECK SUMMARY|== .*exit" "$out/sanitizer.txt"
+
+stage "bench gemm" 120 "$out/gemm.txt" "$bin/nibble" bench gemm --json "$out/gemm.json" \
+  --plot "$out/gemm.svg"
+stage "bench linear" 180 "$out/linear.txt" "$bin/nibble" bench linear --json "$out/linear.json" \
+  --plot "$out/linear.svg"
+cat "$out/gemm.txt"
+cat "$out/linear.txt"
+exit $status
