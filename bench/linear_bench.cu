@@ -214,7 +214,7 @@ int run_linear_bench(const LinearBenchOptions& opt) {
   cuda::HqLinearConfig cfg;
   cfg.block = opt.block;
   cuda::HqLinearConfig cfg_sampled = cfg;
-  cfg_sampled.lss = cuda::LssVariant::sampled_timing;
+  cfg_sampled.lss = cuda::LssVariant::sampled;
   cfg_sampled.sample_fraction = opt.sample_fraction;
   const PhiloxKey key{2024, 1, 0, RngRole::rounding};
 

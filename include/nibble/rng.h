@@ -28,6 +28,7 @@ enum class RngRole : uint32_t {
   dropout = 5,
   data = 6,
   init = 7,
+  sample_dw_rounding = 8,    // stochastic re-quantization of the 1/p-weighted dw rows (sampled LSS)
 };
 
 struct PhiloxKey {

@@ -346,4 +346,56 @@ int64_t keep_nonzero_rows(const float* scores, int64_t n, float* p, uint8_t* kee
   return kept;
 }
 
+float requantize_sampled_rows(const int8_t* hi, const int8_t* lo, int64_t rows, int64_t cols,
+                              const float* p, const uint8_t* keep, const PhiloxKey& key,
+                              int8_t* q) {
+  const char* fn = "requantize_sampled_rows";
+  NB_CHECK(rows > 0 && cols > 0,
+           fn << ": shape [" << rows << ", " << cols << "] must have positive rows and cols");
+  NB_CHECK(hi != nullptr && lo != nullptr && p != nullptr && keep != nullptr && q != nullptr,
+           fn << ": null pointer; pass hi, lo [rows, cols], p, keep [2·rows] and q [2·rows, cols]");
+  const int64_t n_split = 2 * rows;
+  // f_i = float(β_i) / p_i for the kept rows (0 marks a dropped row)
+  std::vector<float> f(static_cast<size_t>(n_split), 0.0f);
+  for (int64_t i = 0; i < n_split; ++i) {
+    if (!keep[i]) continue;
+    NB_CHECK(p[i] > 0.0f && p[i] <= 1.0f,
+             fn << ": kept row " << i << " has p = " << p[i]
+                << "; a kept row needs p in (0, 1] (sample_rows keeps only rows with u < p)");
+    const float beta = i < rows ? static_cast<float>(kBitSplitBase) : 1.0f;
+    f[static_cast<size_t>(i)] = beta / p[i];
+  }
+  auto code = [&](int64_t i, int64_t col) -> float {
+    return static_cast<float>(i < rows ? hi[i * cols + col] : lo[(i - rows) * cols + col]);
+  };
+  // t = max |a| / 127 over the kept elements (max is exact: any order)
+  float a_max = 0.0f;
+  for (int64_t i = 0; i < n_split; ++i) {
+    if (!keep[i]) continue;
+    for (int64_t col = 0; col < cols; ++col)
+      a_max = std::max(a_max, std::fabs(f[static_cast<size_t>(i)] * code(i, col)));
+  }
+  const float t = a_max > 0.0f ? a_max / 127.0f : 1.0f;
+  NB_CHECK(std::isfinite(t),
+           fn << ": the re-quantization scale t = max|β/p·code|/127 is not finite; a kept row "
+                 "has a p so small that β/p overflows fp32 (check the leverage scores)");
+  // q = clamp(floor(a / t + u), −127, 127); E_u[q] = a / t
+  parallel_rows(n_split, n_split * cols, [&](int64_t i) {
+    int8_t* qi = q + i * cols;
+    if (!keep[i]) {
+      std::fill(qi, qi + cols, int8_t{0});
+      return;
+    }
+    std::vector<float> u(static_cast<size_t>(cols));
+    detail::philox_uniforms(key, static_cast<uint64_t>(i * cols), cols, u.data());
+    const float fi = f[static_cast<size_t>(i)];
+    for (int64_t col = 0; col < cols; ++col) {
+      const float a = fi * code(i, col);
+      const float v = std::floor(a / t + u[static_cast<size_t>(col)]);
+      qi[col] = static_cast<int8_t>(std::clamp(v, -127.0f, 127.0f));
+    }
+  });
+  return t;
+}
+
 }  // namespace nibble::ref

@@ -47,4 +47,25 @@ int64_t sample_rows(const float* p, int64_t n, const PhiloxKey& key, uint8_t* ke
 // The released code's deterministic variant: keep every row with a non-zero score, p = 1.
 int64_t keep_nonzero_rows(const float* scores, int64_t n, float* p, uint8_t* keep);
 
+// The sampled dw's gradient operand (LssMode::bernoulli). dw = Σ_kept (β_i·s/p_i)·G↕_iᵀ·X̂_i
+// cannot take 1/p_i as an epilogue scale: it varies along dw's K, the tokens (algorithms.md
+// F.6). So the weights are folded into the codes, which are re-quantized to int8 with one
+// per-tensor scale t, and dw stays one INT8 GEMM over the kept rows:
+//   split row i ∈ [0, 2·rows): hi row i with β_i = 14 (i < rows), lo row i − rows with β_i = 1
+//   f_i = float(β_i) / p_i                          (fp32 IEEE division, once per kept row)
+//   a_i[col] = f_i · float(code_i[col])             (fp32, one rounding)
+//   t = max_{kept i, col} |a_i[col]| / 127          (fp32 division; 1 when that max is 0)
+//   q_i[col] = clamp(floor(a_i[col] / t + u), −127, 127)   (fp32 division, then fp32 add)
+//   u = philox_uniform(key, i·cols + col)           (role sample_dw_rounding: the index names
+//                                                    the split element, not its kept position)
+//   q_i = 0 for dropped rows
+// Then dw_t = float(Σ_kept q_iᵀ·x_q(i mod rows)) · ((t·s)·sx). Unbiased: E_u[q·t] = a, up to
+// the fp32 rounding of a/t + u (≤ 2^-17 of a step for |a/t| ≤ 127) and the clamp, which only
+// acts where fp32 rounding put |a/t| a few ulps above 127 (the largest |a| itself).
+// keep and p are the dw sampling's (sample_rows, fit_probabilities); a kept row has p > 0.
+// q is [2·rows, cols]. Returns t; throws if it is not finite (β/p overflowed fp32).
+float requantize_sampled_rows(const int8_t* hi, const int8_t* lo, int64_t rows, int64_t cols,
+                              const float* p, const uint8_t* keep, const PhiloxKey& key,
+                              int8_t* q);
+
 }  // namespace nibble::ref

@@ -439,15 +439,14 @@ HqLinearGrads hq_linear_backward(const float* dy, const HqLinearSaved& saved,
   } else {
     const double budget = cfg.sample_fraction * static_cast<double>(2 * n);
     // Split row i < N is hi row i (value scale 14s); row N + i is lo row i (scale s).
-    auto row_code = [&](int64_t i, int64_t col) -> int32_t {
-      return i < n ? hi[static_cast<size_t>(i * c + col)] : lo[static_cast<size_t>((i - n) * c + col)];
-    };
     auto row_scale = [&](int64_t i) -> double {
       return i < n ? static_cast<double>(kBitSplitBase) * s : static_cast<double>(s);
     };
 
-    // dw = Σ_kept (1/p_i)·G↕_iᵀ·X̂↕_i. 1/p varies along dw's K (tokens), so it cannot be an
-    // epilogue scale (algorithms.md F.6); the reference accumulates the weighted rows in fp64.
+    // dw = Σ_kept (β_i·s/p_i)·G↕_iᵀ·X̂↕_i. 1/p varies along dw's K (tokens), so it cannot be
+    // an epilogue scale (algorithms.md F.6): it is folded into the codes, re-quantized to
+    // int8 with one scale t (requantize_sampled_rows, unbiased), and dw is one INT8 GEMM:
+    //   dw_t = float(Σ_kept q_iᵀ·x_q(i mod N)) · ((t·s)·sx)
     std::vector<float> x_norm(static_cast<size_t>(n));
     row_norms_s8(x_q.data(), n, d, x_norm.data());
     for (float& v : x_norm) v *= saved.sx;
@@ -455,20 +454,35 @@ HqLinearGrads hq_linear_backward(const float* dy, const HqLinearSaved& saved,
     std::vector<uint8_t> keep_w(sc_w.size());
     leverage_scores(hi.data(), lo.data(), n, c, s, x_norm.data(), sc_w.data());
     fit_probabilities(sc_w.data(), 2 * n, budget, p_w.data());
-    g.kept_rows_dw = sample_rows(p_w.data(), 2 * n, with_role(key, RngRole::sample_dw), keep_w.data());
-    parallel_for(c, [&](int64_t col) {
-      std::vector<double> acc(static_cast<size_t>(d), 0.0);
+    const int64_t k_w =
+        sample_rows(p_w.data(), 2 * n, with_role(key, RngRole::sample_dw), keep_w.data());
+    g.kept_rows_dw = k_w;
+    std::vector<int8_t> q_w(static_cast<size_t>(2 * n * c));
+    const float t = requantize_sampled_rows(hi.data(), lo.data(), n, c, p_w.data(), keep_w.data(),
+                                            with_role(key, RngRole::sample_dw_rounding),
+                                            q_w.data());
+    if (k_w > 0) {  // no kept row: dw_t stays 0
+      // A = the kept rows' q, transposed [C, k]; B = their x codes, transposed [D, k]
+      // (kept rows in ascending i, as the device's compaction; the integer sum is exact in
+      // any order anyway).
+      std::vector<int8_t> a_t(static_cast<size_t>(c * k_w)), b_t(static_cast<size_t>(d * k_w));
+      int64_t j = 0;
       for (int64_t i = 0; i < 2 * n; ++i) {
         if (!keep_w[static_cast<size_t>(i)]) continue;
-        const int32_t code = row_code(i, col);
-        if (code == 0) continue;
-        const double coef = row_scale(i) / p_w[static_cast<size_t>(i)] * code;
-        const int8_t* xr = x_q.data() + (i % n) * d;
-        for (int64_t k = 0; k < d; ++k) acc[static_cast<size_t>(k)] += coef * xr[k];
+        const int8_t* qi = q_w.data() + i * c;
+        const int8_t* xi = x_q.data() + (i % n) * d;
+        for (int64_t col = 0; col < c; ++col) a_t[static_cast<size_t>(col * k_w + j)] = qi[col];
+        for (int64_t kk = 0; kk < d; ++kk) b_t[static_cast<size_t>(kk * k_w + j)] = xi[kk];
+        ++j;
       }
-      for (int64_t k = 0; k < d; ++k)
-        dw_t[static_cast<size_t>(col * d + k)] = static_cast<float>(acc[static_cast<size_t>(k)] * saved.sx);
-    }, 2 * n * d);
+      detail::UninitBuffer<int32_t> acc_w(c * d);
+      gemm_s8s8_s32_tn(a_t.data(), b_t.data(), c, d, k_w, acc_w.data());
+      const float ts = t * s;  // t·s: one fp32 product (the device's scalar, then the epilogue)
+      DequantEpilogue epi_w;
+      epi_w.scale_a = &ts;
+      epi_w.scale_b = &saved.sx;
+      epilogue_dequant(acc_w.data(), c, d, epi_w, dw_t.data());
+    }
 
     // dx: split rows i and N+i both feed output row i, so 1/p is a per-row scale of the
     // integer products hi·w_q and lo·w_q (an epilogue scale on the GPU).

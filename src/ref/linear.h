@@ -10,7 +10,11 @@
 //             y = (sx·sw)·(x_q·w_qᵀ) + b
 //   backward  dy -> bit split (s, hi, lo), combined = 14·hi + lo  (one INT8 operand)
 //             dw_t = s·sx·(combinedᵀ·x_q)      dx_t = s·sw·(combined·w_q)        (every row kept)
-//             or the Bernoulli leverage-score estimator with 1/p reweighting (sampled)
+//             or the Bernoulli leverage-score estimator with 1/p reweighting (sampled):
+//               dx_t = sw·Σ_{kept i} (β_i·s/p_i)·(G↕_i·w_q) into row i mod N   (fp64 weights)
+//               dw_t = float(Σ_{kept i} q_iᵀ·x_q(i mod N))·((t·s)·sx), q = the kept rows'
+//                      β/p-weighted codes re-quantized to int8 with one scale t
+//                      (requantize_sampled_rows, ref/bitsplit.h: unbiased, one INT8 GEMM)
 //             dsx, dsw from LSQ (δ terms on x_r, w_r); dw_t, dx_t masked by the STE indicators
 //             dx = dx_t·Hᵀ, dw = dw_t·Hᵀ, db = Σ_rows dy
 // Paper 2 (W4A4, algorithms.md E.1): per-token activation codes (symmetric or asymmetric
@@ -29,6 +33,7 @@ namespace nibble::ref {
 enum class LssMode : uint8_t {
   keep_nonzero,  // the released code: every split row with a non-zero score, p = 1 (default)
   bernoulli,     // the paper: Bernoulli rows with p ∝ leverage score, Σp = budget, 1/p weights
+                 // (dx: per-row scales; dw: folded into int8 codes, requantize_sampled_rows)
 };
 
 struct HqLinearConfig {
@@ -105,7 +110,8 @@ void hq_linear_forward(const float* x, const float* w, const float* bias, int64_
                        int64_t c, float sx, float sw, const HqLinearConfig& cfg,
                        const PhiloxKey& key, float* y, HqLinearSaved* saved);
 // dy [N, C]. key names the random stream of this layer and step: the low-half rounding uses
-// role grad_output_rounding, sampling uses sample_dw / sample_dx (roles are set inside).
+// role grad_output_rounding, sampling uses sample_dw / sample_dx and the sampled dw's
+// re-quantization sample_dw_rounding (roles are set inside).
 // cfg.block and cfg.range must be the forward's.
 HqLinearGrads hq_linear_backward(const float* dy, const HqLinearSaved& saved,
                                  const HqLinearConfig& cfg, const PhiloxKey& key);

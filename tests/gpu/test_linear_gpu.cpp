@@ -7,8 +7,9 @@
 //             of a float64 recomputation; dsx, dsw within the bound of two fp64 sums in
 //             different orders; db within one fp32 ulp plus the fp64 sums' bound; bf16 dx
 //             equal to the reference's value rounded to bf16;
-//   sampled timing variant: dx within fp32 rounding of the reference's Bernoulli estimator,
-//             dw equal (within fp32 rounding) to the unweighted kept-row sum it documents;
+//   sampled variant: dw (1/p folded into re-quantized int8 codes) equal to the reference's and
+//             within a float64 oracle of that estimator; dx within fp32 rounding of the
+//             reference's Bernoulli estimator; dsw and db as keep-all;
 //   shapes that are not multiples of 16 are rejected with a message saying to pad.
 // Every case draws fresh Philox inputs with its own seed; outputs are poisoned first.
 #include <cuda_runtime.h>
@@ -24,6 +25,7 @@
 
 #include "cuda/common/check.h"
 #include "cuda/linear/hq_linear.h"
+#include "cuda/quant/bitsplit.h"
 #include "cuda/quant/status.h"
 #include "nibble/dtype.h"
 #include "nibble/error.h"
@@ -562,85 +564,155 @@ TEST(LinearGpu, BackwardBf16GradientsMatchRef) {
   for (const Case& k : backward_cases()) check_backward_keep_all<bf16_t, bf16_t>(k, seed_of(k, v++));
 }
 
-// The sampled timing variant: dx is the reference's Bernoulli estimator up to fp32 rounding;
-// dw is the unweighted sum over the kept split rows (documented as biased, hq_linear.h).
-TEST(LinearGpu, SampledVariantDxMatchesRefEstimator) {
-  const Case k{128, 256, 64, 32, kInt4Sym};
-  const uint64_t seed = seed_of(k, 60);
+// An output gradient whose rows span two decades (scales 1, 0.32, 0.1, 0.03 in turn) with a
+// block of exactly-zero rows: the hi halves of many rows are non-zero, so the fitted p of hi
+// rows (not only of lo rows) fall below 1.
+std::vector<float> graded_grad(int64_t n, int64_t c, uint64_t seed) {
+  std::vector<float> g(static_cast<size_t>(n * c));
+  const PhiloxKey key{seed, 0, 0, RngRole::data};
+  for (int64_t r = 0; r < n; ++r) {
+    const float row_scale = r % 5 == 1 ? 0.0f : static_cast<float>(std::pow(10.0, -0.5 * double(r % 4)));
+    for (int64_t j = 0; j < c; ++j)
+      g[static_cast<size_t>(r * c + j)] =
+          row_scale * philox_normal(key, static_cast<uint64_t>(r * c + j));
+  }
+  return g;
+}
+
+struct SampledCase {
+  Case shape;
+  double fraction;
+  bool graded;  // graded_grad, else random_grad
+};
+
+// The sampled variant against the reference's Bernoulli estimator (ref::LssMode::bernoulli):
+//   dw: bit-exact. The kept rows, t, the re-quantized codes and the int32 sums are the same
+//       integers/fp32 operations on both sides, and the epilogue float(acc)·(fl(t·s)·sx) is
+//       the keep-all one (one rounding of the same product), so dw_t is equal; the mask and
+//       the butterfly are the reference's, so dw is too. Also within the float64 oracle of the
+//       re-quantized estimator: float(acc) exact (|acc| ≤ 127·8·2N < 2^24), then fl(t·s),
+//       fl(·sx) and the product: three roundings, ≤ 2^-22 relative.
+//   dx: within fp32 rounding of the reference's fp64-weighted estimator (bound below).
+//   dsw: the same fp64 terms as the reference (dw_t equal) in another order; db as keep-all.
+// Equality needs the GPU's p to equal the reference's (fit_probabilities agrees to 1 ulp,
+// cuda/quant/bitsplit.h): the test checks that for its inputs first.
+void check_backward_sampled(const SampledCase& sc, uint64_t seed) {
+  const Case& k = sc.shape;
+  SCOPED_TRACE(testing::Message() << "N=" << k.n << " D=" << k.d << " C=" << k.c << " block="
+                                  << k.block << " fraction " << sc.fraction
+                                  << (sc.graded ? " graded dy" : " row-structured dy"));
   Layer L(k.n, k.d, k.c);
   const ref::HqLinearSaved saved = check_forward<float>(k, false, L, seed);
-  const std::vector<float> dy = random_grad(k.n, k.c, seed + 10);
+  const std::vector<float> dy = sc.graded ? graded_grad(k.n, k.c, seed + 10)
+                                          : random_grad(k.n, k.c, seed + 10);
   cuda::HqLinearConfig cfg;
   cfg.block = k.block;
   cfg.range = k.range;
-  cfg.lss = cuda::LssVariant::sampled_timing;
-  cfg.sample_fraction = 0.3;
+  cfg.lss = cuda::LssVariant::sampled;
+  cfg.sample_fraction = sc.fraction;
   const PhiloxKey key{seed + 11, 3, 5, RngRole::rounding};
   const ref::HqLinearGrads want = ref::hq_linear_backward(dy.data(), saved, to_ref(cfg), key);
   const BackwardOut got = run_backward<float, float>(L, dy, cfg, key);
+  EXPECT_EQ(got.scale, want.grad_scale);
 
-  // Recompute the reference's dx selection: split, dx scores, p, Bernoulli rows.
+  // The reference's selections, recomputed: split, scores, p, Bernoulli rows (dw and dx).
   const int64_t n = k.n, c = k.c, d = k.d;
+  auto with = [&](RngRole role) { return PhiloxKey{key.seed, key.step, key.layer, role}; };
   std::vector<int8_t> hi(dy.size()), lo(dy.size());
-  const float s = ref::bitsplit(dy.data(), n, c,
-                                PhiloxKey{key.seed, key.step, key.layer, RngRole::grad_output_rounding},
-                                hi.data(), lo.data(), nullptr);
+  const float s = ref::bitsplit(dy.data(), n, c, with(RngRole::grad_output_rounding), hi.data(),
+                                lo.data(), nullptr);
   const double budget = cfg.sample_fraction * static_cast<double>(2 * n);
-  std::vector<float> sc(static_cast<size_t>(2 * n)), p(sc.size());
-  std::vector<uint8_t> keep(sc.size());
-  ref::leverage_scores(hi.data(), lo.data(), n, c, s, nullptr, sc.data());
-  ref::fit_probabilities(sc.data(), 2 * n, budget, p.data());
-  const int64_t kept = ref::sample_rows(p.data(), 2 * n, PhiloxKey{key.seed, key.step, key.layer, RngRole::sample_dx}, keep.data());
-  EXPECT_GT(kept, 0);
-  EXPECT_LT(kept, 2 * n);  // sampling actually dropped rows
   const std::vector<int8_t> wq = saved.w_q(), xq = saved.x_q(), xe = saved.x_e();
+  std::vector<float> xn(static_cast<size_t>(n)), scw(static_cast<size_t>(2 * n)), pw(scw.size());
+  std::vector<float> scx(scw.size()), px(scw.size());
+  std::vector<uint8_t> keep_w(scw.size()), keep_x(scw.size());
+  ref::row_norms_s8(xq.data(), n, d, xn.data());
+  for (float& v : xn) v *= saved.sx;
+  ref::leverage_scores(hi.data(), lo.data(), n, c, s, xn.data(), scw.data());
+  ref::leverage_scores(hi.data(), lo.data(), n, c, s, nullptr, scx.data());
+  ref::fit_probabilities(scw.data(), 2 * n, budget, pw.data());
+  ref::fit_probabilities(scx.data(), 2 * n, budget, px.data());
+  const int64_t kept_w = ref::sample_rows(pw.data(), 2 * n, with(RngRole::sample_dw), keep_w.data());
+  const int64_t kept_x = ref::sample_rows(px.data(), 2 * n, with(RngRole::sample_dx), keep_x.data());
+  EXPECT_EQ(kept_w, want.kept_rows_dw);
+  EXPECT_EQ(kept_x, want.kept_rows_dx);
+  // The device's fit on the same (bit-exact) scores must give the same fp32 p here.
+  for (const std::vector<float>* scores : {&scw, &scx}) {
+    DeviceBuffer<float> dsc(2 * n), dp(2 * n);
+    dsc.upload(*scores);
+    cuda::fit_probabilities({dsc.get(), 2 * n, budget, dp.get(), nullptr}, nullptr);
+    const std::vector<float>& p_ref = scores == &scw ? pw : px;
+    ASSERT_EQ(dp.download(), p_ref) << "the GPU's fit differs from the reference's by an ulp "
+                                       "for these inputs (cuda/quant/bitsplit.h); pick another seed";
+  }
+  // Sampling dropped rows, and kept rows with p < 1 (hi and lo) carry 1/p weights.
+  EXPECT_GT(kept_w, 0);
+  EXPECT_LT(kept_w, 2 * n);
+  EXPECT_LT(kept_x, 2 * n);
+  int64_t weighted_hi = 0, weighted_lo = 0;
+  for (int64_t i = 0; i < 2 * n; ++i)
+    if (keep_w[static_cast<size_t>(i)] && pw[static_cast<size_t>(i)] < 1.0f)
+      ++(i < n ? weighted_hi : weighted_lo);
+  EXPECT_GT(weighted_lo, 0);
+  if (sc.graded) {
+    EXPECT_GT(weighted_hi, 0);
+  }
+
+  // dx: t = (wh·acc_hi + wl·acc_lo)·sw; the GPU rounds coef = wh (or wl), coef·sw, and each
+  // product (3 roundings per term) and adds the two terms (1 more): ≤ 4·2^-24 relative of
+  // |t_hi| + |t_lo|. The oracle takes t_rel relative to |t|, so the bound is taken from a
+  // second oracle run on t_abs = |t_hi| + |t_lo| ≥ |t| (the bound only grows).
   const std::vector<int8_t> wq_t = transpose(wq, c, d);
   std::vector<int32_t> ah(static_cast<size_t>(n * d)), al(ah.size());
   ref::gemm_s8s8_s32_tn(hi.data(), wq_t.data(), n, d, c, ah.data());
   ref::gemm_s8s8_s32_tn(lo.data(), wq_t.data(), n, d, c, al.data());
-  // t = (wh·acc_hi + wl·acc_lo)·sw; the GPU rounds coef = wh (or wl), coef·sw, and each
-  // product (3 roundings per term) and adds the two terms (1 more): ≤ 4·2^-24 relative of
-  // |t_hi| + |t_lo|. The oracle takes t_rel relative to |t|, so pass the absolute-sum form
-  // through a per-element t_abs: use the larger of the two forms below.
   std::vector<double> t(ah.size()), t_abs(ah.size());
   for (int64_t r = 0; r < n; ++r) {
-    const double wh = keep[static_cast<size_t>(r)] ? 14.0 * s / p[static_cast<size_t>(r)] : 0.0;
-    const double wl = keep[static_cast<size_t>(n + r)] ? static_cast<double>(s) / p[static_cast<size_t>(n + r)] : 0.0;
+    const double wh = keep_x[static_cast<size_t>(r)] ? 14.0 * s / px[static_cast<size_t>(r)] : 0.0;
+    const double wl = keep_x[static_cast<size_t>(n + r)] ? static_cast<double>(s) / px[static_cast<size_t>(n + r)] : 0.0;
     for (int64_t j = 0; j < d; ++j) {
       const size_t e = static_cast<size_t>(r * d + j);
       t[e] = (wh * ah[e] + wl * al[e]) * saved.sw;
       t_abs[e] = (std::fabs(wh * ah[e]) + std::fabs(wl * al[e])) * saved.sw;
     }
   }
-  // Oracle with cancellation-aware bound: run it on t for the values and on t_abs for the
-  // bound (t_abs ≥ |t|, so the bound only grows).
   Oracle ox = oracle(t, 0.0, xq, xe, n, d, k.block);
   const Oracle ob = oracle(t_abs, std::ldexp(1.0, -22), xq, std::vector<int8_t>(xe.size(), 0), n, d, k.block);
   for (size_t i = 0; i < ox.bound.size(); ++i) ox.bound[i] = std::max(ox.bound[i], ob.bound[i]);
   EXPECT_EQ(check_grad(got.dx, want.dx, ox, false, "sampled dx"), 0);
 
-  // dw: s·sx·Σ_{kept_dw i} (14·hi | lo)_iᵀ·x_q(i mod N) (no 1/p), then mask and H.
-  std::vector<float> xn(static_cast<size_t>(n)), scw(static_cast<size_t>(2 * n)), pw(scw.size());
-  std::vector<uint8_t> keep_w(scw.size());
-  ref::row_norms_s8(xq.data(), n, d, xn.data());
-  for (float& v : xn) v *= saved.sx;
-  ref::leverage_scores(hi.data(), lo.data(), n, c, s, xn.data(), scw.data());
-  ref::fit_probabilities(scw.data(), 2 * n, budget, pw.data());
-  ref::sample_rows(pw.data(), 2 * n, PhiloxKey{key.seed, key.step, key.layer, RngRole::sample_dw}, keep_w.data());
+  // dw: q = the kept rows' β/p-weighted codes re-quantized with t (the reference's function,
+  // whose formula tests/unit/test_linear.cpp pins); t_w = t·s·sx·Σ_kept q_iᵀ·x_q(i mod N).
+  std::vector<int8_t> q(static_cast<size_t>(2 * n * c));
+  const float tq = ref::requantize_sampled_rows(hi.data(), lo.data(), n, c, pw.data(), keep_w.data(),
+                                                with(RngRole::sample_dw_rounding), q.data());
   std::vector<double> tw(static_cast<size_t>(c * d), 0.0);
   for (int64_t i = 0; i < 2 * n; ++i) {
     if (!keep_w[static_cast<size_t>(i)]) continue;
     const int64_t r = i % n;
     for (int64_t col = 0; col < c; ++col) {
-      const int code = i < n ? 14 * hi[static_cast<size_t>(r * c + col)] : lo[static_cast<size_t>(r * c + col)];
+      const int code = q[static_cast<size_t>(i * c + col)];
       if (code == 0) continue;
       for (int64_t j = 0; j < d; ++j) tw[static_cast<size_t>(col * d + j)] += static_cast<double>(code) * xq[static_cast<size_t>(r * d + j)];
     }
   }
-  for (double& v : tw) v *= static_cast<double>(s) * saved.sx;
-  const Oracle ow = oracle(tw, std::ldexp(1.0, -23), wq, saved.w_e(), c, d, k.block);
-  EXPECT_EQ(check_grad(got.dw, got.dw, ow, false, "sampled dw (unweighted)"), 0);
+  for (double& v : tw) v *= static_cast<double>(tq) * s * saved.sx;
+  const Oracle ow = oracle(tw, std::ldexp(1.0, -22), wq, saved.w_e(), c, d, k.block);
+  EXPECT_EQ(check_grad(got.dw, want.dw, ow, true, "sampled dw"), 0);
+  const double gw = 1.0 / std::sqrt(static_cast<double>(k.range.qmax) * static_cast<double>(c * d));
+  check_step_grad(got.dsw, want.dsw, gw, ow.lsq_abs, c * d, "sampled dsw");
   check_db(got.db, want.db, dy, n, c);
+}
+
+TEST(LinearGpu, SampledBackwardMatchesRef) {
+  const std::vector<SampledCase> cases = {
+      {{128, 256, 64, 32, kInt4Sym}, 0.3, false},
+      {{80, 208, 48, 16, kInt4Full}, 0.4, true},    // 2N = 160: K padded past the kept rows
+      {{48, 96, 112, 32, kInt4Sym}, 0.25, true},
+      {{176, 128, 80, 128, kInt4Sym}, 0.3, true},   // block 128, three dw row tiles
+  };
+  int v = 60;
+  for (const SampledCase& sc : cases) check_backward_sampled(sc, seed_of(sc.shape, v++));
 }
 
 TEST(LinearGpu, RejectsShapesThatAreNotMultiplesOf16) {

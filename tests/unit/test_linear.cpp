@@ -369,6 +369,281 @@ TEST(HqLinear, BernoulliSamplingIsUnbiased) {
   EXPECT_NEAR(large[2], 0.5 * 2 * p.n, 0.1 * p.n);
 }
 
+namespace {
+
+// The dw sampling of one backward, recomputed with the reference's selection helpers (tested
+// in test_bitsplit.cpp): bit split, dw leverage scores, p, Bernoulli rows.
+// An output gradient whose rows span two decades (scales 1, 0.32, 0.1, 0.03 in turn), so that
+// the hi halves of many rows are non-zero and the fitted p of hi and of lo rows fall below 1.
+std::vector<float> graded_grad(int64_t n, int64_t c, uint64_t seed) {
+  std::vector<float> g = randn(n * c, seed);
+  for (int64_t r = 0; r < n; ++r)
+    for (int64_t j = 0; j < c; ++j)
+      g[static_cast<size_t>(r * c + j)] *= static_cast<float>(std::pow(10.0, -0.5 * double(r % 4)));
+  return g;
+}
+
+struct DwSampling {
+  std::vector<int8_t> hi, lo;
+  std::vector<float> p;
+  std::vector<uint8_t> keep;
+  float s = 0;
+  int64_t kept = 0;
+};
+
+DwSampling dw_sampling(const Problem& pr, const ref::HqLinearSaved& saved,
+                       const ref::HqLinearConfig& cfg, const PhiloxKey& key) {
+  const int64_t n = pr.n, c = pr.c, d = pr.d;
+  DwSampling o;
+  o.hi.resize(pr.dy.size());
+  o.lo.resize(pr.dy.size());
+  o.s = ref::bitsplit(pr.dy.data(), n, c, PhiloxKey{key.seed, key.step, key.layer, RngRole::grad_output_rounding},
+                      o.hi.data(), o.lo.data(), nullptr);
+  std::vector<float> xn(static_cast<size_t>(n)), sc(static_cast<size_t>(2 * n));
+  const std::vector<int8_t> xq = saved.x_q();
+  ref::row_norms_s8(xq.data(), n, d, xn.data());
+  for (float& v : xn) v *= saved.sx;
+  ref::leverage_scores(o.hi.data(), o.lo.data(), n, c, o.s, xn.data(), sc.data());
+  o.p.resize(sc.size());
+  o.keep.resize(sc.size());
+  ref::fit_probabilities(sc.data(), 2 * n, cfg.sample_fraction * double(2 * n), o.p.data());
+  o.kept = ref::sample_rows(o.p.data(), 2 * n, PhiloxKey{key.seed, key.step, key.layer, RngRole::sample_dw},
+                            o.keep.data());
+  return o;
+}
+
+}  // namespace
+
+// The sampled backward against a float64 computation of its estimator. dw: the kept rows'
+// β/p-weighted codes re-quantized to int8 with one scale t (the formula of
+// ref::requantize_sampled_rows, written out again here in fp32), then fp64 sums, masks and
+// ·Hᵀ; dx: the fp64 1/p row weights on the exact integer products. Both within the fp32
+// rounding of the dequantize step and the butterfly (~10 ulp relative, as the keep-all test).
+TEST(HqLinear, BernoulliBackwardMatchesFloat64Estimator) {
+  for (uint64_t seed : {31u, 32u}) {
+    Problem pr = make_problem(45, 64, 24, seed * 77);
+    pr.dy = graded_grad(pr.n, pr.c, seed * 77 + 9);
+    const int64_t n = pr.n, d = pr.d, c = pr.c;
+    ref::HqLinearConfig cfg;
+    cfg.block = 16;
+    cfg.lss = ref::LssMode::bernoulli;
+    cfg.sample_fraction = 0.35;
+    std::vector<float> y(static_cast<size_t>(n * c));
+    ref::HqLinearSaved saved;
+    ref::hq_linear_forward(pr.x.data(), pr.w.data(), nullptr, n, d, c, 0.9f, 0.012f, cfg,
+                           PhiloxKey{seed, 1, 6, RngRole::rounding}, y.data(), &saved);
+    const PhiloxKey key{seed + 5, 2, 6, RngRole::rounding};
+    const ref::HqLinearGrads g = ref::hq_linear_backward(pr.dy.data(), saved, cfg, key);
+    const DwSampling ds = dw_sampling(pr, saved, cfg, key);
+    EXPECT_EQ(g.kept_rows_dw, ds.kept);
+    EXPECT_EQ(g.grad_scale, ds.s);
+    // The case must exercise the weights: rows dropped, and kept rows with p well below 1.
+    EXPECT_LT(ds.kept, 2 * n);
+    int64_t small_p_hi = 0, small_p_lo = 0;
+    for (int64_t i = 0; i < 2 * n; ++i) {
+      const bool small = ds.keep[size_t(i)] && ds.p[size_t(i)] < 0.75f;
+      (i < n ? small_p_hi : small_p_lo) += small;
+    }
+    EXPECT_GT(small_p_hi, 0);
+    EXPECT_GT(small_p_lo, 0);
+
+    // f_i = β_i / p_i, a = f_i·code, t = max|a| / 127, q = clamp(floor(a/t + u), ±127)
+    auto code = [&](int64_t i, int64_t col) {
+      return i < n ? ds.hi[size_t(i * c + col)] : ds.lo[size_t((i - n) * c + col)];
+    };
+    std::vector<float> f(static_cast<size_t>(2 * n), 0.0f);
+    float a_max = 0;
+    for (int64_t i = 0; i < 2 * n; ++i) {
+      if (!ds.keep[size_t(i)]) continue;
+      f[size_t(i)] = (i < n ? 14.0f : 1.0f) / ds.p[size_t(i)];
+      for (int64_t col = 0; col < c; ++col)
+        a_max = std::max(a_max, std::fabs(f[size_t(i)] * float(code(i, col))));
+    }
+    const float t = a_max / 127.0f;
+    const PhiloxKey rkey{key.seed, key.step, key.layer, RngRole::sample_dw_rounding};
+    std::vector<int8_t> q(static_cast<size_t>(2 * n * c), 0), q_ref(q.size());
+    for (int64_t i = 0; i < 2 * n; ++i) {
+      if (!ds.keep[size_t(i)]) continue;
+      for (int64_t col = 0; col < c; ++col) {
+        const float a = f[size_t(i)] * float(code(i, col));
+        const float v = std::floor(a / t + philox_uniform(rkey, uint64_t(i * c + col)));
+        q[size_t(i * c + col)] = int8_t(std::clamp(v, -127.0f, 127.0f));
+      }
+    }
+    EXPECT_EQ(ref::requantize_sampled_rows(ds.hi.data(), ds.lo.data(), n, c, ds.p.data(),
+                                           ds.keep.data(), rkey, q_ref.data()),
+              t);
+    EXPECT_EQ(q, q_ref);
+
+    // dw_t = Σ_kept q_iᵀ·x_q(i mod N) · t·s·sx ; dx_t[r] = Σ_{i ∈ {r, N+r} kept} (β_i s/p_i)·code_i·w_q·sw
+    const std::vector<int8_t> xq = saved.x_q(), wq = saved.w_q();
+    HqReference rb = hq_reference(pr, saved, cfg, key);  // for x_r, w_r (the exact masks)
+    std::vector<double> dwt(static_cast<size_t>(c * d), 0.0), dxt(static_cast<size_t>(n * d), 0.0);
+    std::vector<float> p_x(static_cast<size_t>(2 * n)), sc_x(p_x.size());
+    std::vector<uint8_t> keep_x(p_x.size());
+    ref::leverage_scores(ds.hi.data(), ds.lo.data(), n, c, ds.s, nullptr, sc_x.data());
+    ref::fit_probabilities(sc_x.data(), 2 * n, cfg.sample_fraction * double(2 * n), p_x.data());
+    EXPECT_EQ(ref::sample_rows(p_x.data(), 2 * n, PhiloxKey{key.seed, key.step, key.layer, RngRole::sample_dx}, keep_x.data()),
+              g.kept_rows_dx);
+    for (int64_t i = 0; i < 2 * n; ++i) {
+      const int64_t r = i % n;
+      const double beta = i < n ? 14.0 : 1.0;
+      for (int64_t col = 0; col < c; ++col) {
+        if (ds.keep[size_t(i)]) {
+          const double qv = q[size_t(i * c + col)];
+          for (int64_t k = 0; k < d; ++k) dwt[size_t(col * d + k)] += qv * xq[size_t(r * d + k)];
+        }
+        if (keep_x[size_t(i)]) {
+          const double gx = beta * ds.s / p_x[size_t(i)] * code(i, col) * saved.sw;
+          for (int64_t k = 0; k < d; ++k) dxt[size_t(r * d + k)] += gx * wq[size_t(col * d + k)];
+        }
+      }
+    }
+    for (double& v : dwt) v *= double(t) * ds.s * saved.sx;
+    const double dsw = coded_step_grad(dwt, wq, saved.w_e(), cfg.range);
+    const double dsx = coded_step_grad(dxt, xq, saved.x_e(), cfg.range);
+    for (size_t e = 0; e < dwt.size(); ++e)
+      if (clipped(rb.w_r[e], cfg.range)) dwt[e] = 0;
+    for (size_t e = 0; e < dxt.size(); ++e)
+      if (clipped(rb.x_r[e], cfg.range)) dxt[e] = 0;
+    EXPECT_LT(rel_err(g.dw, hadamard_dense(dwt, c, d, cfg.block)), 2e-6) << "seed " << seed;
+    EXPECT_LT(rel_err(g.dx, hadamard_dense(dxt, n, d, cfg.block)), 2e-6) << "seed " << seed;
+    EXPECT_NEAR(g.dsw, dsw, 1e-4 * std::abs(dsw) + 1e-7);
+    EXPECT_NEAR(g.dsx, dsx, 1e-4 * std::abs(dsx) + 1e-7);
+  }
+}
+
+// The sampled dw is unbiased: for each key, E[sampled dw − keep-all dw] = 0 over the masks
+// and the re-quantization's u, given that key's bit split (the mask and ·Hᵀ are linear and
+// fixed by the saved state). The K keys draw independent streams, so the differences D_t are
+// independent with mean 0, and their mean over K keys has standard error SE = sd/sqrt(K)
+// (sd estimated from the same samples). Checked per element and on the projection
+// S_t = <D_t, dw_t> / ‖dw_t‖² (the relative error of the sampled gradient along the true one,
+// where a missing or wrong 1/p shows as a scale bias):
+//   |mean| < 5·SE: a false alarm has probability ~6e-7 per statistic under the CLT (the
+//   per-element check has c·d = 512 of them: ~3e-4 in all).
+// SE must shrink like 1/sqrt(K): SE(128)/SE(2048) = 4, up to the sampling error of the K = 128
+// standard deviation (relative ~1/sqrt(2·127) ≈ 6% for Gaussian data; the 1/p weights make
+// the tails heavier, so ±1.5 on the ratio, i.e. ±37%).
+// Two gradients: row-sparse (make_problem: only lo rows are sampled with p < 1) and graded
+// (hi rows too). Measured sensitivity at K = 2048: dropping 1/p moves S by −0.01 and −0.08
+// (≈ 75 and 120 SE); rounding a/t to nearest instead of stochastically gives a per-element
+// z of 14 on the row-sparse gradient.
+TEST(HqLinear, BernoulliDwIsUnbiased) {
+  for (int graded : {0, 1}) {
+    SCOPED_TRACE(graded ? "graded gradient" : "row-sparse gradient");
+    Problem pr = make_problem(37, 32, 16, 5151);
+    if (graded) pr.dy = graded_grad(pr.n, pr.c, 5152);
+    ref::HqLinearConfig keep_cfg, samp_cfg;
+    keep_cfg.block = samp_cfg.block = 32;
+    samp_cfg.lss = ref::LssMode::bernoulli;
+    samp_cfg.sample_fraction = 0.3;
+    std::vector<float> y(static_cast<size_t>(pr.n * pr.c));
+    ref::HqLinearSaved saved;
+    ref::hq_linear_forward(pr.x.data(), pr.w.data(), nullptr, pr.n, pr.d, pr.c, 0.8f, 0.01f,
+                           keep_cfg, PhiloxKey{3, 0, 1, RngRole::rounding}, y.data(), &saved);
+    const int keys = 2048;
+    const size_t m = static_cast<size_t>(pr.c * pr.d);
+    std::vector<std::vector<double>> diff(keys, std::vector<double>(m));
+    std::vector<double> proj(keys);
+    double kept = 0;
+    for (int t = 0; t < keys; ++t) {
+      const PhiloxKey key{70000u + uint64_t(t), uint32_t(t), 1, RngRole::rounding};
+      const auto a = ref::hq_linear_backward(pr.dy.data(), saved, keep_cfg, key);
+      const auto b = ref::hq_linear_backward(pr.dy.data(), saved, samp_cfg, key);
+      kept += double(b.kept_rows_dw) / keys;
+      double dot = 0, norm2 = 0;
+      for (size_t e = 0; e < m; ++e) {
+        diff[size_t(t)][e] = double(b.dw[e]) - double(a.dw[e]);
+        dot += diff[size_t(t)][e] * a.dw[e];
+        norm2 += double(a.dw[e]) * a.dw[e];
+      }
+      proj[size_t(t)] = dot / norm2;
+    }
+    struct Stats { double mean, se; };
+    auto stats = [](auto value, size_t k) {
+      double mean = 0, var = 0;
+      for (size_t i = 0; i < k; ++i) mean += value(i) / double(k);
+      for (size_t i = 0; i < k; ++i) var += (value(i) - mean) * (value(i) - mean) / double(k - 1);
+      return Stats{mean, std::sqrt(var / double(k))};
+    };
+    // Sampling really happened: about the budget 0.3·2N of the 2N rows kept.
+    EXPECT_NEAR(kept, 0.3 * 2 * pr.n, 0.05 * 2 * pr.n);
+    for (size_t k : {size_t(128), size_t(keys)}) {
+      const Stats sp = stats([&](size_t i) { return proj[i]; }, k);
+      EXPECT_LT(std::abs(sp.mean), 5 * sp.se) << "projection, K=" << k << ": mean " << sp.mean;
+      int64_t bad = 0;
+      double worst = 0;
+      for (size_t e = 0; e < m; ++e) {
+        const Stats st = stats([&](size_t i) { return diff[i][e]; }, k);
+        worst = std::max(worst, std::abs(st.mean) / st.se);
+        bad += std::abs(st.mean) >= 5 * st.se;
+      }
+      EXPECT_EQ(bad, 0) << "K=" << k << ": largest |mean|/SE " << worst;
+    }
+    const Stats small = stats([&](size_t i) { return proj[i]; }, 128);
+    const Stats large = stats([&](size_t i) { return proj[i]; }, keys);
+    EXPECT_NEAR(small.se / large.se, 4.0, 1.5);
+    // One sample is a usable gradient: its relative error along dw has sd well below 1.
+    EXPECT_LT(large.se * std::sqrt(double(keys)), 0.5);
+  }
+}
+
+// requantize_sampled_rows on a hand-made case: 3 tokens, 5 columns; hi rows 0 (p = 1) and 2
+// (p = 0.6) and lo row 1 (split row 4, p = 0.01) kept, the rest dropped. The small-p row
+// dominates the scale: t = (1/0.01)·6/127 ≈ 600/127, and its −6 becomes the clamped −127.
+TEST(HqLinear, RequantizedSampledRowsFollowTheFormula) {
+  const int64_t n = 3, c = 5;
+  const std::vector<int8_t> hi = {6, -2, 3, 1, -5,   4, 2, -1, 3, 5,   -3, 6, 2, -4, 1};
+  const std::vector<int8_t> lo = {-1, 2, 4, -3, 1,   3, -6, 1, 5, -2,   2, 1, -5, 3, 4};
+  const std::vector<float> p = {1.0f, 0.3f, 0.6f, 0.2f, 0.01f, 0.9f};
+  const std::vector<uint8_t> keep = {1, 0, 1, 0, 1, 0};
+  const PhiloxKey key{123, 4, 2, RngRole::sample_dw_rounding};
+  std::vector<int8_t> q(static_cast<size_t>(2 * n * c), 99);
+  const float t = ref::requantize_sampled_rows(hi.data(), lo.data(), n, c, p.data(), keep.data(),
+                                               key, q.data());
+  // The largest |a| is lo row 1's −6 weighted by 1/0.01 (100 in fp32), not 14·6 = 84 of the
+  // p = 1 row nor (14/0.6)·6 = 140.
+  EXPECT_EQ(t, ((1.0f / 0.01f) * 6.0f) / 127.0f);
+  EXPECT_NEAR(t, 600.0 / 127.0, 1e-5);
+  const std::vector<float> f = {14.0f / 1.0f, 0, 14.0f / 0.6f, 0, 1.0f / 0.01f, 0};
+  for (int64_t i = 0; i < 2 * n; ++i)
+    for (int64_t col = 0; col < c; ++col) {
+      const int8_t got = q[size_t(i * c + col)];
+      if (!keep[size_t(i)]) {
+        EXPECT_EQ(got, 0) << "dropped row " << i;
+        continue;
+      }
+      const float code = i < n ? hi[size_t(i * c + col)] : lo[size_t((i - n) * c + col)];
+      const float v = (f[size_t(i)] * code) / t;  // the value q rounds, in units of t
+      const float u = philox_uniform(key, uint64_t(i * c + col));  // index i·C + col
+      EXPECT_EQ(got, int8_t(std::clamp(std::floor(v + u), -127.0f, 127.0f))) << i << ", " << col;
+      EXPECT_TRUE(got == std::floor(v) || got == std::floor(v) + 1 || got == -127) << v;
+    }
+  EXPECT_EQ(q[size_t(4 * c + 1)], -127);  // a/t = −127 (up to an ulp): the clamp's only case
+  // Unbiased: over K keys, mean(q)·t → a, each element within 5 SE, SE ≤ t·(1/2)/sqrt(K)
+  // (a stochastic rounding's variance is frac·(1 − frac) ≤ 1/4 step²), plus 1e-4·t for the
+  // clamp and the fp32 rounding of a/t + u.
+  const int keys = 4096;
+  std::vector<double> mean(q.size(), 0.0);
+  for (int k = 0; k < keys; ++k) {
+    const float tk = ref::requantize_sampled_rows(hi.data(), lo.data(), n, c, p.data(), keep.data(),
+                                                  PhiloxKey{1000u + uint64_t(k), 0, 0, RngRole::sample_dw_rounding},
+                                                  q.data());
+    EXPECT_EQ(tk, t);
+    for (size_t e = 0; e < q.size(); ++e) mean[e] += double(q[e]) * tk / keys;
+  }
+  for (int64_t i = 0; i < 2 * n; ++i) {
+    if (!keep[size_t(i)]) continue;
+    for (int64_t col = 0; col < c; ++col) {
+      const float code = i < n ? hi[size_t(i * c + col)] : lo[size_t((i - n) * c + col)];
+      const double a = double(f[size_t(i)] * code);
+      EXPECT_NEAR(mean[size_t(i * c + col)], a, 5 * 0.5 * t / std::sqrt(double(keys)) + 1e-4 * t)
+          << i << ", " << col;
+    }
+  }
+}
+
 TEST(HqLinear, RejectsBadInput) {
   Problem p = make_problem(8, 48, 8, 5);
   ref::HqLinearConfig cfg;

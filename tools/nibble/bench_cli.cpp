@@ -101,7 +101,7 @@ std::vector<Subcommand> add_bench_commands(CLI::App& app) {
   linear->add_option("--block", l->block, "Hadamard block (power of two dividing K)")
       ->check(CLI::Range(1, 1024))
       ->capture_default_str();
-  linear->add_flag("--no-sampled", l->no_sampled, "skip the sampled-LSS timing variant");
+  linear->add_flag("--no-sampled", l->no_sampled, "skip the sampled-LSS variant");
   linear->add_option("--sample-fraction", l->sample_fraction,
                      "sampled variant: expected kept split rows / 2N")
       ->check(CLI::Range(0.0, 1.0))

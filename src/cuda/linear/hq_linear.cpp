@@ -85,7 +85,7 @@ struct Workspace {
   int8_t* comb_t = nullptr;      // [C, N]
   int8_t* x_q_t = nullptr;       // [D, N]
   float* dx_t = nullptr;         // [N, D]
-  // sampled_timing
+  // sampled
   int8_t* hi = nullptr;          // [N, C]
   int8_t* lo = nullptr;          // [N, C]
   int64_t* row_sumsq = nullptr;  // [2N]
@@ -99,6 +99,7 @@ struct Workspace {
   int32_t* counts = nullptr;     // [4]: kept_w count, padded; kept_x count, padded
   int32_t* pos = nullptr;        // [2N]
   float* coef = nullptr;         // [round16(2N)]
+  float* dw_scale = nullptr;     // [2]: the dw re-quantization scale t, and t·s
   int8_t* a_dw = nullptr;        // [C, round16(2N)]
   int8_t* b_dw = nullptr;        // [D, round16(2N)]
   int8_t* a_dx = nullptr;        // [round16(2N), C]
@@ -134,6 +135,7 @@ Workspace carve(void* base, int64_t n, int64_t d, int64_t c, const HqLinearConfi
     w.counts = cv.take<int32_t>(4);
     w.pos = cv.take<int32_t>(2 * n);
     w.coef = cv.take<float>(k);
+    w.dw_scale = cv.take<float>(2);
     w.a_dw = cv.take<int8_t>(c * k);
     w.b_dw = cv.take<int8_t>(d * k);
     w.a_dx = cv.take<int8_t>(k * c);
@@ -259,6 +261,10 @@ void backward_impl(const HqLinearBackwardParams<G>& p, const HqLinearConfig& cfg
   NB_CHECK(cfg.lss == LssVariant::keep_all ||
                (cfg.sample_fraction > 0.0 && cfg.sample_fraction <= 1.0),
            fn << ": sample_fraction " << cfg.sample_fraction << " must be in (0, 1]");
+  // The sampled dw sums up to 2N products of |q| ≤ 127 and |x| ≤ 8 in int32.
+  NB_CHECK(cfg.lss == LssVariant::keep_all || 2 * n * 127 * 8 <= INT32_MAX,
+           fn << ": N = " << n << " is too large for the sampled variant's int32 dw sums "
+              << "(2N·127·8 must stay ≤ 2^31 − 1, i.e. N ≤ 1056899); split the batch");
   check_tensor(fn, p.dy, n * c, "dy [N, C]");
   check_tensor(fn, p.x_q_packed, n * d / 2, "x_q_packed [N, D/2]");
   check_tensor(fn, p.x_e_packed, n * d / 2, "x_e_packed [N, D/2]");
@@ -323,7 +329,7 @@ void backward_impl(const HqLinearBackwardParams<G>& p, const HqLinearConfig& cfg
       mask_pass(ws.dx_t, nullptr, nullptr, n, d, cfg, p.x_q_packed, p.x_e_packed, p.dx_f32,
                 ws.part_dx, stream);
   } else {
-    // Sampled (timing variant, see LssVariant): split halves and their row Σq²
+    // Sampled (see LssVariant): split halves and their row Σq²
     bs.hi = ws.hi;
     bs.lo = ws.lo;
     bs.row_sumsq = ws.row_sumsq;
@@ -358,16 +364,22 @@ void backward_impl(const HqLinearBackwardParams<G>& p, const HqLinearConfig& cfg
     sr.kept_index = ws.kept_x;
     sr.kept_count = ws.counts + 2;
     sample_rows(sr, stream);
+    // t = max_kept |β/p·code| / 127 and t·s, on the device (the list's −1 tail is skipped)
+    ld::sampled_dw_scale(ws.hi, ws.lo, n, c, ws.kept_w, round16(2 * n), ws.p_w, s, ws.dw_scale,
+                         p.status, stream);
     // The GEMM sizes are the kept counts: the one host wait of this variant.
     int32_t counts[4] = {0, 0, 0, 0};
     NB_CUDA_CHECK(cudaMemcpyAsync(counts, ws.counts, sizeof(counts), cudaMemcpyDeviceToHost, stream));
     NB_CUDA_CHECK(cudaStreamSynchronize(stream));
     const int64_t k_dw = counts[1], k_dx = counts[3];
-    // dw_t = float(Σ_kept (14·hi | lo)_iᵀ·x_q(i mod N))·(s·sx), K = kept rows padded to 16
-    ld::gather_split_t(ws.hi, ws.lo, n, c, ws.kept_w, k_dw, ws.a_dw, stream);
+    // dw_t = float(Σ_kept q_iᵀ·x_q(i mod N))·((t·s)·sx), q = clamp(floor(β/p·code/t + u)):
+    // 1/p varies along K, so it lives in the re-quantized codes, not in the epilogue (F.6).
+    // K = kept rows padded to 16 with zero rows; K = 0 (nothing kept) makes dw_t = 0.
+    ld::gather_weighted_split_t(ws.hi, ws.lo, n, c, ws.kept_w, k_dw, ws.p_w, ws.dw_scale,
+                                with_role(key, RngRole::sample_dw_rounding), ws.a_dw, stream);
     ld::gather_x_t(p.x_q_packed, n, d, ws.kept_w, k_dw, ws.b_dw, stream);
     EpiDequantBias epi_w;
-    epi_w.scale_a = s;
+    epi_w.scale_a = ws.dw_scale + 1;  // t·s, one fp32 product on the device
     epi_w.a_per_row = false;
     epi_w.scale_b = p.sx;
     epi_w.b_per_col = false;

@@ -18,6 +18,8 @@
 //   one fused pass per output: side channel -> STE mask and δ̃, Σ grad·δ̃ (deterministic
 //   fp64 reduction) for dsx / dsw, mask, inverse block Hadamard, store dx (bf16 or f32), dw (f32)
 //   db = Σ_rows dy (deterministic fp64 sums)
+// Backward (sampled, LssVariant::sampled): leverage scores, p, Bernoulli rows on the device;
+//   dw over the kept rows' 1/p-weighted, re-quantized codes, dx with 1/p row scales (see there)
 //
 // Saved state: exactly the reference's HqLinearSaved encoding (docs/formats.md): packed s4
 // codes and the packed s4 LSQ side channel, [rows, D/2] each, for x and for w — so the bytes
@@ -32,14 +34,16 @@
 //      is exact and the Hadamard butterfly is the reference's order, so dx, dw equal the
 //      reference's (bf16 dx: its round-to-nearest-even);
 //   dsx, dsw: the same fp64 terms summed in another fixed order (bound in the test);
-//   db: fp64 column sums in another fixed order.
+//   db: fp64 column sums in another fixed order;
+//   sampled: kept rows, t, the re-quantized codes and dw bit-exact for equal p; dx within
+//      fp32 rounding of the reference's fp64-weighted rows (see LssVariant).
 //
 // Shape rules (checked, nibble::Error): N, D, C multiples of 16 (the INT8 GEMM's K % 16 for
 // all three products, and 16-byte rows) — pad the tensors otherwise; the Hadamard block a
 // power of two in [1, 1024] dividing D; every pointer 16-byte aligned (cudaMalloc bases).
 //
 // All pointers are device pointers; work is queued on `stream`; nothing waits for the GPU
-// (except the sampled-LSS timing variant, see LssVariant). Errors in the data (NaN/Inf input,
+// (except the sampled-LSS variant's one wait for its kept counts, see LssVariant). Errors in the data (NaN/Inf input,
 // a step size that is not positive finite) go to the optional status word (cuda/quant/status.h).
 #include <cuda_runtime.h>
 
@@ -61,26 +65,31 @@ enum class LssVariant : uint8_t {
   // Every split row kept with p = 1 (the released code, ref::LssMode::keep_nonzero): one INT8
   // GEMM per product on 14·hi + lo, bit-for-bit the reference.
   keep_all,
-  // Bernoulli leverage-score sampling of the 2N split rows (Σp = sample_fraction·2N), a TIMED
-  // VARIANT, not the reference's estimator:
+  // Bernoulli leverage-score sampling of the 2N split rows (Σp = sample_fraction·2N), the
+  // reference's estimator (ref::LssMode::bernoulli), unbiased:
   //   dx: kept hi / lo rows gathered into one INT8 GEMM, 1/p and 14 applied as per-row
-  //       epilogue scales, the two rows of a token added in the fused pass (the reference's
-  //       estimator up to fp32 rounding);
-  //   dw: kept split rows gathered (token-contiguous, K padded to 16 with zero rows) into one
-  //       INT8 GEMM with 14·hi | lo codes, WITHOUT the 1/p weights: 1/p varies along dw's K
-  //       (algorithms.md F.6), so an exact unbiased INT8 form needs the weights folded into
-  //       the gradient before quantization, which the reference does not do. This dw is
-  //       biased; use it to time the sampled pipeline, never to train.
+  //       epilogue scales (coef = float(β·s/p) from fp64), the two rows of a token added in
+  //       the fused pass: the reference's fp64-weighted estimator up to fp32 rounding (a few
+  //       roundings per term; the bound is in tests/gpu/test_linear_gpu.cpp);
+  //   dw: 1/p varies along dw's K (tokens), so it cannot be an epilogue scale (algorithms.md
+  //       F.6); it is folded into the gradient codes, re-quantized to int8 with one scale t
+  //       computed on the device (ref::requantize_sampled_rows, the spec):
+  //         f_i = float(β_i)/p_i,  t = max_kept |f_i·code_i| / 127,
+  //         q_i = clamp(floor(f_i·code_i / t + u), −127, 127), u role sample_dw_rounding,
+  //       then dw_t = float(Σ_kept q_iᵀ·x_q(i mod N))·((t·s)·sx) as one INT8 GEMM over the
+  //       kept rows (K padded to 16 with zero rows). Bit-exact with the reference for the same
+  //       p (fit_probabilities agrees to 1 ulp, cuda/quant/bitsplit.h; equal in practice).
   // The GEMM sizes depend on the kept counts, which live on the device: this variant waits
-  // for the stream once (cudaMemcpyAsync + cudaStreamSynchronize of 4 ints) to size them.
-  sampled_timing,
+  // for the stream once (cudaMemcpyAsync + cudaStreamSynchronize of 4 ints) to size them; t
+  // and t·s stay on the device. N ≤ 1056899 (int32 dw sums of |q| ≤ 127 times |x| ≤ 8).
+  sampled,
 };
 
 struct HqLinearConfig {
   int64_t block = 32;               // Hadamard block along D: 2^k in [1, 1024] dividing D
   QRange range = kInt4Sym;          // forward codes inside [-8, 7], qmin < 0 < qmax
   LssVariant lss = LssVariant::keep_all;
-  double sample_fraction = 0.5;     // sampled_timing: Σp = fraction·2N (in (0, 1])
+  double sample_fraction = 0.5;     // sampled: Σp = fraction·2N (in (0, 1])
 };
 
 // ---- the fused quantizer -------------------------------------------------------------------
@@ -182,8 +191,8 @@ struct HqLinearBackwardParams {
   float* grad_scale = nullptr;         // optional [1]: the bit-split scale s
   uint64_t* status = nullptr;
 };
-// key: the layer's (seed, step, layer); roles grad_output_rounding / sample_dw / sample_dx are
-// set inside, as in the reference.
+// key: the layer's (seed, step, layer); roles grad_output_rounding / sample_dw / sample_dx /
+// sample_dw_rounding are set inside, as in the reference.
 void hq_linear_backward(const HqLinearBackwardParams<float>& p, const HqLinearConfig& cfg,
                         const PhiloxKey& key, cudaStream_t stream);
 void hq_linear_backward(const HqLinearBackwardParams<bf16_t>& p, const HqLinearConfig& cfg,

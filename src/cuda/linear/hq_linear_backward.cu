@@ -1,6 +1,7 @@
 // Kernels of the linear layer's backward (hq_linear_kernels.h): the fused side-channel pass
 // (STE mask, LSQ δ̃ sum, inverse block Hadamard), its deterministic finalisation, the codes'
-// unpack-transpose for the dw GEMM, column sums for db, and the sampled variant's gathers.
+// unpack-transpose for the dw GEMM, column sums for db, and the sampled variant's gathers and
+// its dw re-quantization.
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
@@ -292,29 +293,91 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
+// f_i = float(β_i) / p_i of split row i (β = 14 for hi rows i < n, 1 for lo rows): one IEEE
+// division, as ref::requantize_sampled_rows.
+__device__ __forceinline__ float split_weight(int64_t i, int64_t n, const float* p) {
+  return __fdiv_rn(i < n ? static_cast<float>(kBitSplitBase) : 1.0f, p[i]);
+}
+
+// One warp per kept-list entry j (index −1: padding, skipped): m = max_c |code_i[c]|, then
+// dw_scale[0] = max over rows of f_i·m (atomicMax on the bit pattern: a ≥ 0 orders like an
+// unsigned). fp32 rounding is monotonic, so f·max|code| = max|f·code|: the reference's max
+// over the elements a_i[c].
+__global__ void __launch_bounds__(kThreads)
+    dw_row_max_kernel(const int8_t* __restrict__ hi, const int8_t* __restrict__ lo, int64_t n,
+                      int64_t cols, const int32_t* __restrict__ index, int64_t k,
+                      const float* __restrict__ p, float* dw_scale) {
+  const int lane = threadIdx.x & 31;
+  const int64_t j = static_cast<int64_t>(blockIdx.x) * kWarps + (threadIdx.x >> 5);
+  if (j >= k) return;  // whole warps leave together
+  const int64_t i = index[j];
+  if (i < 0) return;
+  const int8_t* row = i < n ? hi + i * cols : lo + (i - n) * cols;  // 16-byte aligned rows
+  int m = 0;
+  for (int64_t c = 16 * lane; c < cols; c += 16 * 32) {
+    const uint4 w = *reinterpret_cast<const uint4*>(row + c);
+    const uint32_t words[4] = {w.x, w.y, w.z, w.w};
+#pragma unroll
+    for (int b = 0; b < 16; ++b) {
+      const int v = static_cast<int8_t>(words[b / 4] >> (8 * (b % 4)));
+      m = max(m, v < 0 ? -v : v);
+    }
+  }
+  for (int o = 16; o > 0; o >>= 1) m = max(m, __shfl_xor_sync(detail::kFullMask, m, o));
+  if (lane == 0) {
+    const float a = __fmul_rn(split_weight(i, n, p), static_cast<float>(m));
+    atomicMax(reinterpret_cast<unsigned int*>(dw_scale), __float_as_uint(a));
+  }
+}
+
+// t = max|a| / 127 (IEEE division; 1 when no row is kept), and t·s for the GEMM epilogue.
+__global__ void dw_scale_finalize_kernel(const float* __restrict__ split_scale, float* dw_scale,
+                                         uint64_t* status) {
+  const float a_max = dw_scale[0];
+  const float t = a_max > 0.0f ? __fdiv_rn(a_max, 127.0f) : 1.0f;
+  // β/p overflowed fp32 (a kept row with a vanishing p): the reference throws here
+  if (!detail::is_finite(t)) detail::report(status, StatusKind::bad_scale, 1);
+  dw_scale[0] = t;
+  dw_scale[1] = __fmul_rn(t, split_scale[0]);
+}
+
 // Transposed gathers through a 32 (kept rows j) × 128 (columns) tile, as gather_rows_t_s8.
-// kind 0: split rows (14·hi | lo); kind 1: x codes from packed s4 (row i mod n).
+// kind 0: split row i re-quantized with its 1/p weight (ref::requantize_sampled_rows):
+//           q = clamp(floor(f_i·code / t + u), −127, 127),  u = philox_uniform(key, i·cols + c)
+//         (u is indexed by the split element, so it does not depend on the compaction);
+// kind 1: x codes from packed s4 (row i mod n).
 template <int kKind>
 __global__ void __launch_bounds__(kThreads)
     gather_t_kernel(const int8_t* __restrict__ hi, const int8_t* __restrict__ lo,
                     const uint8_t* __restrict__ x_packed, int64_t n, int64_t cols,
-                    const int32_t* __restrict__ index, int64_t k, int8_t* __restrict__ out) {
+                    const int32_t* __restrict__ index, int64_t k, const float* __restrict__ p,
+                    const float* __restrict__ dw_scale, PhiloxKey key, int8_t* __restrict__ out) {
   __shared__ int8_t tile[kTileRows][kTileCols + 4];
   const int lane = threadIdx.x & 31;
   const int warp = threadIdx.x >> 5;
   const int64_t j0 = static_cast<int64_t>(blockIdx.x) * kTileRows;
   const int64_t c0 = static_cast<int64_t>(blockIdx.y) * kTileCols;
+  float t = 1.0f;
+  if constexpr (kKind == 0) t = dw_scale[0];
   for (int jj = warp; jj < kTileRows; jj += kWarps) {
     const int64_t j = j0 + jj;
     const int64_t src = j < k ? index[j] : -1;
+    float f = 0.0f;
+    if constexpr (kKind == 0) {
+      if (src >= 0) f = split_weight(src, n, p);
+    }
 #pragma unroll
     for (int e = 0; e < kTileCols / 32; ++e) {
       const int64_t c = c0 + lane + 32 * e;
       int8_t val = 0;
       if (src >= 0 && c < cols) {
         if constexpr (kKind == 0) {
-          val = src < n ? static_cast<int8_t>(kBitSplitBase * hi[src * cols + c])
-                        : lo[(src - n) * cols + c];
+          const int code = src < n ? hi[src * cols + c] : lo[(src - n) * cols + c];
+          // a = f·code, then floor(a / t + u): each an IEEE fp32 operation, no contraction
+          const float a = __fmul_rn(f, static_cast<float>(code));
+          const float u = philox_uniform(key, static_cast<uint64_t>(src * cols + c));
+          const float v = floorf(__fadd_rn(__fdiv_rn(a, t), u));
+          val = static_cast<int8_t>(fminf(fmaxf(v, -127.0f), 127.0f));
         } else {
           const int64_t r = src < n ? src : src - n;
           val = static_cast<int8_t>(nibble_at(x_packed[r * (cols / 2) + c / 2], static_cast<int>(c & 1)));
@@ -444,12 +507,28 @@ void row_norms_packed(const uint8_t* packed, int64_t rows, int64_t cols, const f
   NB_CUDA_CHECK_LAUNCH();
 }
 
-void gather_split_t(const int8_t* hi, const int8_t* lo, int64_t n, int64_t cols,
-                    const int32_t* index, int64_t k, int8_t* out, cudaStream_t stream) {
+void sampled_dw_scale(const int8_t* hi, const int8_t* lo, int64_t n, int64_t cols,
+                      const int32_t* index, int64_t k, const float* p, const float* split_scale,
+                      float* dw_scale, uint64_t* status, cudaStream_t stream) {
+  NB_CUDA_CHECK(cudaMemsetAsync(dw_scale, 0, sizeof(float), stream));  // max|a| starts at +0
+  if (k > 0) {
+    dw_row_max_kernel<<<blocks_for(k, kWarps), kThreads, 0, stream>>>(hi, lo, n, cols, index, k,
+                                                                      p, dw_scale);
+    NB_CUDA_CHECK_LAUNCH();
+  }
+  dw_scale_finalize_kernel<<<1, 1, 0, stream>>>(split_scale, dw_scale, status);
+  NB_CUDA_CHECK_LAUNCH();
+}
+
+void gather_weighted_split_t(const int8_t* hi, const int8_t* lo, int64_t n, int64_t cols,
+                             const int32_t* index, int64_t k, const float* p,
+                             const float* dw_scale, const PhiloxKey& key, int8_t* out,
+                             cudaStream_t stream) {
   if (k == 0) return;
   const dim3 grid(static_cast<unsigned>(detail::ceil_div(k, kTileRows)),
                   static_cast<unsigned>(detail::ceil_div(cols, kTileCols)));
-  gather_t_kernel<0><<<grid, kThreads, 0, stream>>>(hi, lo, nullptr, n, cols, index, k, out);
+  gather_t_kernel<0><<<grid, kThreads, 0, stream>>>(hi, lo, nullptr, n, cols, index, k, p,
+                                                    dw_scale, key, out);
   NB_CUDA_CHECK_LAUNCH();
 }
 
@@ -458,7 +537,8 @@ void gather_x_t(const uint8_t* x_packed, int64_t n, int64_t d, const int32_t* in
   if (k == 0) return;
   const dim3 grid(static_cast<unsigned>(detail::ceil_div(k, kTileRows)),
                   static_cast<unsigned>(detail::ceil_div(d, kTileCols)));
-  gather_t_kernel<1><<<grid, kThreads, 0, stream>>>(nullptr, nullptr, x_packed, n, d, index, k, out);
+  gather_t_kernel<1><<<grid, kThreads, 0, stream>>>(nullptr, nullptr, x_packed, n, d, index, k,
+                                                    nullptr, nullptr, PhiloxKey{}, out);
   NB_CUDA_CHECK_LAUNCH();
 }
 

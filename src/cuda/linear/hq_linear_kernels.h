@@ -9,6 +9,7 @@
 #include "cuda/linear/hq_linear.h"
 #include "nibble/dtype.h"
 #include "nibble/format.h"
+#include "nibble/rng.h"
 
 namespace nibble::cuda::linear_detail {
 
@@ -55,11 +56,23 @@ void column_sums(const bf16_t* g, int64_t rows, int64_t cols, double* partials, 
 void row_norms_packed(const uint8_t* packed, int64_t rows, int64_t cols, const float* scale,
                       float* norms, cudaStream_t stream);
 // Kept split row j (index[j] = i in [0, 2n) or −1): hi row i (i < n) or lo row i − n.
-//   split_t:  out[c, j] = 14·hi[i, c] | lo[i − n, c] | 0      out [cols, k]   (dw's A)
-//   x_t:      out[d, j] = x code (i mod n, d) | 0             out [d, k]      (dw's B)
-//   split:    out[j, c] = hi[i, c] | lo[i − n, c] | 0         out [k, cols]   (dx's A)
-void gather_split_t(const int8_t* hi, const int8_t* lo, int64_t n, int64_t cols,
-                    const int32_t* index, int64_t k, int8_t* out, cudaStream_t stream);
+// The sampled dw's A operand is that row's codes weighted by f_i = float(β_i)/p_i (β = 14 for
+// hi rows, 1 for lo rows) and re-quantized with one scale t (ref::requantize_sampled_rows):
+//   sampled_dw_scale:  dw_scale[0] = t = max_{kept i} fl(f_i·max_c |code_i[c]|) / 127, or 1
+//                      when nothing is kept; dw_scale[1] = t·s (s = split_scale[0]); k is the
+//                      list length to scan (−1 entries skipped), so no host count is needed;
+//                      a non-finite t is reported as bad_scale 1 in status
+//   weighted split_t:  out[c, j] = clamp(floor(f_i·code_i[c] / t + u), −127, 127) | 0,
+//                      u = philox_uniform(key, i·cols + c)          out [cols, k]  (dw's A)
+//   x_t:               out[d, j] = x code (i mod n, d) | 0          out [d, k]     (dw's B)
+//   split:             out[j, c] = hi[i, c] | lo[i − n, c] | 0      out [k, cols]  (dx's A)
+void sampled_dw_scale(const int8_t* hi, const int8_t* lo, int64_t n, int64_t cols,
+                      const int32_t* index, int64_t k, const float* p, const float* split_scale,
+                      float* dw_scale, uint64_t* status, cudaStream_t stream);
+void gather_weighted_split_t(const int8_t* hi, const int8_t* lo, int64_t n, int64_t cols,
+                             const int32_t* index, int64_t k, const float* p,
+                             const float* dw_scale, const PhiloxKey& key, int8_t* out,
+                             cudaStream_t stream);
 void gather_x_t(const uint8_t* x_packed, int64_t n, int64_t d, const int32_t* index, int64_t k,
                 int8_t* out, cudaStream_t stream);
 void gather_split_rows(const int8_t* hi, const int8_t* lo, int64_t n, int64_t cols,
