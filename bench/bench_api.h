@@ -24,7 +24,7 @@ struct LinearBenchOptions {
   int warmup = 3;
   std::string shapes;            // "MxNxK,..." with M = tokens, N = out_features, K = in_features
   int block = 32;                // Hadamard block
-  bool sampled = true;           // also time the sampled-LSS timing variant
+  bool sampled = true;           // also time the sampled-LSS backward (LssVariant::sampled)
   double sample_fraction = 0.5;  // its Σp / 2N
 };
 int run_linear_bench(const LinearBenchOptions& opt);

@@ -8,7 +8,8 @@
 //                    dx and dw INT8 GEMMs (f32 out), the mask/LSQ/Hadamard passes, db
 //                                                                           vs two BF16 GEMMs
 //                    (dx = dy·w, dw = dyᵀ·x, bf16 out, cuBLASLt with the transposes it needs)
-//   backward sampled the sampled-LSS timing variant (hq_linear.h: biased dw, one host wait)
+//   backward sampled Bernoulli leverage-score sampling (hq_linear.h LssVariant::sampled: unbiased
+//                    dw and dx, bit-exact with ref::LssMode::bernoulli, one host wait)
 // plus a breakdown of the forward and backward into their kernels. Inputs: x, w, dy bf16
 // uniform in [−1, 1), bias f32; the step sizes are LSQ initialisations on the data.
 // Timing: the method of bench/common/bench_util.cuh (warm-up; every timed launch queued behind
@@ -223,7 +224,7 @@ int run_linear_bench(const LinearBenchOptions& opt) {
   chart.title = std::string("nibble INT4 linear layer vs cuBLAS BF16 (") + prop.name + ")";
   chart.y_label = "speed-up over BF16 (BF16 time / nibble time)";
   chart.series = {"forward", "forward + weight quant", "backward keep-all"};
-  if (opt.sampled) chart.series.push_back("backward sampled (timing variant)");
+  if (opt.sampled) chart.series.push_back("backward, sampled LSS");
   chart.values.assign(chart.series.size(), {});
   std::vector<std::string> notes;
 
