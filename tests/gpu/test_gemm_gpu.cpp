@@ -154,13 +154,13 @@ TEST(GemmS8S8S32TnSm90, BitExactAtTransformerShape) {
   check_s32({1024, 3072, 768}, -128, 127, seed_for(1024, 3072, 768, 3));
 }
 
-// 8192³ once: ours vs cuBLASLt on every element, both vs the CPU reference on 64 sampled rows
-// (the full CPU product, 5.5e11 multiply-adds, would take minutes).
-TEST(GemmS8S8S32TnSm90, BitExactAt8192Cubed) {
-  const int64_t m = 8192, n = 8192, k = 8192;
-  const uint64_t seed = seed_for(m, n, k, 4);
-  const auto a = random_codes(m * k, -128, 127, seed);
-  const auto b = random_codes(n * k, -128, 127, seed + 1);
+// A large product with full-range codes through the launcher's own tile choice: ours vs
+// cuBLASLt INT8 (checked against the reference on the odd shapes) on every element. Returns
+// ours; the operands come back through a and b.
+std::vector<int32_t> check_large_vs_cublaslt(int64_t m, int64_t n, int64_t k, uint64_t seed,
+                                             std::vector<int8_t>& a, std::vector<int8_t>& b) {
+  a = random_codes(m * k, -128, 127, seed);
+  b = random_codes(n * k, -128, 127, seed + 1);
   DeviceBuffer<int8_t> da(m * k), db(n * k);
   DeviceBuffer<int32_t> dc(m * n), dl(m * n);
   da.upload(a);
@@ -170,8 +170,18 @@ TEST(GemmS8S8S32TnSm90, BitExactAt8192Cubed) {
   cuda::gemm_s8s8_s32_tn_sm90({da.get(), db.get(), m, n, k}, dc.get(), nullptr);
   cuda::cublaslt_gemm_s8s8_s32_tn(da.get(), db.get(), m, n, k, dl.get(), nullptr);
   NB_CUDA_CHECK(cudaDeviceSynchronize());
-  const auto ours = dc.download();
+  std::vector<int32_t> ours = dc.download();
   EXPECT_EQ(count_mismatches(ours, dl.download(), n, "ours vs cuBLASLt"), 0);
+  return ours;
+}
+
+// 8192³ once: ours vs cuBLASLt on every element, both vs the CPU reference on 64 sampled rows
+// (the full CPU product, 5.5e11 multiply-adds, would take minutes).
+TEST(GemmS8S8S32TnSm90, BitExactAt8192Cubed) {
+  const int64_t m = 8192, n = 8192, k = 8192;
+  const uint64_t seed = seed_for(m, n, k, 4);
+  std::vector<int8_t> a, b;
+  const auto ours = check_large_vs_cublaslt(m, n, k, seed, a, b);
 
   // Rows: the first, the last, and 62 from the Philox stream.
   std::vector<int64_t> rows = {0, m - 1};
@@ -356,24 +366,12 @@ TEST(GemmS8S8S32TnSm90, AutomaticTileRule) {
             GemmTile::coop_128x256_c2x1);  // a forced tile wins
 }
 
-// A shape the rule sends to the 1×2 cluster, through the launcher's own choice: ours vs
-// cuBLASLt INT8 (itself checked against the reference above) on every element.
+// A shape the rule sends to the 1×2 cluster, through the launcher's own choice.
 TEST(GemmS8S8S32TnSm90, AutomaticTileBitExactAtLargeShape) {
   const int64_t m = 8192, n = 4096, k = 4096;
   ASSERT_EQ(cuda::sm90::choose_tile({nullptr, nullptr, m, n, k}), cuda::GemmTile::coop_128x256_c1x2);
-  const uint64_t seed = seed_for(m, n, k, 90);
-  const auto a = random_codes(m * k, -128, 127, seed);
-  const auto b = random_codes(n * k, -128, 127, seed + 1);
-  DeviceBuffer<int8_t> da(m * k), db(n * k);
-  DeviceBuffer<int32_t> dc(m * n), dl(m * n);
-  da.upload(a);
-  db.upload(b);
-  dc.poison();
-  dl.poison();
-  cuda::gemm_s8s8_s32_tn_sm90({da.get(), db.get(), m, n, k}, dc.get(), nullptr);
-  cuda::cublaslt_gemm_s8s8_s32_tn(da.get(), db.get(), m, n, k, dl.get(), nullptr);
-  NB_CUDA_CHECK(cudaDeviceSynchronize());
-  EXPECT_EQ(count_mismatches(dc.download(), dl.download(), n, "ours vs cuBLASLt"), 0);
+  std::vector<int8_t> a, b;
+  check_large_vs_cublaslt(m, n, k, seed_for(m, n, k, 90), a, b);
 }
 
 // K = 0 (e.g. no token kept for a weight gradient): acc = 0, so y = bias and c = 0.
