@@ -11,6 +11,12 @@
 //             within a float64 oracle of that estimator; dx within fp32 rounding of the
 //             reference's Bernoulli estimator; dsw and db as keep-all;
 //   shapes that are not multiples of 16 are rejected with a message saying to pad.
+// The forward, keep-all and sampled checks run once per GEMM path (LinearGpuPath, the
+// parameter is HqLinearConfig::gemm): automatic (on H100/H200 the sm_90a wgmma INT8 GEMM) and
+// mma_sm80 forced (the Ampere/Ada path: the forward's native INT4 GEMM on packed codes, s4
+// mma.sync emulated on Hopper; the backward's s8 mma.sync GEMM), against the same reference
+// and bounds, since every path computes the same integer sums and epilogue. The inference
+// forward (no saved buffers) must give the training forward's y bit for bit.
 // Every case draws fresh Philox inputs with its own seed; outputs are poisoned first.
 #include <cuda_runtime.h>
 #include <gtest/gtest.h>
@@ -24,6 +30,7 @@
 #include <vector>
 
 #include "cuda/common/check.h"
+#include "cuda/gemm/gemm_dispatch.h"
 #include "cuda/linear/hq_linear.h"
 #include "cuda/quant/bitsplit.h"
 #include "cuda/quant/status.h"
@@ -170,6 +177,7 @@ void run_forward(Layer& L, const std::vector<T>& x, const std::vector<T>& w,
   fp.sw = L.sw.get();
   fp.bias = L.bias.get();
   fp.w_q = L.w_q.get();
+  fp.w_q_packed = L.w_qp.get();
   fp.x_q = L.x_q.get();
   fp.x_q_packed = L.x_qp.get();
   fp.x_e_packed = L.x_ep.get();
@@ -182,6 +190,18 @@ void run_forward(Layer& L, const std::vector<T>& x, const std::vector<T>& w,
   cuda::status_throw_if_set(L.status.get(), "linear forward", nullptr);
   *y_f32 = yf.download();
   *y_bf16 = yb.download();
+  // Inference (no saved buffers; on the packed mma_sm80 path x_q's memory then holds the packed
+  // codes): the same y, bit for bit. It leaves x_q as check_forward expects it (see there).
+  DeviceBuffer<float> yi(L.n * L.c);
+  fp.x_q_packed = nullptr;
+  fp.x_e_packed = nullptr;
+  fp.y = nullptr;
+  fp.y_f32 = yi.get();
+  cuda::hq_linear_forward(fp, cfg, key, nullptr);
+  cuda::status_throw_if_set(L.status.get(), "linear forward (inference)", nullptr);
+  const std::vector<float> y_inf = yi.download();
+  EXPECT_EQ(std::memcmp(y_inf.data(), y_f32->data(), y_inf.size() * sizeof(float)), 0)
+      << "the inference forward's y differs from the training forward's";
 }
 
 ref::HqLinearConfig to_ref(const cuda::HqLinearConfig& cfg) {
@@ -212,10 +232,12 @@ int64_t count_diff(const std::vector<T>& got, const std::vector<T>& want, const 
 
 // Checks the forward against the reference; returns the reference's saved state.
 template <class T>
-ref::HqLinearSaved check_forward(const Case& k, bool bf16_input, Layer& L, uint64_t seed) {
+ref::HqLinearSaved check_forward(const Case& k, bool bf16_input, Layer& L, uint64_t seed,
+                                 cuda::GemmPath gemm) {
   SCOPED_TRACE(testing::Message() << "N=" << k.n << " D=" << k.d << " C=" << k.c << " block="
                                   << k.block << " range [" << k.range.qmin << ", "
-                                  << k.range.qmax << "] bf16_input=" << bf16_input);
+                                  << k.range.qmax << "] bf16_input=" << bf16_input << " gemm "
+                                  << cuda::gemm_path_name(gemm));
   std::vector<float> xf = random_activations(k.n, k.d, seed);
   std::vector<float> wf = random_activations(k.c, k.d, seed + 1);
   for (float& v : wf) v *= 0.02f;
@@ -233,6 +255,7 @@ ref::HqLinearSaved check_forward(const Case& k, bool bf16_input, Layer& L, uint6
   cuda::HqLinearConfig cfg;
   cfg.block = k.block;
   cfg.range = k.range;
+  cfg.gemm = gemm;
   const float sx = test_step(xf, k.n, k.d, k.block, k.range);
   const float sw = test_step(wf, k.c, k.d, k.block, k.range);
   const PhiloxKey key{seed + 3, 7, 2, RngRole::rounding};
@@ -251,7 +274,15 @@ ref::HqLinearSaved check_forward(const Case& k, bool bf16_input, Layer& L, uint6
   EXPECT_EQ(count_diff(L.w_qp.download(), saved.w_q_packed, "w_q_packed"), 0);
   EXPECT_EQ(count_diff(L.w_ep.download(), saved.w_e_packed, "w_e_packed"), 0);
   const std::vector<int8_t> xq = saved.x_q(), wq = saved.w_q(), xe = saved.x_e();
-  EXPECT_EQ(count_diff(L.x_q.download(), xq, "x_q"), 0);
+  // x_q: the int8 codes, except on the packed INT4 path (mma_sm80, D % 32 == 0, hq_linear.h),
+  // where the last (inference) forward left the packed codes in its first N·D/2 bytes.
+  if (cuda::resolve_gemm_path(gemm) == cuda::GemmPath::mma_sm80 && k.d % 32 == 0) {
+    const std::vector<int8_t> xq_mem = L.x_q.download();
+    const std::vector<uint8_t> packed_in_x_q(xq_mem.begin(), xq_mem.begin() + k.n * k.d / 2);
+    EXPECT_EQ(count_diff(packed_in_x_q, saved.x_q_packed, "x_q (packed codes, inference)"), 0);
+  } else {
+    EXPECT_EQ(count_diff(L.x_q.download(), xq, "x_q"), 0);
+  }
   EXPECT_EQ(count_diff(L.w_q.download(), wq, "w_q"), 0);
   EXPECT_EQ(count_diff(L.w_q_t.download(), transpose(wq, k.c, k.d), "w_q_t"), 0);
   // The test must see both kinds of side-channel entries to mean anything.
@@ -300,19 +331,34 @@ const std::vector<Case>& forward_cases() {
   return cases;
 }
 
-TEST(LinearGpu, ForwardMatchesRefF32) {
+// The GEMM path is the test parameter (see the top of this file). Seeds differ per path too,
+// so each path sees fresh inputs.
+class LinearGpuPath : public ::testing::TestWithParam<cuda::GemmPath> {
+ protected:
+  void SetUp() override {
+    int device = 0, major = 0;
+    NB_CUDA_CHECK(cudaGetDevice(&device));
+    NB_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device));
+    if (GetParam() == cuda::GemmPath::mma_sm80 && major < 8)
+      GTEST_SKIP() << "mma_sm80 needs compute capability 8.0 or higher";
+  }
+  cuda::GemmPath gemm() const { return GetParam(); }
+  int seed_variant(int v) const { return v + (GetParam() == cuda::GemmPath::mma_sm80 ? 5 : 0); }
+};
+
+TEST_P(LinearGpuPath, ForwardMatchesRefF32) {
   int v = 0;
   for (const Case& k : forward_cases()) {
     Layer L(k.n, k.d, k.c);
-    check_forward<float>(k, false, L, seed_of(k, v++));
+    check_forward<float>(k, false, L, seed_of(k, seed_variant(v++)), gemm());
   }
 }
 
-TEST(LinearGpu, ForwardMatchesRefBf16Input) {
+TEST_P(LinearGpuPath, ForwardMatchesRefBf16Input) {
   int v = 20;
   for (const Case& k : forward_cases()) {
     Layer L(k.n, k.d, k.c);
-    check_forward<bf16_t>(k, true, L, seed_of(k, v++));
+    check_forward<bf16_t>(k, true, L, seed_of(k, seed_variant(v++)), gemm());
   }
 }
 
@@ -489,12 +535,12 @@ std::vector<float> random_grad(int64_t n, int64_t c, uint64_t seed) {
 }
 
 template <class G, class DX>
-void check_backward_keep_all(const Case& k, uint64_t seed) {
+void check_backward_keep_all(const Case& k, uint64_t seed, cuda::GemmPath gemm) {
   SCOPED_TRACE(testing::Message() << "N=" << k.n << " D=" << k.d << " C=" << k.c << " block="
                                   << k.block << " dy " << (sizeof(G) == 2 ? "bf16" : "f32")
                                   << " dx " << (sizeof(DX) == 2 ? "bf16" : "f32"));
   Layer L(k.n, k.d, k.c);
-  const ref::HqLinearSaved saved = check_forward<float>(k, false, L, seed);
+  const ref::HqLinearSaved saved = check_forward<float>(k, false, L, seed, gemm);
   std::vector<float> dyf = random_grad(k.n, k.c, seed + 10);
   std::vector<G> dy;
   if constexpr (sizeof(G) == 2) {
@@ -506,6 +552,7 @@ void check_backward_keep_all(const Case& k, uint64_t seed) {
   cuda::HqLinearConfig cfg;
   cfg.block = k.block;
   cfg.range = k.range;
+  cfg.gemm = gemm;
   const PhiloxKey key{seed + 11, 3, 5, RngRole::rounding};
   const ref::HqLinearGrads want = ref::hq_linear_backward(dyf.data(), saved, to_ref(cfg), key);
   const BackwardOut got = run_backward<G, DX>(L, dy, cfg, key);
@@ -554,14 +601,16 @@ const std::vector<Case>& backward_cases() {
   return cases;
 }
 
-TEST(LinearGpu, BackwardKeepAllMatchesRef) {
+TEST_P(LinearGpuPath, BackwardKeepAllMatchesRef) {
   int v = 40;
-  for (const Case& k : backward_cases()) check_backward_keep_all<float, float>(k, seed_of(k, v++));
+  for (const Case& k : backward_cases())
+    check_backward_keep_all<float, float>(k, seed_of(k, seed_variant(v++)), gemm());
 }
 
-TEST(LinearGpu, BackwardBf16GradientsMatchRef) {
+TEST_P(LinearGpuPath, BackwardBf16GradientsMatchRef) {
   int v = 50;
-  for (const Case& k : backward_cases()) check_backward_keep_all<bf16_t, bf16_t>(k, seed_of(k, v++));
+  for (const Case& k : backward_cases())
+    check_backward_keep_all<bf16_t, bf16_t>(k, seed_of(k, seed_variant(v++)), gemm());
 }
 
 // An output gradient whose rows span two decades (scales 1, 0.32, 0.1, 0.03 in turn) with a
@@ -596,13 +645,13 @@ struct SampledCase {
 //   dsw: the same fp64 terms as the reference (dw_t equal) in another order; db as keep-all.
 // Equality needs the GPU's p to equal the reference's (fit_probabilities agrees to 1 ulp,
 // cuda/quant/bitsplit.h): the test checks that for its inputs first.
-void check_backward_sampled(const SampledCase& sc, uint64_t seed) {
+void check_backward_sampled(const SampledCase& sc, uint64_t seed, cuda::GemmPath gemm) {
   const Case& k = sc.shape;
   SCOPED_TRACE(testing::Message() << "N=" << k.n << " D=" << k.d << " C=" << k.c << " block="
                                   << k.block << " fraction " << sc.fraction
                                   << (sc.graded ? " graded dy" : " row-structured dy"));
   Layer L(k.n, k.d, k.c);
-  const ref::HqLinearSaved saved = check_forward<float>(k, false, L, seed);
+  const ref::HqLinearSaved saved = check_forward<float>(k, false, L, seed, gemm);
   const std::vector<float> dy = sc.graded ? graded_grad(k.n, k.c, seed + 10)
                                           : random_grad(k.n, k.c, seed + 10);
   cuda::HqLinearConfig cfg;
@@ -610,6 +659,7 @@ void check_backward_sampled(const SampledCase& sc, uint64_t seed) {
   cfg.range = k.range;
   cfg.lss = cuda::LssVariant::sampled;
   cfg.sample_fraction = sc.fraction;
+  cfg.gemm = gemm;
   const PhiloxKey key{seed + 11, 3, 5, RngRole::rounding};
   const ref::HqLinearGrads want = ref::hq_linear_backward(dy.data(), saved, to_ref(cfg), key);
   const BackwardOut got = run_backward<float, float>(L, dy, cfg, key);
@@ -704,7 +754,7 @@ void check_backward_sampled(const SampledCase& sc, uint64_t seed) {
   check_db(got.db, want.db, dy, n, c);
 }
 
-TEST(LinearGpu, SampledBackwardMatchesRef) {
+TEST_P(LinearGpuPath, SampledBackwardMatchesRef) {
   const std::vector<SampledCase> cases = {
       {{128, 256, 64, 32, kInt4Sym}, 0.3, false},
       {{80, 208, 48, 16, kInt4Full}, 0.4, true},    // 2N = 160: K padded past the kept rows
@@ -712,8 +762,15 @@ TEST(LinearGpu, SampledBackwardMatchesRef) {
       {{176, 128, 80, 128, kInt4Sym}, 0.3, true},   // block 128, three dw row tiles
   };
   int v = 60;
-  for (const SampledCase& sc : cases) check_backward_sampled(sc, seed_of(sc.shape, v++));
+  for (const SampledCase& sc : cases)
+    check_backward_sampled(sc, seed_of(sc.shape, seed_variant(v++)), gemm());
 }
+
+INSTANTIATE_TEST_SUITE_P(LinearGpu, LinearGpuPath,
+                         ::testing::Values(cuda::GemmPath::automatic, cuda::GemmPath::mma_sm80),
+                         [](const ::testing::TestParamInfo<cuda::GemmPath>& info) {
+                           return std::string(cuda::gemm_path_name(info.param));
+                         });
 
 TEST(LinearGpu, RejectsShapesThatAreNotMultiplesOf16) {
   DeviceBuffer<float> x(64 * 64), w(64 * 64), s(2);

@@ -1,17 +1,22 @@
-// Native INT4 tensor-core GEMM for Ampere/Ada: C[M, N] = A[M, K] · B[N, K]ᵀ on packed s4
-// operands with mma.sync.aligned.m16n8k64.row.col.s32.s4.s4.s32, written by hand (inline
-// PTX, no CUTLASS), with an int32 or a fused dequantizing (bf16 / f32) epilogue.
+// Integer tensor-core GEMMs for Ampere/Ada: C[M, N] = A[M, K] · B[N, K]ᵀ, written by hand
+// (inline PTX, no CUTLASS), with an int32 or a fused dequantizing (bf16 / f32) epilogue, for
+// two element types from ONE kernel template (ElemS4 / ElemS8 below):
+//   s4: packed operands, mma.sync.aligned.m16n8k64.row.col.s32.s4.s4.s32 (gemm_s4s4_*_sm80);
+//   s8: int8 operands,   mma.sync.aligned.m16n8k32.row.col.s32.s8.s8.s32 (gemm_s8s8_*_sm80).
+// The two mma shapes have the same fragment layout in bytes (a 32-bit register holds 8 s4 or
+// 4 s8 elements of the same 4 bytes of a row), so everything but the instruction, the bytes
+// per row (K/2 or K) and the host checks is shared and works on bytes.
 // Built for every CUDA architecture of the build (80 86 89 90a): on sm_90a the s4 mma.sync is
-// emulated, which is slow but exact, and is how the GPU tests run on H100/H200.
+// emulated, which is slow but exact, and is how the GPU tests run on H100/H200; the s8
+// mma.sync is native there (IMMA.16832.S8.S8).
 // docs/gemm_sm80.md explains the tiling, the fragment layouts and what was verified where.
 //
 // Kernel layout (one CTA = 8 warps = 256 threads):
-//   CTA tile    128 (M) × 128 (N), K in steps of 128 elements = 64 bytes of each packed row;
+//   CTA tile    128 (M) × 128 (N), K in steps of 64 bytes of each row (128 s4 / 64 s8);
 //   warp tile    64 (M) ×  32 (N): 2 × 4 warps; per warp 4 × 4 mma tiles of 16 × 8;
 //   pipeline    3 shared-memory stages filled by cp.async.cg (16 bytes per copy), so that two
 //               K-steps are in flight while the tensor cores work on the third;
-//   fragments   ldmatrix.x4 (b16 view of the packed bytes), 2 mma K-steps (64 elements each)
-//               per stage;
+//   fragments   ldmatrix.x4 (b16 view of the bytes), 2 mma K-steps (32 bytes each) per stage;
 //   epilogue    straight from the accumulator registers to global memory, predicated.
 #include "cuda/gemm/gemm_s4s4_s32_tn_sm80.h"
 
@@ -33,7 +38,7 @@ namespace {
 
 constexpr int kTileM = 128;
 constexpr int kTileN = 128;
-constexpr int kTileKBytes = 64;  // 128 s4 elements of a row per stage
+constexpr int kTileKBytes = 64;  // 128 s4 or 64 s8 elements of a row per stage
 constexpr int kStages = 3;
 constexpr int kWarpsM = 2;
 constexpr int kWarpsN = 4;
@@ -42,7 +47,7 @@ constexpr int kWarpM = kTileM / kWarpsM;          // 64
 constexpr int kWarpN = kTileN / kWarpsN;          // 32
 constexpr int kMmaM = 16;
 constexpr int kMmaN = 8;
-constexpr int kMmaKBytes = 32;                // m16n8k64: 64 s4 elements = 32 bytes
+constexpr int kMmaKBytes = 32;                // m16n8k64 s4 / m16n8k32 s8: 32 bytes of K
 constexpr int kFragsM = kWarpM / kMmaM;       // 4 mma tiles along M per warp
 constexpr int kFragsN = kWarpN / kMmaN;       // 4 mma tiles along N per warp
 constexpr int kKSteps = kTileKBytes / kMmaKBytes;  // 2 mma K-steps per stage
@@ -63,6 +68,59 @@ static_assert(kTileM * kChunksPerRow % kThreads == 0 && kTileN * kChunksPerRow %
 static_assert(kChunksPerRow == 4, "smem_offset's swizzle is written for 64-byte rows");
 static_assert(kFragsN % 2 == 0, "B fragments are loaded two n8 tiles per ldmatrix.x4");
 
+// ---- element types -------------------------------------------------------------------------
+// What differs between the s4 and the s8 GEMM: elements per byte of a row, the mma instruction
+// (one 16 × 8 tile over 32 bytes of K, same fragment registers), and the host's bounds:
+//   kKMultiple   K must be a multiple of it: rows of a multiple of 16 bytes (cp.async width);
+//   kMaxAbsProduct, kKLimitLog2: |a·b| ≤ kMaxAbsProduct, so |Σ| ≤ kMaxAbsProduct·K < 2^31
+//                for K < 2^kKLimitLog2 (kMaxAbsProduct · 2^kKLimitLog2 = 2^31).
+// d += a · b below is exact int32 (no saturation: the launcher bounds K).
+struct ElemS4 {
+  static constexpr int kElemsPerByte = 2;
+  static constexpr int64_t kKMultiple = 32;
+  static constexpr int64_t kMaxAbsProduct = 64;  // (−8)·(−8)
+  static constexpr int kKLimitLog2 = 25;
+  static constexpr const char* kName = "s4";
+  static constexpr const char* kRowBytes = "K/2";  // for messages
+  __device__ __forceinline__ static void mma(int32_t (&d)[4], const uint32_t (&a)[4], uint32_t b0,
+                                             uint32_t b1) {
+    asm("mma.sync.aligned.m16n8k64.row.col.s32.s4.s4.s32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, "
+        "{%8, %9}, {%0, %1, %2, %3};\n"
+        : "+r"(d[0]), "+r"(d[1]), "+r"(d[2]), "+r"(d[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+  }
+};
+struct ElemS8 {
+  static constexpr int kElemsPerByte = 1;
+  static constexpr int64_t kKMultiple = 16;
+  static constexpr int64_t kMaxAbsProduct = 128 * 128;  // (−128)·(−128)
+  static constexpr int kKLimitLog2 = 17;
+  static constexpr const char* kName = "s8";
+  static constexpr const char* kRowBytes = "K";
+  __device__ __forceinline__ static void mma(int32_t (&d)[4], const uint32_t (&a)[4], uint32_t b0,
+                                             uint32_t b1) {
+    asm("mma.sync.aligned.m16n8k32.row.col.s32.s8.s8.s32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, "
+        "{%8, %9}, {%0, %1, %2, %3};\n"
+        : "+r"(d[0]), "+r"(d[1]), "+r"(d[2]), "+r"(d[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+  }
+};
+static_assert(ElemS4::kMaxAbsProduct << ElemS4::kKLimitLog2 == int64_t{1} << 31);
+static_assert(ElemS8::kMaxAbsProduct << ElemS8::kKLimitLog2 == int64_t{1} << 31);
+static_assert(ElemS4::kKMultiple / ElemS4::kElemsPerByte == kChunk &&
+                  ElemS8::kKMultiple / ElemS8::kElemsPerByte == kChunk,
+              "K multiples give rows of whole 16-byte chunks");
+
+// The kernel's operands as bytes: a [m, K / E::kElemsPerByte], b [n, K / E::kElemsPerByte],
+// both row-major, 16-byte aligned; k in elements (a multiple of E::kKMultiple).
+struct Sm80Args {
+  const uint8_t* a = nullptr;
+  const uint8_t* b = nullptr;
+  int64_t m = 0;
+  int64_t n = 0;
+  int64_t k = 0;
+};
+
 // ---- shared-memory layout ----------------------------------------------------------------
 // A stage holds 128 rows of 64 bytes (4 chunks of 16 bytes), row-major. ldmatrix reads 8 rows
 // of one chunk column per 8×8 matrix; unswizzled, rows 64 bytes apart map to only 2 of the 8
@@ -77,7 +135,7 @@ __device__ __forceinline__ uint32_t smem_offset(int row, int chunk) {
 
 // 16-byte global → shared copy that bypasses L1 (.cg). With src_bytes = 0 nothing is read and
 // the 16 bytes are zero-filled: that is how out-of-range rows and the K tail become zeros,
-// which add nothing to the int32 sums (a 32-element K tail fills half an m16n8k64 step).
+// which add nothing to the int32 sums (a 16-byte K tail fills half an mma K-step).
 __device__ __forceinline__ void cp_async_16(uint32_t dst, const void* src, bool valid) {
   const int src_bytes = valid ? kChunk : 0;
   asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src),
@@ -95,22 +153,13 @@ __device__ __forceinline__ void cp_async_wait() {
 
 // Four 8×8 matrices of 16-bit elements; lane l supplies the address of row l % 8 of matrix
 // l / 8 and receives, in r[j], elements 2(l%4), 2(l%4)+1 of row l/4 of matrix j. In bytes:
-// bytes 4(l%4) … 4(l%4)+3 of a 16-byte row, i.e. s4 elements 8(l%4) … 8(l%4)+7, in memory
-// order (element 2i in the low nibble, as the mma reads them).
+// bytes 4(l%4) … 4(l%4)+3 of a 16-byte row, i.e. s4 elements 8(l%4) … 8(l%4)+7 (element 2i in
+// the low nibble) or s8 elements 4(l%4) … 4(l%4)+3, in memory order, as the mma reads them.
 __device__ __forceinline__ void ldmatrix_x4(uint32_t (&r)[4], uint32_t addr) {
   asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
                : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
                : "r"(addr)
                : "memory");
-}
-
-// d += a · b for one 16 × 8 × 64 tile, exact int32 (no saturation: the launcher bounds K).
-__device__ __forceinline__ void mma_m16n8k64_s4(int32_t (&d)[4], const uint32_t (&a)[4],
-                                                uint32_t b0, uint32_t b1) {
-  asm("mma.sync.aligned.m16n8k64.row.col.s32.s4.s4.s32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, "
-      "{%8, %9}, {%0, %1, %2, %3};\n"
-      : "+r"(d[0]), "+r"(d[1]), "+r"(d[2]), "+r"(d[3])
-      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
 }
 
 // ---- global → shared -------------------------------------------------------------------
@@ -166,11 +215,12 @@ __device__ __forceinline__ void store_pair(T* out, int64_t n, int64_t row, int64
 
 // ---- the kernel ------------------------------------------------------------------------
 
-// OutT = int32_t: c = acc. OutT = float or __nv_bfloat16: the EpiDequantBias epilogue.
+// E = ElemS4 or ElemS8. OutT = int32_t: c = acc. OutT = float or __nv_bfloat16: the
+// EpiDequantBias epilogue.
 // blockIdx.x walks M tiles (so consecutive CTAs share a B tile in L2), blockIdx.y N tiles.
-template <class OutT>
+template <class E, class OutT>
 __global__ void __launch_bounds__(kThreads)
-    gemm_s4s4_s32_tn_sm80_kernel(GemmS4S4Params p, EpiDequantBias epi, OutT* out) {
+    gemm_sm80_kernel(Sm80Args p, EpiDequantBias epi, OutT* out) {
   __shared__ alignas(128) uint8_t smem[kSmemBytes];
 
   const int tid = static_cast<int>(threadIdx.x);
@@ -180,7 +230,7 @@ __global__ void __launch_bounds__(kThreads)
   const int warp_n = warp % kWarpsN;  // 0..3
   const int64_t m0 = static_cast<int64_t>(blockIdx.x) * kTileM;
   const int64_t n0 = static_cast<int64_t>(blockIdx.y) * kTileN;
-  const int64_t row_bytes = p.k / 2;
+  const int64_t row_bytes = p.k / E::kElemsPerByte;  // exact: K % kKMultiple == 0
   const int k_tiles = static_cast<int>((row_bytes + kTileKBytes - 1) / kTileKBytes);
   const int rows_a = static_cast<int>(p.m - m0 < kTileM ? p.m - m0 : kTileM);
   const int rows_b = static_cast<int>(p.n - n0 < kTileN ? p.n - n0 : kTileN);
@@ -193,8 +243,9 @@ __global__ void __launch_bounds__(kThreads)
 
   // ldmatrix addresses of this lane (see ldmatrix_x4 for which lane supplies which row).
   // A, one x4 per 16-row mma tile: matrices (rows 0-7 | 8-15) × (chunk 2s | 2s+1) in the
-  // order a0 a1 a2 a3 of the m16n8k64 A fragment: a0 = (row g, K 0-31 of the 64), a1 = (row
-  // g+8, K 0-31), a2 = (row g, K 32-63), a3 = (row g+8, K 32-63); g = lane / 4.
+  // order a0 a1 a2 a3 of the A fragment: a0 = (row g, bytes 0-15 of the 32), a1 = (row g+8,
+  // bytes 0-15), a2 = (row g, bytes 16-31), a3 = (row g+8, bytes 16-31); g = lane / 4. (s4
+  // m16n8k64: bytes 0-15 = K 0-31; s8 m16n8k32: bytes 0-15 = K 0-15.)
   const int a_row = warp_m * kWarpM + (lane % 8) + 8 * ((lane / 8) % 2);
   const int a_chunk = lane / 16;
   // B, one x4 per two 8-row mma tiles: matrices (rows 0-7, chunk 2s), (rows 0-7, chunk 2s+1),
@@ -264,7 +315,7 @@ __global__ void __launch_bounds__(kThreads)
       for (int i = 0; i < kFragsM; ++i)
 #pragma unroll
         for (int j = 0; j < kFragsN; ++j)
-          mma_m16n8k64_s4(acc[i][j], a_frag[i], b_frag[j][0], b_frag[j][1]);
+          E::mma(acc[i][j], a_frag[i], b_frag[j][0], b_frag[j][1]);
     }
   }
   // Only empty groups can still be pending here (no copy is issued for k-tiles ≥ k_tiles), and
@@ -298,7 +349,9 @@ __global__ void __launch_bounds__(kThreads)
     // intrinsic so that nothing is re-associated or contracted: float(acc) (__int2float_rn),
     // one fp32 product sa · sb (__fmul_rn), one fused multiply-add (__fmaf_rn), then bf16
     // rounds the fp32 result to nearest even. The sm_90a INT8 epilogue does the same
-    // operations in the same order (gemm_s8s8_sm90_kernel.cuh), so one test bound covers both.
+    // operations in the same order (gemm_s8s8_sm90_kernel.cuh: s = sa·sb, then one
+    // homogeneous_multiply_add(float(acc), s, bias)), so one test bound covers both, and with
+    // a null bias (fma(x, s, 0)) both round float(acc)·s once: equal bits.
     float col_scale[kFragsN][2], col_bias[kFragsN][2];
 #pragma unroll
     for (int j = 0; j < kFragsN; ++j)
@@ -350,7 +403,8 @@ constexpr const char* kBuiltArchs = "unknown";
 
 // Compute capability of the current device (10·major + minor), and whether the driver found
 // an image of the kernels for it; queried once per device. Throws when either rules it out.
-int checked_device_cc(const char* fn) {
+// `ref_hint` names the reference function to use instead.
+int checked_device_cc(const char* fn, const char* ref_hint) {
   struct DeviceState {
     int cc = 0;
     cudaError_t image = cudaSuccess;
@@ -370,19 +424,19 @@ int checked_device_cc(const char* fn) {
       DeviceState s;
       s.cc = 10 * major + minor;
       if (s.cc >= 80) {
-        // All three kernels come from this file's fatbinary, so one query answers for all.
+        // All six kernels come from this file's fatbinary, so one query answers for all.
         cudaFuncAttributes attr{};
-        s.image = cudaFuncGetAttributes(&attr, gemm_s4s4_s32_tn_sm80_kernel<int32_t>);
+        s.image = cudaFuncGetAttributes(&attr, gemm_sm80_kernel<ElemS4, int32_t>);
         if (s.image != cudaSuccess) (void)cudaGetLastError();  // clear the sticky error
       }
       it = states.emplace(device, s).first;
     }
     state = it->second;
   }
-  NB_CHECK(state.cc >= 80, fn << " needs a GPU of compute capability 8.0 or higher (mma.sync "
-                              << "with s4 operands: A100, RTX 30xx/40xx, L4, H100); this device "
-                              << "is " << state.cc / 10 << "." << state.cc % 10
-                              << "; use the reference backend (ref::gemm_s4s4_s32_tn)");
+  NB_CHECK(state.cc >= 80, fn << " needs a GPU of compute capability 8.0 or higher (integer "
+                              << "mma.sync: A100, RTX 30xx/40xx, L4, H100); this device is "
+                              << state.cc / 10 << "." << state.cc % 10
+                              << "; use the reference backend (" << ref_hint << ")");
   NB_CHECK(state.image == cudaSuccess,
            fn << ": this build has no kernel image for compute capability " << state.cc / 10
               << "." << state.cc % 10 << " (" << cudaGetErrorString(state.image)
@@ -392,41 +446,53 @@ int checked_device_cc(const char* fn) {
   return state.cc;
 }
 
+template <class E>
+const char* ref_hint() {
+  return E::kElemsPerByte == 2 ? "ref::gemm_s4s4_s32_tn" : "ref::gemm_s8s8_s32_tn";
+}
+
 // Every precondition listed in gemm_s4s4_s32_tn_sm80.h, before anything is queued.
-void check_params(const char* fn, const GemmS4S4Params& p, const void* out) {
-  checked_device_cc(fn);
-  NB_CHECK(p.m >= 0 && p.n >= 0 && p.k >= 0,
-           fn << ": negative size M=" << p.m << ", N=" << p.n << ", K=" << p.k);
-  NB_CHECK(p.m < (int64_t{1} << 31) && p.n < (int64_t{1} << 31),
-           fn << ": M=" << p.m << ", N=" << p.n
+// The operands are the caller's (packed s4 or s8) as bytes; k in elements.
+template <class E>
+void check_params(const char* fn, const void* a, const void* b, int64_t m, int64_t n, int64_t k,
+                  const void* out) {
+  checked_device_cc(fn, ref_hint<E>());
+  NB_CHECK(m >= 0 && n >= 0 && k >= 0,
+           fn << ": negative size M=" << m << ", N=" << n << ", K=" << k);
+  NB_CHECK(m < (int64_t{1} << 31) && n < (int64_t{1} << 31),
+           fn << ": M=" << m << ", N=" << n
               << " exceeds 2^31 - 1; split the GEMM into smaller ones");
-  NB_CHECK(p.k % 32 == 0, fn << ": K=" << p.k
-                             << " is not a multiple of 32; packed s4 rows must be multiples of "
-                                "16 bytes for the 16-byte cp.async copies: zero-pad K to "
-                             << (p.k + 31) / 32 * 32 << " (zero codes add nothing to the sums)");
-  // |a·b| ≤ 64, so |Σ| ≤ 64·K ≤ 2^31 − 64 for K ≤ 2^25 − 32 (the largest multiple of 32 below
-  // 2^25): no int32 partial sum can overflow.
-  NB_CHECK(p.k < (int64_t{1} << 25),
-           fn << ": K=" << p.k << " can reach |sum| = 64·K ≥ 2^31 and overflow the int32 "
-              << "accumulator; split K into chunks below 2^25 = 33554432 and add the partial "
-                 "results in int64");
-  NB_CHECK((p.n + kTileN - 1) / kTileN <= 65535,
-           fn << ": N=" << p.n << " needs more than 65535 CTA columns (" << kTileN
+  constexpr int64_t kMul = E::kKMultiple;
+  NB_CHECK(k % kMul == 0, fn << ": K=" << k << " is not a multiple of " << kMul << "; "
+                             << (E::kElemsPerByte == 2 ? "packed " : "") << E::kName
+                             << " rows must be multiples of 16 bytes for the 16-byte cp.async "
+                                "copies: zero-pad K to "
+                             << (k + kMul - 1) / kMul * kMul
+                             << " (zero codes add nothing to the sums)");
+  // |a·b| ≤ kMaxAbsProduct, so |Σ| ≤ kMaxAbsProduct·K ≤ 2^31 − kMaxAbsProduct·kKMultiple for
+  // K ≤ 2^kKLimitLog2 − kKMultiple (the largest allowed multiple): no int32 partial sum can
+  // overflow (s4: 64·K, K < 2^25; s8: 128·128·K, K < 2^17 = 131072).
+  NB_CHECK(k < (int64_t{1} << E::kKLimitLog2),
+           fn << ": K=" << k << " can reach |sum| = " << E::kMaxAbsProduct
+              << "·K ≥ 2^31 and overflow the int32 accumulator; split K into chunks below 2^"
+              << E::kKLimitLog2 << " = " << (int64_t{1} << E::kKLimitLog2)
+              << " and add the partial results in int64");
+  NB_CHECK((n + kTileN - 1) / kTileN <= 65535,
+           fn << ": N=" << n << " needs more than 65535 CTA columns (" << kTileN
               << " each); split N into GEMMs of at most " << int64_t{65535} * kTileN << " columns");
-  if (p.m == 0 || p.n == 0) return;
-  NB_CHECK(out != nullptr, fn << ": the output pointer is null with M=" << p.m << ", N=" << p.n
+  if (m == 0 || n == 0) return;
+  NB_CHECK(out != nullptr, fn << ": the output pointer is null with M=" << m << ", N=" << n
                               << "; pass a device buffer of M·N elements");
   NB_CHECK(aligned(out, 16), fn << ": the output pointer " << out
                                 << " is not 16-byte aligned; pass a cudaMalloc'd base or an "
                                    "offset that is a multiple of 16 bytes");
-  if (p.k == 0) return;
-  NB_CHECK(p.a != nullptr && p.b != nullptr,
-           fn << ": " << (p.a == nullptr ? "A" : "B")
-              << " is null with M, N, K > 0; pass packed s4 device buffers of M·K/2 and N·K/2 "
-                 "bytes");
-  NB_CHECK(aligned(p.a, 16) && aligned(p.b, 16),
-           fn << ": A (" << static_cast<const void*>(p.a) << ") and B ("
-              << static_cast<const void*>(p.b)
+  if (k == 0) return;
+  NB_CHECK(a != nullptr && b != nullptr,
+           fn << ": " << (a == nullptr ? "A" : "B") << " is null with M, N, K > 0; pass "
+              << (E::kElemsPerByte == 2 ? "packed " : "") << E::kName << " device buffers of M·"
+              << E::kRowBytes << " and N·" << E::kRowBytes << " bytes");
+  NB_CHECK(aligned(a, 16) && aligned(b, 16),
+           fn << ": A (" << a << ") and B (" << b
               << ") must be 16-byte aligned for the cp.async copies; pass cudaMalloc'd bases "
                  "or offsets that are multiples of 16 bytes");
 }
@@ -436,21 +502,44 @@ void check_epilogue(const char* fn, const EpiDequantBias& epi) {
            fn << ": scale_a, scale_b and bias must be 4-byte aligned float pointers (or null)");
 }
 
-template <class OutT>
-void launch(const GemmS4S4Params& p, const EpiDequantBias& epi, OutT* out, cudaStream_t stream) {
-  if (p.m == 0 || p.n == 0) return;  // nothing to write, nothing queued
-  const dim3 grid(static_cast<unsigned>((p.m + kTileM - 1) / kTileM),
-                  static_cast<unsigned>((p.n + kTileN - 1) / kTileN));
-  gemm_s4s4_s32_tn_sm80_kernel<OutT><<<grid, kThreads, 0, stream>>>(p, epi, out);
+template <class E, class OutT>
+void launch(const void* a, const void* b, int64_t m, int64_t n, int64_t k,
+            const EpiDequantBias& epi, OutT* out, cudaStream_t stream) {
+  if (m == 0 || n == 0) return;  // nothing to write, nothing queued
+  Sm80Args args;
+  args.a = static_cast<const uint8_t*>(a);
+  args.b = static_cast<const uint8_t*>(b);
+  args.m = m;
+  args.n = n;
+  args.k = k;
+  const dim3 grid(static_cast<unsigned>((m + kTileM - 1) / kTileM),
+                  static_cast<unsigned>((n + kTileN - 1) / kTileN));
+  gemm_sm80_kernel<E, OutT><<<grid, kThreads, 0, stream>>>(args, epi, out);
   NB_CUDA_CHECK_LAUNCH();
 }
 
-template <class OutT>
+// The three launchers of one element type (int32, bf16, f32 output), checks first.
+template <class E>
+void run_s32(const char* fn, const void* a, const void* b, int64_t m, int64_t n, int64_t k,
+             int32_t* c, cudaStream_t stream) {
+  check_params<E>(fn, a, b, m, n, k, c);
+  // K = 0 goes through the kernel too: it writes acc = 0 without reading A or B.
+  launch<E>(a, b, m, n, k, EpiDequantBias{}, c, stream);
+}
+template <class E, class OutT>
+void run_dequant(const char* fn, const void* a, const void* b, int64_t m, int64_t n, int64_t k,
+                 const EpiDequantBias& epi, OutT* y, cudaStream_t stream) {
+  check_params<E>(fn, a, b, m, n, k, y);
+  check_epilogue(fn, epi);
+  launch<E>(a, b, m, n, k, epi, y, stream);
+}
+
+template <class E, class OutT>
 GemmS4S4Sm80KernelInfo kernel_info(const char* fn) {
   GemmS4S4Sm80KernelInfo info;
-  info.device_cc = checked_device_cc(fn);
+  info.device_cc = checked_device_cc(fn, ref_hint<E>());
   cudaFuncAttributes attr{};
-  NB_CUDA_CHECK(cudaFuncGetAttributes(&attr, gemm_s4s4_s32_tn_sm80_kernel<OutT>));
+  NB_CUDA_CHECK(cudaFuncGetAttributes(&attr, gemm_sm80_kernel<E, OutT>));
   info.binary_cc = attr.binaryVersion;
   info.ptx_version = attr.ptxVersion;
   info.registers = attr.numRegs;
@@ -460,40 +549,64 @@ GemmS4S4Sm80KernelInfo kernel_info(const char* fn) {
   return info;
 }
 
+template <class E>
+GemmS4S4Sm80KernelInfo kernel_info_of(const char* fn, GemmS4S4Out out) {
+  switch (out) {
+    case GemmS4S4Out::s32: return kernel_info<E, int32_t>(fn);
+    case GemmS4S4Out::bf16: return kernel_info<E, __nv_bfloat16>(fn);
+    case GemmS4S4Out::f32: return kernel_info<E, float>(fn);
+  }
+  NB_FAIL(fn << ": unknown output kind " << static_cast<int>(out));
+}
+
+// bf16_t and __nv_bfloat16 are both one 16-bit bfloat16 pattern.
+static_assert(sizeof(bf16_t) == sizeof(__nv_bfloat16) && alignof(bf16_t) == alignof(__nv_bfloat16));
+
 }  // namespace
 
+// ---- s4 ------------------------------------------------------------------------------------
+
 void gemm_s4s4_s32_tn_sm80(const GemmS4S4Params& p, int32_t* c, cudaStream_t stream) {
-  check_params("gemm_s4s4_s32_tn_sm80", p, c);
-  // K = 0 goes through the kernel too: it writes acc = 0 without reading A or B.
-  launch(p, EpiDequantBias{}, c, stream);
+  run_s32<ElemS4>("gemm_s4s4_s32_tn_sm80", p.a, p.b, p.m, p.n, p.k, c, stream);
 }
 
 void gemm_s4s4_s32_tn_dequant_sm80(const GemmS4S4Params& p, const EpiDequantBias& epi, bf16_t* y,
                                    cudaStream_t stream) {
-  // bf16_t and __nv_bfloat16 are both one 16-bit bfloat16 pattern.
-  static_assert(sizeof(bf16_t) == sizeof(__nv_bfloat16) && alignof(bf16_t) == alignof(__nv_bfloat16));
-  const char* fn = "gemm_s4s4_s32_tn_dequant_sm80 (bf16)";
-  check_params(fn, p, y);
-  check_epilogue(fn, epi);
-  launch(p, epi, reinterpret_cast<__nv_bfloat16*>(y), stream);
+  run_dequant<ElemS4>("gemm_s4s4_s32_tn_dequant_sm80 (bf16)", p.a, p.b, p.m, p.n, p.k, epi,
+                      reinterpret_cast<__nv_bfloat16*>(y), stream);
 }
 
 void gemm_s4s4_s32_tn_dequant_sm80(const GemmS4S4Params& p, const EpiDequantBias& epi, float* y,
                                    cudaStream_t stream) {
-  const char* fn = "gemm_s4s4_s32_tn_dequant_sm80 (f32)";
-  check_params(fn, p, y);
-  check_epilogue(fn, epi);
-  launch(p, epi, y, stream);
+  run_dequant<ElemS4>("gemm_s4s4_s32_tn_dequant_sm80 (f32)", p.a, p.b, p.m, p.n, p.k, epi, y,
+                      stream);
 }
 
 GemmS4S4Sm80KernelInfo gemm_s4s4_s32_tn_sm80_kernel_info(GemmS4S4Out out) {
-  const char* fn = "gemm_s4s4_s32_tn_sm80_kernel_info";
-  switch (out) {
-    case GemmS4S4Out::s32: return kernel_info<int32_t>(fn);
-    case GemmS4S4Out::bf16: return kernel_info<__nv_bfloat16>(fn);
-    case GemmS4S4Out::f32: return kernel_info<float>(fn);
-  }
-  NB_FAIL(fn << ": unknown output kind " << static_cast<int>(out));
+  return kernel_info_of<ElemS4>("gemm_s4s4_s32_tn_sm80_kernel_info", out);
+}
+
+// ---- s8 ------------------------------------------------------------------------------------
+// p.tile (a choice among the sm_90a kernel's configurations) does not apply here.
+
+void gemm_s8s8_s32_tn_sm80(const GemmS8S8Params& p, int32_t* c, cudaStream_t stream) {
+  run_s32<ElemS8>("gemm_s8s8_s32_tn_sm80", p.a, p.b, p.m, p.n, p.k, c, stream);
+}
+
+void gemm_s8s8_s32_tn_dequant_sm80(const GemmS8S8Params& p, const EpiDequantBias& epi, bf16_t* y,
+                                   cudaStream_t stream) {
+  run_dequant<ElemS8>("gemm_s8s8_s32_tn_dequant_sm80 (bf16)", p.a, p.b, p.m, p.n, p.k, epi,
+                      reinterpret_cast<__nv_bfloat16*>(y), stream);
+}
+
+void gemm_s8s8_s32_tn_dequant_sm80(const GemmS8S8Params& p, const EpiDequantBias& epi, float* y,
+                                   cudaStream_t stream) {
+  run_dequant<ElemS8>("gemm_s8s8_s32_tn_dequant_sm80 (f32)", p.a, p.b, p.m, p.n, p.k, epi, y,
+                      stream);
+}
+
+GemmS4S4Sm80KernelInfo gemm_s8s8_s32_tn_sm80_kernel_info(GemmS4S4Out out) {
+  return kernel_info_of<ElemS8>("gemm_s8s8_s32_tn_sm80_kernel_info", out);
 }
 
 }  // namespace nibble::cuda

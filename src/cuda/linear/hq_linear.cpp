@@ -7,7 +7,7 @@
 #include <initializer_list>
 
 #include "cuda/common/check.h"
-#include "cuda/gemm/gemm_s8s8_s32_tn_sm90.h"
+#include "cuda/gemm/gemm_dispatch.h"
 #include "cuda/linear/hq_linear_kernels.h"
 #include "cuda/quant/bitsplit.h"
 #include "cuda/quant/launch_checks.h"
@@ -187,8 +187,19 @@ void forward_impl(const HqLinearForwardParams<T>& p, const HqLinearConfig& cfg,
   NB_CHECK((p.x_q_packed != nullptr) == (p.x_e_packed != nullptr),
            fn << ": x_q_packed and x_e_packed are the saved state together; set both (training) "
                  "or neither (inference)");
+  // The INT4 GEMM on packed codes needs rows of 16-byte multiples (D % 32 == 0); otherwise,
+  // and on the wgmma path, the GEMM reads the int8 codes x_q / w_q (hq_linear.h).
+  const GemmPath path = resolve_gemm_path(cfg.gemm);
+  const bool packed_gemm = path == GemmPath::mma_sm80 && p.d % 32 == 0;
   check_tensor(fn, p.x, p.n * p.d, "x [N, D]");
-  check_tensor(fn, p.w_q, p.c * p.d, "w_q [C, D]");
+  if (packed_gemm) {
+    NB_CHECK(p.w_q_packed != nullptr,
+             fn << ": the mma_sm80 GEMM path multiplies packed INT4 codes: set w_q_packed "
+                   "[C, D/2] (from hq_linear_quantize_weight)");
+    check_tensor(fn, p.w_q_packed, p.c * p.d / 2, "w_q_packed [C, D/2]");
+  } else {
+    check_tensor(fn, p.w_q, p.c * p.d, "w_q [C, D]");
+  }
   check_tensor(fn, p.x_q, p.n * p.d, "x_q [N, D] scratch");
   detail::check_device_pointer(p.sx, 1, fn, "sx");
   detail::check_device_pointer(p.sw, 1, fn, "sw");
@@ -212,6 +223,14 @@ void forward_impl(const HqLinearForwardParams<T>& p, const HqLinearConfig& cfg,
   q.q_packed = p.x_q_packed;
   q.e_packed = p.x_e_packed;
   q.status = p.status;
+  // The packed GEMM's A operand: the saved codes, or (inference) x_q's memory, which holds
+  // N·D ≥ N·D/2 bytes and is 16-byte aligned (checked above). x_q is not needed as int8 then.
+  uint8_t* const x_packed_a =
+      p.x_q_packed != nullptr ? p.x_q_packed : reinterpret_cast<uint8_t*>(p.x_q);
+  if (packed_gemm) {
+    q.q = nullptr;
+    q.q_packed = x_packed_a;
+  }
   hq_lsq_quantize(q, stream);
 
   // y = float(x_q·w_qᵀ)·(sx·sw) + b
@@ -222,12 +241,15 @@ void forward_impl(const HqLinearForwardParams<T>& p, const HqLinearConfig& cfg,
   epi.b_per_col = false;
   epi.bias = p.bias;
   const GemmS8S8Params g{p.x_q, p.w_q, p.n, p.c, p.d};
+  const GemmS4S4Params g4{x_packed_a, p.w_q_packed, p.n, p.c, p.d};
   if (p.y != nullptr) {
     check_tensor(fn, p.y, p.n * p.c, "y [N, C]");
-    gemm_s8s8_s32_tn_dequant_sm90(g, epi, p.y, stream);
+    if (packed_gemm) gemm_s4s4_s32_tn_dequant(g4, epi, p.y, path, stream);
+    else gemm_s8s8_s32_tn_dequant(g, epi, p.y, path, stream);
   } else {
     check_tensor(fn, p.y_f32, p.n * p.c, "y_f32 [N, C]");
-    gemm_s8s8_s32_tn_dequant_sm90(g, epi, p.y_f32, stream);
+    if (packed_gemm) gemm_s4s4_s32_tn_dequant(g4, epi, p.y_f32, path, stream);
+    else gemm_s8s8_s32_tn_dequant(g, epi, p.y_f32, path, stream);
   }
 }
 
@@ -291,6 +313,11 @@ void backward_impl(const HqLinearBackwardParams<G>& p, const HqLinearConfig& cfg
   const int64_t parts_dx = ld::lsq_partials_count(n, d, cfg.block);
   const int64_t parts_dw = ld::lsq_partials_count(c, d, cfg.block);
   const float* s = ws.split_scale;  // the bit-split scale, written by bitsplit on the device
+  // The GEMMs below have an int8 gradient operand (14·hi + lo in [−90, 90], or re-quantized
+  // sampled codes): s8 on every path (gemm_dispatch.h). On Ampere the paper's two INT4 GEMMs
+  // hi·w and lo·w would cost the same as this one INT8 GEMM (s4 mma.sync has twice the s8
+  // rate, and there are two of them), so nothing is lost by fusing them.
+  const GemmPath path = resolve_gemm_path(cfg.gemm);
 
   BitSplitParams<G> bs;
   bs.g = p.dy;
@@ -313,14 +340,14 @@ void backward_impl(const HqLinearBackwardParams<G>& p, const HqLinearConfig& cfg
     epi_x.a_per_row = false;
     epi_x.scale_b = p.sw;
     epi_x.b_per_col = false;
-    gemm_s8s8_s32_tn_dequant_sm90({ws.comb, p.w_q_t, n, d, c}, epi_x, ws.dx_t, stream);
+    gemm_s8s8_s32_tn_dequant({ws.comb, p.w_q_t, n, d, c}, epi_x, ws.dx_t, path, stream);
     // 4. dw_t = float(combinedᵀ·x_q)·(s·sx)  A = combined_t [C, N], B = x_q_t [D, N]
     EpiDequantBias epi_w;
     epi_w.scale_a = s;
     epi_w.a_per_row = false;
     epi_w.scale_b = p.sx;
     epi_w.b_per_col = false;
-    gemm_s8s8_s32_tn_dequant_sm90({ws.comb_t, ws.x_q_t, c, d, n}, epi_w, ws.dw_t, stream);
+    gemm_s8s8_s32_tn_dequant({ws.comb_t, ws.x_q_t, c, d, n}, epi_w, ws.dw_t, path, stream);
     // 5. masks, δ̃ partials, ·Hᵀ
     if (p.dx != nullptr)
       mask_pass(ws.dx_t, nullptr, nullptr, n, d, cfg, p.x_q_packed, p.x_e_packed, p.dx,
@@ -383,7 +410,7 @@ void backward_impl(const HqLinearBackwardParams<G>& p, const HqLinearConfig& cfg
     epi_w.a_per_row = false;
     epi_w.scale_b = p.sx;
     epi_w.b_per_col = false;
-    gemm_s8s8_s32_tn_dequant_sm90({ws.a_dw, ws.b_dw, c, d, k_dw}, epi_w, ws.dw_t, stream);
+    gemm_s8s8_s32_tn_dequant({ws.a_dw, ws.b_dw, c, d, k_dw}, epi_w, ws.dw_t, path, stream);
     // dx: kept split rows [k_dx, C] · w_q, row j scaled by coef_j·sw = (row_scale/p)·sw
     ld::gather_split_rows(ws.hi, ws.lo, n, c, ws.kept_x, k_dx, ws.a_dx, stream);
     ld::dx_coefs(ws.kept_x, k_dx, ws.p_x, s, n, ws.coef, ws.pos, stream);
@@ -392,7 +419,7 @@ void backward_impl(const HqLinearBackwardParams<G>& p, const HqLinearConfig& cfg
     epi_x.a_per_row = true;
     epi_x.scale_b = p.sw;
     epi_x.b_per_col = false;
-    gemm_s8s8_s32_tn_dequant_sm90({ws.a_dx, p.w_q_t, k_dx, d, c}, epi_x, ws.out_dx, stream);
+    gemm_s8s8_s32_tn_dequant({ws.a_dx, p.w_q_t, k_dx, d, c}, epi_x, ws.out_dx, path, stream);
     // the token's hi and lo rows are added inside the fused pass
     if (p.dx != nullptr)
       mask_pass(nullptr, ws.out_dx, ws.pos, n, d, cfg, p.x_q_packed, p.x_e_packed, p.dx,

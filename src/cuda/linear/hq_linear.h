@@ -50,6 +50,7 @@
 #include <cstddef>
 #include <cstdint>
 
+#include "cuda/gemm/gemm_dispatch.h"
 #include "nibble/dtype.h"
 #include "nibble/format.h"
 #include "nibble/rng.h"
@@ -90,6 +91,15 @@ struct HqLinearConfig {
   QRange range = kInt4Sym;          // forward codes inside [-8, 7], qmin < 0 < qmax
   LssVariant lss = LssVariant::keep_all;
   double sample_fraction = 0.5;     // sampled: Σp = fraction·2N (in (0, 1])
+  // Which GEMM kernels run the layer (cuda/gemm/gemm_dispatch.h): automatic = the sm_90a INT8
+  // wgmma GEMM on Hopper, the mma.sync GEMMs on Ampere/Ada (compute capability ≥ 8.0).
+  // mma_sm80 (forced, e.g. for tests on Hopper): the forward is the native INT4 GEMM on the
+  // packed codes, y = float(x_q_packed·w_q_packedᵀ)·(sx·sw) + b (when D % 32 == 0, i.e. packed
+  // rows of 16-byte multiples; otherwise the s8 mma.sync GEMM on x_q / w_q), and the backward's
+  // GEMMs, whose gradient operand is int8, are the s8 mma.sync GEMM (K = N, C or the kept rows
+  // must then stay below 2^17, its int32 bound for full-range s8). Every path computes the
+  // same integer sums and the same epilogue, so results are bit-identical across paths.
+  GemmPath gemm = GemmPath::automatic;
 };
 
 // ---- the fused quantizer -------------------------------------------------------------------
@@ -153,7 +163,14 @@ struct HqLinearForwardParams {
   const float* sw = nullptr;
   const float* bias = nullptr;     // [C] or null
   const int8_t* w_q = nullptr;     // [C, D] from hq_linear_quantize_weight (same sw, cfg)
-  int8_t* x_q = nullptr;           // [N, D] scratch: the GEMM's A operand
+  // [C, D/2] from hq_linear_quantize_weight: the B operand of the INT4 GEMM, needed (and only
+  // read) on the mma_sm80 path with D % 32 == 0; w_q is not read there.
+  const uint8_t* w_q_packed = nullptr;
+  // [N, D] scratch: the int8 GEMM's A operand. On the mma_sm80 path with D % 32 == 0 the INT4
+  // GEMM reads packed codes instead: x_q is then not written in training (it reads
+  // x_q_packed), and in inference (no saved buffers) x_q's memory holds the packed codes
+  // [N, D/2] (its first N·D/2 bytes), so the scratch size is the same on every path.
+  int8_t* x_q = nullptr;
   uint8_t* x_q_packed = nullptr;   // [N, D/2] saved codes; both null: inference, nothing saved
   uint8_t* x_e_packed = nullptr;   // [N, D/2] saved side channel
   bf16_t* y = nullptr;             // [N, C]: exactly one of y (bf16) and y_f32
