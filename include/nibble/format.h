@@ -32,6 +32,9 @@ constexpr int32_t kBitSplitBase = 14;    // beta = 2^4 - 2
 constexpr int32_t kBitSplitLevels = 196; // L = beta^2: s = 2 * max|g| / L
 constexpr int32_t kBitSplitHalf = 6;     // each half clamped to [-6, 6]
 constexpr int32_t kBitSplitMax = kBitSplitBase * kBitSplitHalf + kBitSplitHalf;  // 90
+// fl(1/14) in fp32 (0x3D924925, 1/14·(1 + 4.5e-8)): hi = rint(T·kBitSplitInvBase), a multiply
+// instead of T/14 (docs/formats.md "Bit split").
+constexpr float kBitSplitInvBase = 0x1.24924ap-4f;
 
 // Packed s4: byte i holds element 2i in bits 0-3 and 2i+1 in bits 4-7, two's complement.
 inline uint8_t pack_s4_pair(int32_t even, int32_t odd) {

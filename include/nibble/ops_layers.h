@@ -81,7 +81,8 @@ void add(const TensorView& a, const TensorView& b, const TensorView& out);
 void patchify(const TensorView& images, int64_t patch, const TensorView& patches);
 
 // ---- LSQ fake quantization (for an embedding output; algorithms.md A.3, B.2) ---------------
-// y = s·clamp(round(x/s), qmin, qmax), r = x/s saved for the backward; x, y, r same shape.
+// y = s·clamp(round(r), qmin, qmax), r = x·fl(1/s) (one multiply per element, docs/formats.md)
+// saved for the backward; x, y, r same shape.
 // s > 0 and finite (throws otherwise).
 void lsq_fake_quantize(const TensorView& x, float s, QRange range, const TensorView& y,
                        const TensorView& r);

@@ -76,6 +76,29 @@ NB_HOST_DEVICE float philox_uniform(const PhiloxKey& key, uint64_t index) {
   return static_cast<float>(philox_u32(key, index) >> 8) * (1.0f / 16777216.0f);
 }
 
+// 16-bit uniforms, one Philox block per 8 consecutive indices (the LSQ side channel and the
+// bit split's low-half rounding: docs/formats.md "Random streams"). Same key layout as
+// philox_u32, but element `index` reads
+//   counter = {index / 8 (low 32 bits), index / 8 (high 32 bits), step, layer << 8 | role}
+//   bits    = word (index % 8) / 2 of Philox(counter, key), its low 16 bits for even index and
+//             its high 16 bits for odd index
+// so elements 8b .. 8b + 7 share block b. A role uses either this form or philox_u32, never
+// both (block b of one form is not block b of the other's indices).
+NB_HOST_DEVICE uint32_t philox_bits16(const PhiloxKey& key, uint64_t index) {
+  const uint64_t block = index >> 3;
+  Philox4 ctr{{static_cast<uint32_t>(block), static_cast<uint32_t>(block >> 32), key.step,
+               (key.layer << 8) | static_cast<uint32_t>(key.role)}};
+  const Philox4 out = philox4x32_10(ctr, static_cast<uint32_t>(key.seed),
+                                    static_cast<uint32_t>(key.seed >> 32));
+  return (out.v[(index >> 1) & 3] >> (16 * (index & 1))) & 0xffffu;
+}
+
+// u = bits·2^-16: uniform in [0, 1) on a 2^-16 grid, exact in fp32. For any real t,
+// E_u[floor(t + u)] = floor(2^16·t)·2^-16 (Hermite's identity), i.e. t − 2^-16 < E ≤ t.
+NB_HOST_DEVICE float philox_uniform16(const PhiloxKey& key, uint64_t index) {
+  return static_cast<float>(philox_bits16(key, index)) * (1.0f / 65536.0f);
+}
+
 // Standard normal by Box-Muller on two uniforms of the stream (elements 2i, 2i+1).
 // Used for initialisation and test data, never where CPU/GPU bit-equality matters.
 float philox_normal(const PhiloxKey& key, uint64_t index);

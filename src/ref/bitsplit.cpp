@@ -91,16 +91,20 @@ NB_TARGET_AVX2 bool finite_min_max_avx2(const float* g, int64_t n, float* g_min,
 #endif
 
 // The split of `count` elements with their uniforms u: the header's formulas, per element.
-void split_plain(const float* g, const float* u, int64_t count, float s, int8_t* hi, int8_t* lo,
-                 int8_t* combined) {
+// scale1 = 196 / (2m), computed once by the caller; the codes come from it.
+void split_plain(const float* g, const float* u, int64_t count, float scale1, int8_t* hi,
+                 int8_t* lo, int8_t* combined) {
   const float base = static_cast<float>(kBitSplitBase);
   const float half = static_cast<float>(kBitSplitHalf);
   for (int64_t i = 0; i < count; ++i) {
-    // T = g / s;  hi = clamp(rne(T / 14), −6, 6)   (rintf: half to even)
-    const float t = g[i] / s;
-    const float h = std::clamp(std::nearbyint(t / base), -half, half);
-    // lo = clamp(floor((T − 14·hi) + u), −6, 6)
-    const float l = std::clamp(std::floor((t - base * h) + u[i]), -half, half);
+    // T = g·scale1;  hi = clamp(rne(T·fl(1/14)), −6, 6)   (rintf: half to even)
+    const float t = g[i] * scale1;
+    const float h = std::clamp(std::nearbyint(t * kBitSplitInvBase), -half, half);
+    // ρ = T − 14·hi (exact: 14·hi is, and Sterbenz); lo = clamp(floor(ρ + u), −6, 6) of the
+    // EXACT sum (the fp64 sum may round but never across an integer: u is on a 2^-16 grid)
+    const float rho = t - base * h;
+    const double y = std::floor(static_cast<double>(rho) + static_cast<double>(u[i]));
+    const float l = std::clamp(static_cast<float>(y), -half, half);
     const int32_t hq = static_cast<int32_t>(h);
     const int32_t lq = static_cast<int32_t>(l);
     hi[i] = static_cast<int8_t>(hq);
@@ -110,33 +114,43 @@ void split_plain(const float* g, const float* u, int64_t count, float s, int8_t*
 }
 
 #ifdef NB_HAVE_X86_DISPATCH
-// split_plain on 32 elements per step, the same operations per lane (ref/simd.h).
-NB_TARGET_AVX2 void split_avx2(const float* g, const float* u, int64_t count, float s, int8_t* hi,
-                               int8_t* lo, int8_t* combined) {
-  const __m256 vs = _mm256_set1_ps(s);
+// split_plain on 32 elements per step, the same operations per lane (ref/simd.h); the floor of
+// ρ + u in fp64, 4 lanes at a time.
+NB_TARGET_AVX2 void split_avx2(const float* g, const float* u, int64_t count, float scale1,
+                               int8_t* hi, int8_t* lo, int8_t* combined) {
+  const __m256 vscale = _mm256_set1_ps(scale1);
+  const __m256 inv_base = _mm256_set1_ps(kBitSplitInvBase);
   const __m256 base = _mm256_set1_ps(static_cast<float>(kBitSplitBase));
   const __m256 half = _mm256_set1_ps(static_cast<float>(kBitSplitHalf));
   const __m256 neg_half = _mm256_set1_ps(-static_cast<float>(kBitSplitHalf));
+  const __m256i half_i = _mm256_set1_epi32(kBitSplitHalf);
+  const __m256i neg_half_i = _mm256_set1_epi32(-kBitSplitHalf);
   const __m256i base_i = _mm256_set1_epi32(kBitSplitBase);
   int64_t i = 0;
   for (; i + 32 <= count; i += 32) {
     __m256i hq[4], lq[4], cq[4];
     for (int k = 0; k < 4; ++k) {
-      const __m256 t = _mm256_div_ps(_mm256_loadu_ps(g + i + 8 * k), vs);
+      const __m256 t = _mm256_mul_ps(_mm256_loadu_ps(g + i + 8 * k), vscale);
       const __m256 h =
-          detail::clamp_ps(detail::nearbyint_ps(_mm256_div_ps(t, base)), neg_half, half);
-      const __m256 r = _mm256_add_ps(_mm256_sub_ps(t, _mm256_mul_ps(base, h)),
-                                     _mm256_loadu_ps(u + i + 8 * k));
-      const __m256 l = detail::clamp_ps(_mm256_floor_ps(r), neg_half, half);
+          detail::clamp_ps(detail::nearbyint_ps(_mm256_mul_ps(t, inv_base)), neg_half, half);
+      const __m256 rho = _mm256_sub_ps(t, _mm256_mul_ps(base, h));
+      const __m256 uk = _mm256_loadu_ps(u + i + 8 * k);
+      const __m128i y_lo = _mm256_cvtpd_epi32(_mm256_floor_pd(
+          _mm256_add_pd(_mm256_cvtps_pd(_mm256_castps256_ps128(rho)),
+                        _mm256_cvtps_pd(_mm256_castps256_ps128(uk)))));
+      const __m128i y_hi = _mm256_cvtpd_epi32(_mm256_floor_pd(
+          _mm256_add_pd(_mm256_cvtps_pd(_mm256_extractf128_ps(rho, 1)),
+                        _mm256_cvtps_pd(_mm256_extractf128_ps(uk, 1)))));
+      // integer clamp = the fp32 clamp of the integral fp64 floor (|ρ + u| < 16)
+      lq[k] = _mm256_min_epi32(_mm256_max_epi32(_mm256_set_m128i(y_hi, y_lo), neg_half_i), half_i);
       hq[k] = _mm256_cvtps_epi32(h);  // integers: the conversion is exact
-      lq[k] = _mm256_cvtps_epi32(l);
       cq[k] = _mm256_add_epi32(_mm256_mullo_epi32(base_i, hq[k]), lq[k]);
     }
     detail::store_s8x32(hi + i, hq);
     detail::store_s8x32(lo + i, lq);
     if (combined != nullptr) detail::store_s8x32(combined + i, cq);
   }
-  split_plain(g + i, u + i, count - i, s, hi + i, lo + i,
+  split_plain(g + i, u + i, count - i, scale1, hi + i, lo + i,
               combined != nullptr ? combined + i : nullptr);
 }
 #endif
@@ -188,23 +202,25 @@ float bitsplit(const float* g, int64_t rows, int64_t cols, const PhiloxKey& key,
   }
   // m = max(|min − 1e-8|, |max + 1e-8|): the 1e-8 keeps s > 0 for an all-zero gradient.
   const float m = std::max(std::fabs(g_min - 1e-8f), std::fabs(g_max + 1e-8f));
-  // s = 2m / 196 (fp32, multiply first)
+  // s = 2m / 196 (fp32, multiply first): the dequantization scale returned to callers.
   const float s = 2.0f * m / static_cast<float>(kBitSplitLevels);
-  // Element idx = r·cols + c draws u = philox_uniform(key, idx), so a chunk of whole rows
+  // scale1 = 196 / (2m) (fp32, one division per tensor): the codes come from T = g·scale1.
+  const float scale1 = static_cast<float>(kBitSplitLevels) / (2.0f * m);
+  // Element idx = r·cols + c draws u = philox_uniform16(key, idx), so a chunk of whole rows
   // is one run of consecutive indices.
   const int64_t rows_per_chunk = std::max<int64_t>(1, 16384 / cols);
   detail::parallel_chunks(rows, rows_per_chunk, cols, [&](int64_t r0, int64_t r1) {
     const int64_t first = r0 * cols, count = (r1 - r0) * cols;
     std::vector<float> u(static_cast<size_t>(count));
-    detail::philox_uniforms(key, static_cast<uint64_t>(first), count, u.data());
+    detail::philox_uniforms16(key, static_cast<uint64_t>(first), count, u.data());
     int8_t* comb = combined != nullptr ? combined + first : nullptr;
 #ifdef NB_HAVE_X86_DISPATCH
     if (avx2) {
-      split_avx2(g + first, u.data(), count, s, hi + first, lo + first, comb);
+      split_avx2(g + first, u.data(), count, scale1, hi + first, lo + first, comb);
       return;
     }
 #endif
-    split_plain(g + first, u.data(), count, s, hi + first, lo + first, comb);
+    split_plain(g + first, u.data(), count, scale1, hi + first, lo + first, comb);
   });
   return s;
 }

@@ -10,12 +10,21 @@
 namespace nibble::ref {
 
 // g[rows, cols] -> hi, lo int8 codes in [-6, 6] with one per-tensor scale s:
-//   m  = max(|min(g) − 1e-8|, |max(g) + 1e-8|)    (min clamped ≤ 0, max ≥ 0; fp32)
-//   s  = 2m / 196                                 (fp32)
-//   T  = g / s                                    (fp32 division)
-//   hi = clamp(round_half_even(T / 14), −6, 6)
-//   lo = clamp(floor(T − 14·hi + u), −6, 6),  u = philox_uniform(key, element index)
+//   m      = max(|min(g) − 1e-8|, |max(g) + 1e-8|)  (min clamped ≤ 0, max ≥ 0; fp32)
+//   s      = 2m / 196                  (fp32, multiply first: the dequantization scale)
+//   scale1 = 196 / (2m)                (fp32 division, once per tensor: the code scale)
+//   T      = g · scale1                (fp32)
+//   hi     = clamp(round_half_even(T · fl(1/14)), −6, 6)      (kBitSplitInvBase)
+//   lo     = clamp(floor(T − 14·hi + u), −6, 6),  u = philox_uniform16(key, element index),
+//            the floor of the exact sum (T − 14·hi is exact in fp32)
 //   g ≈ s·(14·hi + lo)
+// Codes come from scale1, values are dequantized with s; s·scale1 = 1 only up to fp32
+// rounding (|s·scale1 − 1| ≤ 2^-23): for an unclipped element E_u[s·(14·hi + lo)] = s·T − b,
+// 0 ≤ b < 2^-16·s (the 16-bit grid, Hermite's identity), and s·T = g·(1 + ε), |ε| ≤ 3·2^-24,
+// a common factor of the whole tensor.
+// rint(T·fl(1/14)) = rint(T/14) for every fp32 |T| ≤ 99 except T = ±91 (a tie: 7 instead of
+// 6, and both clamp to 6) and T = ±48.9999962 (0x1.87fffep+5: 4 instead of 3, residual
+// ρ = ∓7.0000038 instead of ±6.9999962, both outside lo's range); checked exhaustively.
 // combined (optional, may be null) = 14·hi + lo in [−90, 90]: the single INT8 operand.
 // Returns s.
 float bitsplit(const float* g, int64_t rows, int64_t cols, const PhiloxKey& key, int8_t* hi,

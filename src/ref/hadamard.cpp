@@ -37,6 +37,11 @@ void check_step(float s, const char* fn) {
   NB_CHECK(std::isfinite(s) && s > 0.0f, fn << ": step size s = " << s
                                             << " is not a positive finite number; initialise it with "
                                             << "lsq_init_scale and keep it positive (e.g. |s|)");
+  // The quantizer multiplies by 1/s: a subnormal s below 2^-128 would make it +Inf (and 0·Inf
+  // NaN).
+  NB_CHECK(std::isfinite(1.0f / s), fn << ": step size s = " << s
+                                       << " is so small that 1/s overflows fp32 (s < 2^-128); "
+                                          "clamp the step size to at least 1e-30");
 }
 
 // clamp(round_half_even(r), qmin, qmax); the clamp is done in fp32 before the cast so that
@@ -116,12 +121,13 @@ NB_TARGET_AVX2 void hadamard_row_avx2(float* row, int64_t cols, int64_t block, f
 }
 #endif
 
-// lsq_quantize on a run of values (q and r may each be null).
-void lsq_quantize_plain(const float* v, int64_t count, float s, QRange range, int8_t* q,
+// lsq_quantize on a run of values (q and r may each be null); inv_s = 1/s (fp32 division,
+// computed once by the caller).
+void lsq_quantize_plain(const float* v, int64_t count, float inv_s, QRange range, int8_t* q,
                         float* r) {
   for (int64_t i = 0; i < count; ++i) {
-    // r = v / s (one fp32 division); q = clamp(round(r), qmin, qmax)
-    const float ri = v[i] / s;
+    // r = v · inv_s (one fp32 multiply); q = clamp(round(r), qmin, qmax)
+    const float ri = v[i] * inv_s;
     if (r != nullptr) r[i] = ri;
     if (q != nullptr) q[i] = lsq_code(ri, range);
   }
@@ -130,22 +136,22 @@ void lsq_quantize_plain(const float* v, int64_t count, float s, QRange range, in
 #ifdef NB_HAVE_X86_DISPATCH
 // lsq_quantize_plain, 32 values per step. r may be ±Inf (a tiny s): the clamp takes it to a
 // bound as std::clamp does; it is never NaN (v is finite, s > 0).
-NB_TARGET_AVX2 void lsq_quantize_avx2(const float* v, int64_t count, float s, QRange range,
+NB_TARGET_AVX2 void lsq_quantize_avx2(const float* v, int64_t count, float inv_s, QRange range,
                                       int8_t* q, float* r) {
-  const __m256 vs = _mm256_set1_ps(s);
+  const __m256 vinv = _mm256_set1_ps(inv_s);
   const __m256 qmin = _mm256_set1_ps(static_cast<float>(range.qmin));
   const __m256 qmax = _mm256_set1_ps(static_cast<float>(range.qmax));
   int64_t i = 0;
   for (; i + 32 <= count; i += 32) {
     __m256i codes[4];
     for (int k = 0; k < 4; ++k) {
-      const __m256 ri = _mm256_div_ps(_mm256_loadu_ps(v + i + 8 * k), vs);
+      const __m256 ri = _mm256_mul_ps(_mm256_loadu_ps(v + i + 8 * k), vinv);
       if (r != nullptr) _mm256_storeu_ps(r + i + 8 * k, ri);
       codes[k] = _mm256_cvtps_epi32(detail::clamp_ps(detail::nearbyint_ps(ri), qmin, qmax));
     }
     if (q != nullptr) detail::store_s8x32(q + i, codes);
   }
-  lsq_quantize_plain(v + i, count - i, s, range, q != nullptr ? q + i : nullptr,
+  lsq_quantize_plain(v + i, count - i, inv_s, range, q != nullptr ? q + i : nullptr,
                      r != nullptr ? r + i : nullptr);
 }
 #endif
@@ -225,17 +231,19 @@ void lsq_quantize(const float* v, int64_t n, float s, QRange range, int8_t* q, f
   check_lsq_range(range, fn);
   check_step(s, fn);
   check_finite_values(v, 1, n, "lsq_quantize: v");
+  // One fp32 division per tensor; every element is then one multiply (docs/formats.md).
+  const float inv_s = 1.0f / s;
   [[maybe_unused]] const bool avx2 = detail::use_avx2();
   detail::parallel_chunks(n, 16384, 1, [&](int64_t i0, int64_t i1) {
     float* r_run = r != nullptr ? r + i0 : nullptr;
     int8_t* q_run = q != nullptr ? q + i0 : nullptr;
 #ifdef NB_HAVE_X86_DISPATCH
     if (avx2) {
-      lsq_quantize_avx2(v + i0, i1 - i0, s, range, q_run, r_run);
+      lsq_quantize_avx2(v + i0, i1 - i0, inv_s, range, q_run, r_run);
       return;
     }
 #endif
-    lsq_quantize_plain(v + i0, i1 - i0, s, range, q_run, r_run);
+    lsq_quantize_plain(v + i0, i1 - i0, inv_s, range, q_run, r_run);
   });
 }
 

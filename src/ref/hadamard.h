@@ -26,15 +26,19 @@ std::vector<float> hadamard_matrix(int64_t block);
 //   δ(r) = qmin if r < qmin; qmax if r > qmax; round(r) − r otherwise
 //   ∂L/∂s = g · Σ_ij (∂L/∂v̂)_ij · δ(v_ij / s),   g = 1 / sqrt(qmax · numel)
 float lsq_init_scale(const float* v, int64_t n, QRange range);
-// codes q (may be null) and the per-element r = v/s (may be null) for the backward.
+// In fp32 (docs/formats.md "Rounding"): inv_s = 1/s (one IEEE division per call), then per
+// element r = v·inv_s (one multiply, one rounding; relative distance to v/s ≤ 2^-23, and
+// equal to it when s is a power of two) and q = clamp(round_half_even(r), qmin, qmax). s must be positive,
+// finite and ≥ 2^-128 (so that 1/s is finite).
+// codes q (may be null) and the per-element r = v·inv_s (may be null) for the backward.
 void lsq_quantize(const float* v, int64_t n, float s, QRange range, int8_t* q, float* r);
 // grad_v_in -> grad_v (masked by the STE indicator); returns ∂L/∂s (already scaled by g).
 // grad_v may alias grad_v_in.
 float lsq_backward(const float* grad_v_in, const float* r, int64_t n, QRange range,
                    float* grad_v);
 
-// HQ quantizer: codes of (x · H) / s. x[rows, cols] is not modified.
-// q[rows, cols] int8 codes; r[rows, cols] (optional) = (x·H)/s in fp32.
+// HQ quantizer: codes of (x · H)·(1/s) (lsq_quantize on x·H). x[rows, cols] is not modified.
+// q[rows, cols] int8 codes; r[rows, cols] (optional) = fl(fl(x·H)·fl(1/s)) in fp32.
 void hq_quantize(const float* x, int64_t rows, int64_t cols, int64_t block, float s,
                  QRange range, int8_t* q, float* r);
 

@@ -74,12 +74,14 @@ int8_t residual_code(float r, QRange range, float u) {
   if (!(r >= static_cast<float>(range.qmin) && r <= static_cast<float>(range.qmax))) {
     return static_cast<int8_t>(kLsqClipped);
   }
-  // δ = round(r) − r (exact in fp32), t = 14·δ ∈ [−7, 7], e = floor(t + u): E[e] = t
+  // δ = round(r) − r (exact in fp32), e = floor(14·δ + u) of the EXACT sum: 14·δ is exact in
+  // fp64 (27 bits) and the fp64 sum, though it may round for a tiny δ, never crosses an
+  // integer (u is on a 2^-16 grid), so the fp64 floor is the exact floor (the CUDA twin takes
+  // one fma rounded down). |δ| ≤ 1/2 and u < 1 put e in [−7, 7]: no clamp.
   const float delta = std::nearbyint(r) - r;
-  const float t = static_cast<float>(kLsqResidualSteps) * delta;
-  const float e = std::floor(t + u);
-  // t + u can round up to 8 in fp32 when t = 7 (δ = 1/2 exactly); −8 is the clip flag.
-  return static_cast<int8_t>(std::clamp(e, -7.0f, 7.0f));
+  const double y = static_cast<double>(kLsqResidualSteps) * static_cast<double>(delta) +
+                   static_cast<double>(u);
+  return static_cast<int8_t>(std::floor(y));
 }
 
 void encode_residuals_plain(const float* r, const float* u, int64_t count, QRange range,
@@ -88,14 +90,25 @@ void encode_residuals_plain(const float* r, const float* u, int64_t count, QRang
 }
 
 #ifdef NB_HAVE_X86_DISPATCH
+// floor(14·δ + u) of 8 lanes in fp64 (residual_code's arithmetic), as int32.
+NB_TARGET_AVX2 inline __m256i residual_floor8(__m256 delta, __m256 u) {
+  const __m256d steps = _mm256_set1_pd(static_cast<double>(kLsqResidualSteps));
+  const __m256d y_lo = _mm256_add_pd(_mm256_mul_pd(steps, _mm256_cvtps_pd(_mm256_castps256_ps128(delta))),
+                                     _mm256_cvtps_pd(_mm256_castps256_ps128(u)));
+  const __m256d y_hi =
+      _mm256_add_pd(_mm256_mul_pd(steps, _mm256_cvtps_pd(_mm256_extractf128_ps(delta, 1))),
+                    _mm256_cvtps_pd(_mm256_extractf128_ps(u, 1)));
+  const __m128i e_lo = _mm256_cvtpd_epi32(_mm256_floor_pd(y_lo));
+  const __m128i e_hi = _mm256_cvtpd_epi32(_mm256_floor_pd(y_hi));
+  return _mm256_set_m128i(e_hi, e_lo);
+}
+
 // encode_residuals_plain, 32 elements per step. For r = ±Inf the in-range lanes compute
-// NaN, which the clip flag then replaces, as the branch does.
+// NaN (converted to INT_MIN), which the clip flag then replaces, as the branch does.
 NB_TARGET_AVX2 void encode_residuals_avx2(const float* r, const float* u, int64_t count,
                                           QRange range, int8_t* e) {
   const __m256 qmin = _mm256_set1_ps(static_cast<float>(range.qmin));
   const __m256 qmax = _mm256_set1_ps(static_cast<float>(range.qmax));
-  const __m256 steps = _mm256_set1_ps(static_cast<float>(kLsqResidualSteps));
-  const __m256 lo = _mm256_set1_ps(-7.0f), hi = _mm256_set1_ps(7.0f);
   const __m256i clipped = _mm256_set1_epi32(kLsqClipped);
   int64_t i = 0;
   for (; i + 32 <= count; i += 32) {
@@ -105,10 +118,7 @@ NB_TARGET_AVX2 void encode_residuals_avx2(const float* r, const float* u, int64_
       const __m256 in_range = _mm256_and_ps(_mm256_cmp_ps(ri, qmin, _CMP_GE_OQ),
                                             _mm256_cmp_ps(ri, qmax, _CMP_LE_OQ));
       const __m256 delta = _mm256_sub_ps(detail::nearbyint_ps(ri), ri);
-      const __m256 t = _mm256_mul_ps(steps, delta);
-      const __m256 ev = detail::clamp_ps(
-          _mm256_floor_ps(_mm256_add_ps(t, _mm256_loadu_ps(u + i + 8 * k))), lo, hi);
-      codes[k] = _mm256_blendv_epi8(clipped, _mm256_cvtps_epi32(ev),
+      codes[k] = _mm256_blendv_epi8(clipped, residual_floor8(delta, _mm256_loadu_ps(u + i + 8 * k)),
                                     _mm256_castps_si256(in_range));
     }
     detail::store_s8x32(e + i, codes);
@@ -130,7 +140,7 @@ void hq_quantize_with_residual(const float* v, int64_t rows, int64_t d, int64_t 
   detail::parallel_chunks(rows, std::max<int64_t>(1, 16384 / d), d, [&](int64_t r0, int64_t r1) {
     const int64_t first = r0 * d, count = (r1 - r0) * d;
     std::vector<float> u(static_cast<size_t>(count));
-    detail::philox_uniforms(key, index_base + static_cast<uint64_t>(first), count, u.data());
+    detail::philox_uniforms16(key, index_base + static_cast<uint64_t>(first), count, u.data());
 #ifdef NB_HAVE_X86_DISPATCH
     if (avx2) {
       encode_residuals_avx2(r.data() + first, u.data(), count, range, e + first);
@@ -283,7 +293,7 @@ void fp64_combinations(const float* coef, int64_t stride_b, int64_t stride_j, in
 }  // namespace
 
 int8_t lsq_residual_encode(float r, QRange range, const PhiloxKey& key, uint64_t index) {
-  return residual_code(r, range, philox_uniform(key, index));
+  return residual_code(r, range, philox_uniform16(key, index));
 }
 
 float lsq_residual_decode(int32_t e, int32_t q) {

@@ -6,7 +6,8 @@
 //   w [C, D]  C = out_features
 //   y [N, C]
 // Paper 1 (HQ-MM / LSS-MM, algorithms.md A.4, B.8):
-//   forward   x_r = (x·H)/sx, w_r = (w·H)/sw, x_q = Q(x_r), w_q = Q(w_r)
+//   forward   x_r = (x·H)/sx, w_r = (w·H)/sw (computed as (x·H)·fl(1/sx), formats.md),
+//             x_q = Q(x_r), w_q = Q(w_r)
 //             y = (sx·sw)·(x_q·w_qᵀ) + b
 //   backward  dy -> bit split (s, hi, lo), combined = 14·hi + lo  (one INT8 operand)
 //             dw_t = s·sx·(combinedᵀ·x_q)      dx_t = s·sw·(combined·w_q)        (every row kept)
@@ -51,18 +52,22 @@ struct HqLinearConfig {
 //   e = −8 (kLsqClipped)  r was clipped: mask 0, and δ = q exactly, because a clipped code
 //                         is qmin (< 0, r < qmin) or qmax (> 0, r > qmax)
 //   e ∈ [−7, 7]           r in range: mask 1, δ̃ = e / 14 (fp32 division), where
-//                         e = clamp(floor(14·δ + u), −7, 7), u = philox_uniform(key, index)
-// So the mask is exact, and E_u[δ̃] = δ up to the fp32 rounding of 14·δ + u (≤ 2^-21 of a
-// step; |δ| ≤ 1/2 puts 14·δ in [−7, 7], and the clamp only catches 7 + u rounding to 8).
+//                         e = floor(14·δ + u), the floor of the EXACT sum (no fp32 rounding
+//                         of 14·δ nor of the sum), u = philox_uniform16(key, index) on the
+//                         2^-16 grid; |δ| ≤ 1/2 and u < 1 put e in [−7, 7] without a clamp
+// So the mask is exact, and E_u[e] = floor(2^16·14·δ)·2^-16 (Hermite's identity), i.e.
+// 14·δ − 2^-16 < E_u[e] ≤ 14·δ: E_u[δ̃] = δ − b with 0 ≤ b < 2^-16/14 (< 2^-19) of a step,
+// up to the fp32 rounding of e / 14.
 // Consequences: dx, dw (masked) are exact functions of the codes; the step-size gradients
 // g·Σ grad·δ̃ are unbiased estimates of g·Σ grad·δ given grad, with variance at most
 // g²·Σ grad²/(4·14²) (the variance of a stochastic rounding is ≤ 1/4 of a step²).
-// Random stream: role RngRole::rounding of the forward's key; element i of x_r draws index
-// i, element i of w_r draws index N·D + i (disjoint, so the two tensors are independent).
+// Random stream (philox_uniform16): role RngRole::rounding of the forward's key; element i of
+// x_r draws index i, element i of w_r draws index N·D + i (disjoint, so the two tensors are
+// independent).
 constexpr int32_t kLsqResidualSteps = 14;  // δ̃ = e / 14
 constexpr int32_t kLsqClipped = -8;
 
-// The nibble e of one element r = v/s whose code is q (q = clamp(round(r), qmin, qmax)).
+// The nibble e of one element r = v·fl(1/s) whose code is q (q = clamp(round(r), qmin, qmax)).
 // r may be ±Inf (clipped); NaN is rejected by the callers before.
 int8_t lsq_residual_encode(float r, QRange range, const PhiloxKey& key, uint64_t index);
 // δ̃ for the nibble e and the code q: q when e = kLsqClipped, else float(e) / 14.

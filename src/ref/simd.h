@@ -8,7 +8,8 @@
 //    see NB_TARGET_AVX512F for AVX-512), hence the same bits; tests/unit/
 //    test_ref_vectorized.cpp compares the forms with set_simd_enabled.
 //  - philox_uniforms: philox_uniform over a run of consecutive indices, one Philox call per
-//    four indices (word w of block b is element 4b + w, rng.h), so the values are the same.
+//    four indices (word w of block b is element 4b + w, rng.h), so the values are the same;
+//    philox_uniforms16 likewise for philox_uniform16 (one call per eight indices).
 #include <algorithm>
 #include <atomic>
 #include <bit>
@@ -120,10 +121,11 @@ NB_TARGET_AVX2 inline void mulhilo8(__m256i m, __m256i x, __m256i* lo, __m256i* 
   *hi = _mm256_blend_epi32(_mm256_srli_epi64(even, 32), odd, 0xAA);
 }
 
-// u[0..31] = the four words of the 8 blocks block0 .. block0 + 7 (whose low 32 bits must not
-// wrap), in element order: philox4x32_10 of rng.h on 8 counters at once.
-NB_TARGET_AVX2 inline void philox_uniforms_x32(uint64_t block0, uint32_t step, uint32_t stream,
-                                               uint32_t k0, uint32_t k1, float* u) {
+// words[0..3] = the four words of the 8 blocks block0 .. block0 + 7 (whose low 32 bits must
+// not wrap) in stream order (word w of block b at position 4(b − block0) + w): philox4x32_10
+// of rng.h on 8 counters at once.
+NB_TARGET_AVX2 inline void philox_words_x32(uint64_t block0, uint32_t step, uint32_t stream,
+                                            uint32_t k0, uint32_t k1, __m256i words[4]) {
   const __m256i m0 = _mm256_set1_epi32(static_cast<int32_t>(0xD2511F53u));
   const __m256i m1 = _mm256_set1_epi32(static_cast<int32_t>(0xCD9E8D57u));
   __m256i c0 = _mm256_add_epi32(_mm256_set1_epi32(static_cast<int32_t>(block0)),
@@ -145,20 +147,49 @@ NB_TARGET_AVX2 inline void philox_uniforms_x32(uint64_t block0, uint32_t step, u
     k0 += 0x9E3779B9u;
     k1 += 0xBB67AE85u;
   }
-  // Transpose [word][block] to [block][word]: element 4b + w is word w of block b.
+  // Transpose [word][block] to [block][word].
   const __m256i t0 = _mm256_unpacklo_epi32(c0, c1), t1 = _mm256_unpackhi_epi32(c0, c1);
   const __m256i t2 = _mm256_unpacklo_epi32(c2, c3), t3 = _mm256_unpackhi_epi32(c2, c3);
   const __m256i b04 = _mm256_unpacklo_epi64(t0, t2), b15 = _mm256_unpackhi_epi64(t0, t2);
   const __m256i b26 = _mm256_unpacklo_epi64(t1, t3), b37 = _mm256_unpackhi_epi64(t1, t3);
-  const __m256i words[4] = {_mm256_permute2x128_si256(b04, b15, 0x20),
-                            _mm256_permute2x128_si256(b26, b37, 0x20),
-                            _mm256_permute2x128_si256(b04, b15, 0x31),
-                            _mm256_permute2x128_si256(b26, b37, 0x31)};
+  words[0] = _mm256_permute2x128_si256(b04, b15, 0x20);
+  words[1] = _mm256_permute2x128_si256(b26, b37, 0x20);
+  words[2] = _mm256_permute2x128_si256(b04, b15, 0x31);
+  words[3] = _mm256_permute2x128_si256(b26, b37, 0x31);
+}
+
+// u[0..31] = philox_uniform of the 32 elements of blocks block0 .. block0 + 7 (element 4b + w
+// is word w of block b).
+NB_TARGET_AVX2 inline void philox_uniforms_x32(uint64_t block0, uint32_t step, uint32_t stream,
+                                               uint32_t k0, uint32_t k1, float* u) {
+  __m256i words[4];
+  philox_words_x32(block0, step, stream, k0, k1, words);
   const __m256 scale = _mm256_set1_ps(1.0f / 16777216.0f);
   for (int k = 0; k < 4; ++k) {
     // (word >> 8) < 2^24 converts exactly, and the scaling by 2^-24 is exact
     const __m256 v = _mm256_cvtepi32_ps(_mm256_srli_epi32(words[k], 8));
     _mm256_storeu_ps(u + 8 * k, _mm256_mul_ps(v, scale));
+  }
+}
+
+// u[0..63] = philox_uniform16 of the 64 elements of blocks block0 .. block0 + 7: element
+// 8b + 2w + h is half h (low 16 bits for h = 0) of word w of block b, i.e. element 2j + h of
+// the run is half h of stream word j.
+NB_TARGET_AVX2 inline void philox_uniforms16_x64(uint64_t block0, uint32_t step, uint32_t stream,
+                                                 uint32_t k0, uint32_t k1, float* u) {
+  __m256i words[4];
+  philox_words_x32(block0, step, stream, k0, k1, words);
+  const __m256 scale = _mm256_set1_ps(1.0f / 65536.0f);
+  const __m256i low16 = _mm256_set1_epi32(0xffff);
+  for (int k = 0; k < 4; ++k) {
+    const __m256i lo = _mm256_and_si256(words[k], low16);
+    const __m256i hi = _mm256_srli_epi32(words[k], 16);
+    // per 128-bit lane: (lo0, hi0, lo1, hi1) and (lo2, hi2, lo3, hi3)
+    const __m256i a = _mm256_unpacklo_epi32(lo, hi), b = _mm256_unpackhi_epi32(lo, hi);
+    const __m256i first = _mm256_permute2x128_si256(a, b, 0x20);   // words 0..3 of the 8
+    const __m256i second = _mm256_permute2x128_si256(a, b, 0x31);  // words 4..7
+    _mm256_storeu_ps(u + 16 * k, _mm256_mul_ps(_mm256_cvtepi32_ps(first), scale));
+    _mm256_storeu_ps(u + 16 * k + 8, _mm256_mul_ps(_mm256_cvtepi32_ps(second), scale));
   }
 }
 #endif
@@ -189,6 +220,32 @@ inline void philox_uniforms(const PhiloxKey& key, uint64_t first, int64_t count,
     // The words of this block from index's own word on (the first block may start mid-way).
     for (uint64_t w = index & 3; w < 4 && i < count; ++w, ++i, ++index)
       u[i] = philox_word_uniform(out.v[w]);
+  }
+}
+
+// u[i] = philox_uniform16(key, first + i) for 0 ≤ i < count (one Philox call per 8 indices).
+inline void philox_uniforms16(const PhiloxKey& key, uint64_t first, int64_t count, float* u) {
+  const uint32_t k0 = static_cast<uint32_t>(key.seed), k1 = static_cast<uint32_t>(key.seed >> 32);
+  const uint32_t stream = (key.layer << 8) | static_cast<uint32_t>(key.role);
+  [[maybe_unused]] const bool avx2 = use_avx2();
+  uint64_t index = first;
+  int64_t i = 0;
+  while (i < count) {
+    const uint64_t block = index >> 3;
+#ifdef NB_HAVE_X86_DISPATCH
+    if (avx2 && (index & 7) == 0 && count - i >= 64 &&
+        (block & 0xffffffffu) <= 0xffffffffu - 7) {
+      philox_uniforms16_x64(block, key.step, stream, k0, k1, u + i);
+      i += 64;
+      index += 64;
+      continue;
+    }
+#endif
+    const Philox4 ctr{{static_cast<uint32_t>(block), static_cast<uint32_t>(block >> 32), key.step,
+                       stream}};
+    const Philox4 out = philox4x32_10(ctr, k0, k1);
+    for (uint64_t e = index & 7; e < 8 && i < count; ++e, ++i, ++index)
+      u[i] = static_cast<float>((out.v[e >> 1] >> (16 * (e & 1))) & 0xffffu) * (1.0f / 65536.0f);
   }
 }
 

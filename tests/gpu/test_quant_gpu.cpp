@@ -717,6 +717,10 @@ TEST(BitSplitGpu, MatchesRef) {
     for (int64_t cols : cols_list) check_bitsplit<float>(rows, cols, ++seed);
   check_bitsplit<float>(33, 130, ++seed);    // partial tiles; cols % 4 != 0: scalar path
   check_bitsplit<float>(1000, 130, ++seed);  // scalar loads, 4-row transposed stores
+  // cols % 8 == 4: vector loads, but lane pairs straddle two 16-bit Philox blocks on odd rows,
+  // so each lane draws its own block (philox16::own) instead of sharing one per two rows
+  check_bitsplit<float>(37, 100, ++seed);
+  check_bitsplit<float>(64, 36, ++seed);
 }
 
 TEST(BitSplitGpu, Bf16InputMatchesRefOfWidenedInput) {

@@ -44,17 +44,27 @@ std::string error_of(const std::function<void()>& fn) {
 
 // The fp32 quantities of the header formula for one element, recomputed independently.
 struct SplitTerms {
-  float t;    // T = g / s
-  float h;    // round_half_even(T / 14), before the clamp
+  float t;    // T = g·scale1
+  float h;    // round_half_even(T·fl(1/14)), before the clamp
   float rho;  // T − 14·clamp(h)
 };
-SplitTerms split_terms(float g, float s) {
+SplitTerms split_terms(float g, float scale1) {
   SplitTerms x;
-  x.t = g / s;
-  x.h = std::nearbyint(x.t / 14.0f);
+  x.t = g * scale1;
+  x.h = std::nearbyint(x.t * (1.0f / 14.0f));  // fl(1/14), a multiply (not T / 14)
   x.rho = x.t - 14.0f * std::clamp(x.h, -6.0f, 6.0f);
   return x;
 }
+// m = max(|min − 1e-8|, |max + 1e-8|) (min clamped ≤ 0, max ≥ 0) and scale1 = 196 / (2m).
+float max_abs_guarded(const std::vector<float>& g) {
+  float g_min = 0, g_max = 0;
+  for (float v : g) g_min = std::min(g_min, v), g_max = std::max(g_max, v);
+  return std::max(std::fabs(g_min - 1e-8f), std::fabs(g_max + 1e-8f));
+}
+float code_scale(const std::vector<float>& g) { return 196.0f / (2.0f * max_abs_guarded(g)); }
+// lo before its clamp: floor(ρ + u) of the exact sum (fp64 holds ρ + u exactly here, |ρ| ≥ 2^-40
+// or ρ = 0 in these tests; the header's argument covers every ρ).
+float exact_floor(float rho, float u) { return static_cast<float>(std::floor(double(rho) + double(u))); }
 // Neither half clamps: |h| ≤ 6, and ρ ∈ [−6, 6) so both outcomes floor(ρ) and floor(ρ) + 1 of
 // the stochastic rounding lie in [−6, 6].
 bool unclipped(const SplitTerms& x) {
@@ -70,17 +80,17 @@ TEST(BitSplit, MatchesHeaderFormulaElementwise) {
   const PhiloxKey key{99, 5, 2, RngRole::grad_output_rounding};
   std::vector<int8_t> hi(rows * cols), lo(rows * cols), comb(rows * cols);
   const float s = ref::bitsplit(g.data(), rows, cols, key, hi.data(), lo.data(), comb.data());
-  float g_min = 0, g_max = 0;
-  for (float v : g) g_min = std::min(g_min, v), g_max = std::max(g_max, v);
-  const float m = std::max(std::fabs(g_min - 1e-8f), std::fabs(g_max + 1e-8f));
-  ASSERT_EQ(s, 2.0f * m / 196.0f);
+  const float m = max_abs_guarded(g);
+  ASSERT_EQ(s, 2.0f * m / 196.0f);  // the returned (dequantization) scale
+  const float scale1 = 196.0f / (2.0f * m);  // the code scale, one division per tensor
+  ASSERT_NE(double(s) * double(scale1), 1.0) << "pick data whose two scales are not exact reciprocals";
   for (int64_t r = 0; r < rows; ++r)
     for (int64_t c = 0; c < cols; ++c) {
       const int64_t i = r * cols + c;
-      const SplitTerms x = split_terms(g[i], s);
-      const float u = philox_uniform(key, static_cast<uint64_t>(i));
+      const SplitTerms x = split_terms(g[i], scale1);
+      const float u = philox_uniform16(key, static_cast<uint64_t>(i));  // 16-bit stream
       const int want_hi = static_cast<int>(std::clamp(x.h, -6.0f, 6.0f));
-      const int want_lo = static_cast<int>(std::clamp(std::floor(x.rho + u), -6.0f, 6.0f));
+      const int want_lo = static_cast<int>(std::clamp(exact_floor(x.rho, u), -6.0f, 6.0f));
       ASSERT_EQ(hi[i], want_hi) << "(" << r << ", " << c << ")";
       ASSERT_EQ(lo[i], want_lo) << "(" << r << ", " << c << ")";
       ASSERT_EQ(comb[i], 14 * want_hi + want_lo) << "(" << r << ", " << c << ")";
@@ -102,6 +112,7 @@ TEST(BitSplit, CodesInRangeScaleAndReconstruction) {
   EXPECT_NEAR(s, 2.0 * amax / 196.0, 1e-6 * 2.0 * amax / 196.0);
   int64_t n_unclipped = 0;
   bool saw_hi_edge = false;
+  const float scale1 = code_scale(g);
   for (int64_t i = 0; i < rows * cols; ++i) {
     ASSERT_GE(hi[i], -6);
     ASSERT_LE(hi[i], 6);
@@ -111,10 +122,10 @@ TEST(BitSplit, CodesInRangeScaleAndReconstruction) {
     ASSERT_GE(comb[i], -90);
     ASSERT_LE(comb[i], 90);
     saw_hi_edge |= std::abs(hi[i]) == 6;
-    if (!unclipped(split_terms(g[i], s))) continue;
+    if (!unclipped(split_terms(g[i], scale1))) continue;
     ++n_unclipped;
-    // |T − (14hi + lo)| = |ρ − lo| ≤ 1 exactly, and T = fl(g/s) is off by ≤ 98·2^-24 ≈ 6e-6:
-    // so |g − s·(14hi + lo)| ≤ s·(1 + 1e-5).
+    // |T − (14hi + lo)| = |ρ − lo| ≤ 1 exactly, and s·T = g·(1 + ε), |ε| ≤ 3·2^-24 (the roundings
+    // of s, scale1 and T), so |g − s·(14hi + lo)| ≤ s·(1 + 98·3·2^-24) ≤ s·(1 + 1e-5).
     const double err = std::fabs(double(g[i]) - double(s) * comb[i]);
     ASSERT_LE(err, double(s) * (1.0 + 1e-5)) << "element " << i;
   }
@@ -125,11 +136,14 @@ TEST(BitSplit, CodesInRangeScaleAndReconstruction) {
 TEST(BitSplit, HighHalfRoundsHalfToEvenAndClamps) {
   // max|g| = 98 gives s = 1 exactly (1e-8 vanishes in fp32), so T = g and integer T leaves
   // u no room: lo = floor(ρ + u) = ρ for integer ρ.
-  const std::vector<float> g = {98, 7, 21, 35, -21, -35, 0, 13, -98, 91, 49};
-  //  T/14:                     7  .5 1.5 2.5 -1.5 -2.5 0 .93  -7   6.5 3.5
-  const std::vector<int> want_hi = {6, 0, 2, 2, -2, -2, 0, 1, -6, 6, 4};
-  //  ρ = T − 14·hi:            14  7  -7  7   7   -7  0 -1  -14   7  -7   (clamped to ±6)
-  const std::vector<int> want_lo = {6, 6, -6, 6, 6, -6, 0, -1, -6, 6, -6};
+  // The last element, 0x1.87fffep+5 = 48.9999962, is where T·fl(1/14) (= 3.5 after rounding:
+  // hi 4, ρ = −7.0000038, lo clamps to −6) and T/14 (= 3.4999997: hi 3, lo 6) part: it pins the
+  // multiply (ref/bitsplit.h).
+  const std::vector<float> g = {98, 7, 21, 35, -21, -35, 0, 13, -98, 91, 49, 0x1.87fffep+5f};
+  //  T/14:                     7  .5 1.5 2.5 -1.5 -2.5 0 .93  -7   6.5 3.5  3.5 (T·fl(1/14))
+  const std::vector<int> want_hi = {6, 0, 2, 2, -2, -2, 0, 1, -6, 6, 4, 4};
+  //  ρ = T − 14·hi:            14  7  -7  7   7   -7  0 -1  -14   7  -7  -7.0000038 (clamped)
+  const std::vector<int> want_lo = {6, 6, -6, 6, 6, -6, 0, -1, -6, 6, -6, -6};
   const int64_t n = static_cast<int64_t>(g.size());
   std::vector<int8_t> hi(n), lo(n), comb(n);
   const float s = ref::bitsplit(g.data(), 1, n, {3, 0, 0, RngRole::grad_output_rounding}, hi.data(),
@@ -157,8 +171,10 @@ TEST(BitSplit, StochasticLowHalfIsUnbiased) {
   // For an unclipped element, lo = floor(ρ + u) is floor(ρ) + Bernoulli(f), f = ρ − floor(ρ),
   // so E[s·(14hi + lo)] = s·T ≈ g and Var[s·(14hi + lo)] = s²·f(1 − f). Over n independent
   // streams (step = 0, 1, ...) the mean's standard error is σ_j = s·sqrt(f(1 − f)/n).
-  // Residual bias: u lives on a 2^-24 grid, ρ + u rounds in fp32 (≤ 2^-21 for |ρ + u| < 8) and
-  // T = fl(g/s) is off by ≤ 98·2^-24: together < 1e-5·s, added as slack.
+  // Residual bias: u lives on a 2^-16 grid, so E[floor(ρ + u)] = floor(2^16·ρ)·2^-16 (Hermite's
+  // identity: the floor of the exact sum), in (ρ − 2^-16, ρ]; and s·T = g·(1 + ε) with
+  // |ε| ≤ 3·2^-24 (s, scale1 = 196/(2m) and T = fl(g·scale1) each round once), i.e. ≤ 98·3·2^-24·s
+  // = 1.8e-5·s. Together < 2^-16·s + 1.8e-5·s < 3.5e-5·s, added as slack (5σ is ~0.01·s here).
   // Checks: every element within 5σ_j (+ slack); the sum of squared errors over the Σσ_j²
   // (mean 1; relative spread ≈ sqrt(2/#effective elements) ≈ 0.04 for ~1400 elements) within
   // [0.8, 1.2] at two n, which pins the 1/sqrt(n) decay: RMS(n1)/RMS(n2) ≈ sqrt(n2/n1).
@@ -176,14 +192,15 @@ TEST(BitSplit, StochasticLowHalfIsUnbiased) {
     }
     double sq_err = 0, sq_sigma = 0;
     int64_t used = 0;
+    const float scale1 = code_scale(g);
     for (int64_t i = 0; i < count; ++i) {
-      const SplitTerms x = split_terms(g[i], s);
+      const SplitTerms x = split_terms(g[i], scale1);
       if (!unclipped(x)) continue;
       ++used;
       const double f = double(x.rho) - std::floor(double(x.rho));
       const double sigma = double(s) * std::sqrt(f * (1.0 - f) / double(n));
       const double err = sum[i] / double(n) - double(g[i]);
-      EXPECT_LE(std::fabs(err), 5.0 * sigma + 1e-5 * s) << "element " << i << " n=" << n;
+      EXPECT_LE(std::fabs(err), 5.0 * sigma + 3.5e-5 * s) << "element " << i << " n=" << n;
       sq_err += err * err;
       sq_sigma += sigma * sigma;
     }

@@ -49,6 +49,36 @@ TEST(Philox, UniformMeanAndRange) {
   EXPECT_NEAR(sum / n, 0.5, 5 * std::sqrt(1.0 / 12 / n));
 }
 
+TEST(Philox, Uniform16KnownAnswerAndLayout) {
+  // Expected words from an independent Python Philox-4x32-10 (checked against the Random123
+  // vector above): element i reads block i/8, word (i%8)/2, low half for even i, high for odd.
+  const PhiloxKey k{0x0123456789abcdefull, 7, 3, RngRole::rounding};
+  const uint64_t index[] = {0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 15, (uint64_t{1} << 35) + 13};
+  const uint32_t want[] = {0x03c8, 0xc824, 0x4af6, 0xb69d, 0xfd1a, 0x5f97,
+                           0xaa21, 0xb778, 0x211d, 0xe225, 0x8409, 0xb1b7};
+  for (size_t j = 0; j < std::size(index); ++j) {
+    EXPECT_EQ(philox_bits16(k, index[j]), want[j]) << "index " << index[j];
+    EXPECT_EQ(philox_uniform16(k, index[j]), float(want[j]) / 65536.0f) << "index " << index[j];
+  }
+  // The same key layout as philox_u32: block b of the 16-bit stream is the block of the 32-bit
+  // stream's indices 4b .. 4b + 3, so its halves are those words split in two.
+  for (uint64_t i = 0; i < 4096; i += 7) {
+    const uint32_t word = philox_u32(k, 4 * (i / 8) + (i % 8) / 2);
+    ASSERT_EQ(philox_bits16(k, i), (word >> (16 * (i % 2))) & 0xffffu) << i;
+  }
+  // u on the 2^-16 grid in [0, 1) with mean 1/2 − 2^-17 (bits·2^-16, bits uniform).
+  double sum = 0;
+  const int n = 200000;
+  for (int i = 0; i < n; ++i) {
+    const float u = philox_uniform16(k, static_cast<uint64_t>(i));
+    ASSERT_GE(u, 0.0f);
+    ASSERT_LT(u, 1.0f);
+    ASSERT_EQ(u * 65536.0f, std::floor(u * 65536.0f));
+    sum += u;
+  }
+  EXPECT_NEAR(sum / n, 0.5 - 0.5 / 65536.0, 5 * std::sqrt(1.0 / 12 / n));
+}
+
 TEST(HalfFloat, RoundTripsAndRoundsToNearestEven) {
   for (float f : {0.0f, 1.0f, -2.5f, 65504.0f, 6.1035156e-05f, 5.9604645e-08f}) {
     EXPECT_EQ(f16_to_f32(f32_to_f16(f)), f) << f;

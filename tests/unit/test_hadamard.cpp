@@ -12,6 +12,7 @@
 #include "nibble/error.h"
 #include "nibble/rng.h"
 #include "ref/hadamard.h"
+#include "ref/linear.h"
 #include "ref/quant.h"
 
 using namespace nibble;
@@ -254,15 +255,55 @@ TEST(Lsq, QuantizeWritesCodesAndRatios) {
     std::vector<int8_t> q(static_cast<size_t>(n));
     std::vector<float> r(static_cast<size_t>(n));
     ref::lsq_quantize(v.data(), n, s, range, q.data(), r.data());
-    int clipped = 0;
+    int clipped = 0, differs_from_division = 0;
+    const float inv_s = 1.0f / s;  // one fp32 division per tensor
     for (int64_t i = 0; i < n; ++i) {
-      // r = v/s (one fp32 division), q = clamp(round_half_even(r), qmin, qmax)
-      ASSERT_EQ(r[i], v[i] / s);
-      const int expected = std::clamp(static_cast<int>(std::nearbyint(v[i] / s)), range.qmin, range.qmax);
+      // r = v·fl(1/s) (one fp32 multiply), q = clamp(round_half_even(r), qmin, qmax)
+      ASSERT_EQ(r[i], v[i] * inv_s) << i;
+      const int expected = std::clamp(static_cast<int>(std::nearbyint(v[i] * inv_s)), range.qmin, range.qmax);
       ASSERT_EQ(q[i], expected) << i;
       clipped += (r[i] < range.qmin || r[i] > range.qmax);
+      differs_from_division += r[i] != v[i] / s;
     }
     EXPECT_GT(clipped, 0) << "the data should exercise the clamp";
+    // s = 0.83 is no power of two: the multiply differs from v / s on a good share of the
+    // elements, so this test tells the two formulas apart.
+    EXPECT_GT(differs_from_division, n / 20);
+  }
+}
+
+TEST(Lsq, ResidualNibbleIsTheExactFloorWithSixteenBitUniforms) {
+  // e = −8 outside [qmin, qmax]; else floor(14·(rint(r) − r) + u) of the exact sum with
+  // u = philox_uniform16(key, index) (docs/formats.md), in [−7, 7] without a clamp.
+  const PhiloxKey key{31, 4, 2, RngRole::rounding};
+  const std::vector<float> base = normal_data(4000, 930, 4.0f);
+  std::vector<float> r = base;
+  // exact half-integers (δ = ±1/2, 14·δ = ±7), values a few ulps off integers (tiny δ), bounds
+  for (float v : {0.5f, -0.5f, 2.5f, -6.5f, 6.5f, 7.0f, -7.0f, -8.0f, 7.5f, 3.0f,
+                  std::nextafter(3.0f, 4.0f), std::nextafter(-2.0f, -3.0f), 1e-30f, -1e-30f})
+    for (int k = 0; k < 20; ++k) r.push_back(v);
+  for (QRange range : {kInt4Sym, kInt4Full}) {
+    int64_t in_range = 0, differs_from_24bit = 0, at_seven = 0;
+    for (size_t i = 0; i < r.size(); ++i) {
+      const int e = ref::lsq_residual_encode(r[i], range, key, i);
+      if (!(r[i] >= range.qmin && r[i] <= range.qmax)) {
+        ASSERT_EQ(e, ref::kLsqClipped) << r[i];
+        continue;
+      }
+      ++in_range;
+      const float delta = std::nearbyint(r[i]) - r[i];
+      const double want = std::floor(14.0 * double(delta) + double(philox_uniform16(key, i)));
+      ASSERT_EQ(e, want) << "r = " << r[i] << " index " << i;
+      ASSERT_GE(e, -7);
+      ASSERT_LE(e, 7);
+      at_seven += std::fabs(delta) == 0.5f;
+      differs_from_24bit +=
+          e != std::floor(14.0 * double(delta) + double(philox_uniform(key, i)));
+    }
+    EXPECT_GT(in_range, 3000);
+    EXPECT_GT(at_seven, 40);
+    // the stream matters: the old 24-bit draw gives another nibble for many elements
+    EXPECT_GT(differs_from_24bit, in_range / 10);
   }
 }
 
@@ -443,6 +484,9 @@ TEST(HqErrors, RejectBadInput) {
                         "not a multiple of the hadamard block 64");
   expect_error_mentions([&] { ref::hq_quantize(x.data(), 4, 96, 32, 0.0f, kInt4Sym, q.data(), nullptr); },
                         "step size s = 0");
+  // A subnormal s whose reciprocal overflows fp32 (the quantizer multiplies by 1/s).
+  expect_error_mentions([&] { ref::hq_quantize(x.data(), 4, 96, 32, 1e-39f, kInt4Sym, q.data(), nullptr); },
+                        "1/s overflows");
   expect_error_mentions([&] { ref::hq_quantize(x.data(), 4, 96, 32, 0.5f, kUint4, q.data(), nullptr); },
                         "signed code range");
   expect_error_mentions([&] { ref::hq_search_block(x.data(), 4, x.data(), 4, 96, kInt4Sym, 0); },

@@ -386,7 +386,8 @@ TEST(LayersOps, LsqFakeQuantize) {
   ops::lsq_fake_quantize(view(x, {n}), s, range, view(y, {n}), view(r, {n}));
   double ds_want = 0;
   for (int64_t i = 0; i < n; ++i) {
-    const float ri = x[i] / s;
+    // r = x·fl(1/s): one multiply by the reciprocal (docs/formats.md), not x / s
+    const float ri = x[i] * (1.0f / s);
     const float q = std::clamp(std::nearbyint(ri), -7.0f, 7.0f);
     EXPECT_EQ(r[i], ri);
     EXPECT_EQ(y[i], s * q);

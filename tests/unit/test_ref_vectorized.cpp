@@ -87,6 +87,27 @@ TEST(VectorizedPaths, PhiloxUniformsEqualOneDrawPerIndex) {
   }
 }
 
+TEST(VectorizedPaths, PhiloxUniforms16EqualOneDrawPerIndex) {
+  note_if_plain_only();
+  // Starts at every element of a block, and just below the 2^32-block carry of the counter.
+  const uint64_t firsts[] = {0, 1, 3, 4, 7, 8, 1001, (uint64_t{0xffffffff} << 3) - 75,
+                             (uint64_t{1} << 35) + 6};
+  for (bool on : {false, true}) {
+    SimdSwitch simd(on);
+    for (uint64_t first : firsts) {
+      const PhiloxKey key{0x9e3779b97f4a7c15ull + first, 12, 345, RngRole::grad_output_rounding};
+      for (int64_t count : {1, 5, 63, 64, 65, 100, 1000}) {
+        std::vector<float> u(static_cast<size_t>(count));
+        ref::detail::philox_uniforms16(key, first, count, u.data());
+        for (int64_t i = 0; i < count; ++i)
+          ASSERT_EQ(u[static_cast<size_t>(i)],
+                    philox_uniform16(key, first + static_cast<uint64_t>(i)))
+              << "first " << first << " count " << count << " i " << i << " simd " << on;
+      }
+    }
+  }
+}
+
 TEST(VectorizedPaths, HadamardMatchesThePlainButterfly) {
   note_if_plain_only();
   for (int64_t block = 1; block <= 1024; block *= 2) {

@@ -129,27 +129,6 @@ __device__ __forceinline__ uint32_t floor_bits(float v) {
   return __float_as_uint(__fadd_rd(v, kRoundMagic));
 }
 
-// philox_uniform's value (w >> 8)·2^-24 without an int -> float conversion: with m = bits
-// 8..30 of w, f = 0.5 + m·2^-24 exactly (0.5's exponent, m as the fraction). Bit 31 set:
-// (2^23 + m)·2^-24 = f; clear: m·2^-24 = f − 0.5, exact (Sterbenz), +0 for m = 0.
-__device__ __forceinline__ float uniform_from_word(uint32_t w) {
-  const float f = __uint_as_float(0x3f000000u | ((w >> 8) & 0x7fffffu));
-  return (w & 0x80000000u) != 0u ? f : __fsub_rn(f, 0.5f);
-}
-
-// The 4 uniforms of elements index .. index + 3 (index % 4 == 0) from one Philox call: the
-// 4 words of one counter block, what philox_uniform returns for each (rng.h).
-__device__ __forceinline__ void philox_uniform4(const PhiloxKey& key, uint64_t index,
-                                                float (&u)[4]) {
-  const uint64_t blk = index >> 2;
-  const Philox4 ctr{{static_cast<uint32_t>(blk), static_cast<uint32_t>(blk >> 32), key.step,
-                     (key.layer << 8) | static_cast<uint32_t>(key.role)}};
-  const Philox4 out = philox4x32_10(ctr, static_cast<uint32_t>(key.seed),
-                                    static_cast<uint32_t>(key.seed >> 32));
-#pragma unroll
-  for (int k = 0; k < 4; ++k) u[k] = uniform_from_word(out.v[k]);
-}
-
 // Sign-extended nibble k (0..3) of a 16-bit word of packed s4 (element 2i low, 2i+1 high).
 __device__ __forceinline__ int nibble_at(uint32_t word16, int k) {
   return static_cast<int>(static_cast<int32_t>(word16 << (28 - 4 * k))) >> 28;

@@ -23,7 +23,7 @@
 //
 // Saved state: exactly the reference's HqLinearSaved encoding (docs/formats.md): packed s4
 // codes and the packed s4 LSQ side channel, [rows, D/2] each, for x and for w — so the bytes
-// can be compared with ref::HqLinearSaved. The side channel draws philox_uniform with role
+// can be compared with ref::HqLinearSaved. The side channel draws philox_uniform16 with role
 // RngRole::rounding of the forward's key, index i for element i of x_r and N·D + i for w_r.
 //
 // Numerics against the reference (tests/gpu/test_linear_gpu.cpp checks each):
@@ -105,12 +105,13 @@ struct HqLinearConfig {
 // ---- the fused quantizer -------------------------------------------------------------------
 // One kernel, one read of x:
 //   v = x·BlockDiag(H_k)   (the reference's butterfly order, then × hadamard_norm(block))
-//   r = v / s              (IEEE division, s = *step)
+//   r = v·inv_s            (inv_s = 1/s: one IEEE division per thread from the device s =
+//                           *step; per element one fp32 multiply)
 //   q = clamp(rint(r), qmin, qmax)
-//   e = −8 if !(qmin ≤ r ≤ qmax), else clamp(floor(14·(rint(r) − r) + u), −7, 7),
-//       u = philox_uniform(key with role rounding, index_base + row·cols + col)
+//   e = −8 if !(qmin ≤ r ≤ qmax), else floor(14·(rint(r) − r) + u) (exact sum, in [−7, 7]),
+//       u = philox_uniform16(key with role rounding, index_base + row·cols + col)
 // and writes any of: q [rows, cols], q_t [cols, rows], q packed s4 and e packed s4
-// ([rows, cols/2] each, formats.md). rows, cols multiples of 16; index_base % 4 == 0.
+// ([rows, cols/2] each, formats.md). rows, cols multiples of 16; index_base % 8 == 0.
 template <class T>
 struct HqLsqQuantizeParams {
   const T* x = nullptr;          // [rows, cols], float or bf16_t (widened exactly)

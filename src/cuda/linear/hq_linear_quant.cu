@@ -6,10 +6,12 @@
 // R = max(1, 4/J) rows at a time, their loads issued together. Per lane and chunk, 4 codes
 // leave as one 32-bit word (q), two 16-bit words of packed nibbles (q and e), and (with q_t) a
 // word in the shared tile from which the transposed codes are stored as 4-row column segments.
-// The kernel is issue-bound (ncu: ~80% of issue slots), so the code counts instructions: one
-// division per element, no rounding/conversion instructions (magic-number adds), no branches
-// in the common path, the Hadamard block a template parameter (bench/README.md, "Quantization
-// passes").
+// The kernel is issue-bound (ncu: ~80% of issue slots), so the code counts instructions: a
+// multiply by 1/s per element (no division), one Philox block per 8 elements shared by lane
+// pairs (16-bit uniforms, philox16.cuh), no rounding/conversion instructions (magic-number
+// adds, a rounded-down fma for the side channel's floor), byte permutes for the packing, no
+// branches in the common path, the Hadamard block a template parameter (bench/README.md,
+// "Quantization passes").
 #include <cmath>
 #include <cstdint>
 #include <type_traits>
@@ -19,6 +21,7 @@
 #include "cuda/linear/hq_linear.h"
 #include "cuda/quant/device_util.h"
 #include "cuda/quant/launch_checks.h"
+#include "cuda/quant/philox16.cuh"
 
 namespace nibble::cuda {
 namespace {
@@ -34,18 +37,27 @@ constexpr int kRowsPerBatch = J <= 2 ? 4 / J : 1;
 
 // The side-channel nibble of r whose code is already known (ref::lsq_residual_encode):
 //   −8 when !(qmin ≤ r ≤ qmax) (±Inf and NaN included), else
-//   clamp(floor(14·(rint(r) − r) + u), −7, 7)      (each step one fp32 rounding)
+//   floor(14·(rint(r) − r) + u)  of the exact sum, in [−7, 7] (|δ| ≤ 1/2, u < 1)
 // Arguments: clamped = clamp(r, qmin, qmax), so r is in range iff clamped == r (false for NaN
-// and ±Inf); rint_r = rint(clamped) (= rint(r) in range). Returns the nibble's 4 bits.
-// Branch-free: out of range the arithmetic runs on whatever r is (NaN/Inf included; the clamp
-// maps NaN to −7, so nothing is undefined) and the select discards it. floor(clamp(y)) =
-// clamp(floor(y)) (floor is monotonic and fixes integers), so floor_bits applies.
-__device__ __forceinline__ uint32_t residual_nibble(float r, float clamped, float rint_r, float u) {
+// and ±Inf); rint_r = rint(clamped) (= rint(r) in range); U = 192 + u (philox16::kMagicBits).
+// One fma rounded down gives 192 + e in [185, 200) (philox16.cuh), so e's nibble is bits
+// 16..19 of the result (0x4340 + e, and 0x4340 ≡ 0 mod 16). Returns a word whose bits 16..19
+// hold the nibble (the caller gathers byte 2 of four of them); out of range 0x00080000 (−8).
+// Branch-free: out of range the arithmetic runs on whatever r is and the select discards it.
+__device__ __forceinline__ uint32_t residual_word(float r, float clamped, float rint_r, float U) {
   const float delta = __fsub_rn(rint_r, r);
-  const float t = __fmul_rn(static_cast<float>(kLsqResidualSteps), delta);
-  const float y = fminf(fmaxf(__fadd_rn(t, u), -7.0f), 7.0f);
-  const uint32_t e = linear_detail::floor_bits(y) & 0xfu;
-  return clamped == r ? e : static_cast<uint32_t>(kLsqClipped) & 0xfu;
+  const uint32_t y =
+      __float_as_uint(__fmaf_rd(static_cast<float>(kLsqResidualSteps), delta, U));
+  return clamped == r ? y : (static_cast<uint32_t>(kLsqClipped) & 0xfu) << 16;
+}
+
+// The low nibbles of byte 2 of x[k], k = 0..3, packed as one 16-bit value (element k in bits
+// 4k .. 4k+3): two byte gathers and a merge.
+__device__ __forceinline__ uint32_t pack_nibbles_b2(uint32_t x0, uint32_t x1, uint32_t x2,
+                                                    uint32_t x3) {
+  const uint32_t even = __byte_perm(x0, x2, 0x0062);  // bytes 0, 1: x0.b2, x2.b2
+  const uint32_t odd = __byte_perm(x1, x3, 0x0062);   // bytes 0, 1: x1.b2, x3.b2
+  return (even & 0x0f0fu) | ((odd << 4) & 0xf0f0u);
 }
 
 // B: the Hadamard block at compile time (hadamard_warp's B; 128·J when J > 1).
@@ -60,7 +72,10 @@ __global__ void __launch_bounds__(kThreads)
   const int lane = threadIdx.x & 31;
   const int warp = threadIdx.x >> 5;
   const float s = *p.step;
-  if (!(s > 0.0f && detail::is_finite(s)) && threadIdx.x == 0 && blockIdx.x == 0) {
+  // r = v·(1/s): one IEEE division per thread, none per element (docs/formats.md)
+  const float inv_s = __fdiv_rn(1.0f, s);
+  if (!(s > 0.0f && detail::is_finite(s) && detail::is_finite(inv_s)) && threadIdx.x == 0 &&
+      blockIdx.x == 0) {
     detail::report(p.status, StatusKind::bad_scale, 0);
   }
   const float qmin = static_cast<float>(p.range.qmin);
@@ -111,6 +126,24 @@ __global__ void __launch_bounds__(kThreads)
           }
         }
       }
+      // The side channel's 16-bit uniforms (philox16.cuh): groups g = i·J + j in pairs, one
+      // Philox block per lane and pair. Indices of the even lane are multiples of 8: cols % 16
+      // == 0, c0 % 128 == 0 and index_base % 8 == 0 (checked on the host).
+      constexpr int G = R * J;
+      static_assert(G % 2 == 0, "groups come in pairs");
+      uint32_t words[G][2];
+      if (p.e_packed != nullptr) {  // uniform
+#pragma unroll
+        for (int g = 0; g < G; g += 2) {
+          const auto index_of = [&](int gg) {
+            return p.index_base +
+                   static_cast<uint64_t>((r0 + rb + gg / J) * p.cols + c0 + kChunk * (gg % J) +
+                                         4 * lane);
+          };
+          philox16::pair(p.key, index_of(g), index_of(g + 1), (lane & 1) != 0, words[g],
+                         words[g + 1]);
+        }
+      }
 #pragma unroll
       for (int i = 0; i < R; ++i) {
         const int64_t row = r0 + rb + i;
@@ -120,14 +153,14 @@ __global__ void __launch_bounds__(kThreads)
           const int64_t c = c0 + kChunk * j + 4 * lane;
           if (c >= p.cols) continue;
           const int64_t idx = row * p.cols + c;
-          // v = (x·H_k)·2^(−k/2);  r = v / s  (one division per element, kept in r[])
+          // v = (x·H_k)·2^(−k/2);  r = v·inv_s  (one multiply per element, kept in r[])
           float r[4];
           bool overflow = false;
 #pragma unroll
           for (int k = 0; k < 4; ++k) {
             const float vk = __fmul_rn(v[i][j][k], norm);
             overflow |= !detail::is_finite(vk);
-            r[k] = __fdiv_rn(vk, s);
+            r[k] = __fmul_rn(vk, inv_s);
           }
           if (overflow) {
             for (int k = 0; k < 4; ++k) {
@@ -136,34 +169,40 @@ __global__ void __launch_bounds__(kThreads)
             }
           }
           // q = clamp(rint(r), qmin, qmax) = rint(clamp(r, qmin, qmax)) (qmin, qmax integers;
-          // NaN → qmin either way, fmaxf drops it): one magic add, no rint/convert
+          // NaN → qmin either way, fmaxf drops it): one magic add, no rint/convert; the low
+          // byte of the sum's bit pattern is the code.
           float clamped[4], mq[4];
-          uint32_t word = 0, qpack = 0;
+          uint32_t mb[4];
 #pragma unroll
           for (int k = 0; k < 4; ++k) {
             clamped[k] = fminf(fmaxf(r[k], qmin), qmax);
             mq[k] = __fadd_rn(clamped[k], linear_detail::kRoundMagic);
-            const uint32_t code = __float_as_uint(mq[k]);  // low byte: the code
-            word |= (code & 0xffu) << (8 * k);
-            qpack |= (code & 0xfu) << (4 * k);
+            mb[k] = __float_as_uint(mq[k]);
           }
           const int64_t pidx = row * half_cols + c / 2;
           if (p.e_packed != nullptr) {  // uniform
-            float u[4];
-            linear_detail::philox_uniform4(p.key, p.index_base + static_cast<uint64_t>(idx), u);
-            uint32_t epack = 0;
+            float U[4];
+            philox16::magic_uniforms4(words[i * J + j], U);
+            uint32_t y[4];
 #pragma unroll
             for (int k = 0; k < 4; ++k) {
               const float rint_r = __fsub_rn(mq[k], linear_detail::kRoundMagic);
-              epack |= residual_nibble(r[k], clamped[k], rint_r, u[k]) << (4 * k);
+              y[k] = residual_word(r[k], clamped[k], rint_r, U[k]);
             }
-            *reinterpret_cast<uint16_t*>(p.e_packed + pidx) = static_cast<uint16_t>(epack);
+            *reinterpret_cast<uint16_t*>(p.e_packed + pidx) =
+                static_cast<uint16_t>(pack_nibbles_b2(y[0], y[1], y[2], y[3]));
           }
+          // the 4 code bytes as one word (element k in byte k) and as 4 nibbles, from the
+          // same two gathers: even = (code0, code2), odd = (code1, code3) in bytes 0, 1
+          const uint32_t even = __byte_perm(mb[0], mb[2], 0x0040);
+          const uint32_t odd = __byte_perm(mb[1], mb[3], 0x0040);
+          const uint32_t word = __byte_perm(even, odd, 0x5140);
           if (p.q_t != nullptr)  // uniform across the block
             *reinterpret_cast<uint32_t*>(&tile[rb + i][kChunk * j + 4 * lane]) = word;
           if (p.q != nullptr) *reinterpret_cast<uint32_t*>(p.q + idx) = word;
           if (p.q_packed != nullptr)
-            *reinterpret_cast<uint16_t*>(p.q_packed + pidx) = static_cast<uint16_t>(qpack);
+            *reinterpret_cast<uint16_t*>(p.q_packed + pidx) =
+                static_cast<uint16_t>((even & 0x0f0fu) | ((odd << 4) & 0xf0f0u));
         }
       }
     }
@@ -205,9 +244,9 @@ void hq_lsq_quantize_impl(const HqLsqQuantizeParams<T>& p, cudaStream_t stream) 
            fn << ": code range [" << p.range.qmin << ", " << p.range.qmax
               << "] must be signed (qmin < 0 < qmax) and inside [-8, 7] (the codes are packed "
                  "s4); use [-7, 7] or [-8, 7]");
-  NB_CHECK(p.index_base % 4 == 0, fn << ": index_base " << p.index_base
-                                     << " must be a multiple of 4 (one Philox block per 4 "
-                                        "elements)");
+  NB_CHECK(p.index_base % 8 == 0, fn << ": index_base " << p.index_base
+                                     << " must be a multiple of 8 (one Philox block per 8 "
+                                        "elements, philox_uniform16)");
   NB_CHECK(p.q != nullptr || p.q_t != nullptr || p.q_packed != nullptr || p.e_packed != nullptr,
            fn << ": no output requested; set q, q_t, q_packed or e_packed");
   const int64_t n = p.rows * p.cols;
@@ -235,8 +274,8 @@ void hq_lsq_quantize_impl(const HqLsqQuantizeParams<T>& p, cudaStream_t stream) 
     constexpr int B = decltype(bc)::value;
     const int64_t col_tiles = detail::ceil_div(p.cols, kChunk * J);
     const int64_t tiles = detail::ceil_div(p.rows, kTileRows) * col_tiles;
-    // One tile per block: the kernel is bound by its arithmetic (an IEEE division and a
-    // quarter Philox block per element), and measured 10% slower with one wave of blocks
+    // One tile per block: the kernel is bound by its arithmetic (an eighth of a Philox block
+    // per element, the butterfly, the codes), and measured 10% slower with one wave of blocks
     // walking several tiles each (bench/README.md); the tile loop stays for grids capped
     // by the CUDA limit.
     detail::check_grid_extent(tiles, fn, "the tiling");

@@ -6,6 +6,7 @@
 #include "cuda/quant/bitsplit.h"
 #include "cuda/quant/device_util.h"
 #include "cuda/quant/launch_checks.h"
+#include "cuda/quant/philox16.cuh"
 
 namespace nibble::cuda {
 namespace {
@@ -102,24 +103,11 @@ __global__ void __launch_bounds__(kThreads) absmax_kernel(BitSplitParams<T> p, b
 
 // The splitting arithmetic replaces rounding and int <-> float conversion instructions (FRND,
 // F2I, I2F) by adds and bit operations (the pass is issue-bound); each replacement is exact.
-// 1.5·2^23: for fp32 |v| ≤ 2^21, v + kRoundMagic = rint(v) + 1.5·2^23 (the sum's ulp is 1, ties
-// to even like rintf), whose bit pattern is 0x4B400000 + rint(v).
-constexpr float kRoundMagic = 12582912.0f;
-constexpr uint32_t kRoundMagicBits = 0x4B400000u;
-
-// floor(v) for |v| ≤ 2^21 as 0x4B400000 + floor(v): the exact sum v + 1.5·2^23 lies in
-// [2^23, 2^24), where the fp32 values are the integers, so rounding it down (__fadd_rd) gives
-// 1.5·2^23 + floor(v).
-__device__ __forceinline__ uint32_t floor_bits(float v) {
-  return __float_as_uint(__fadd_rd(v, kRoundMagic));
-}
-
-// philox_uniform's (w >> 8)·2^-24 without an int -> float conversion: with m = bits 8..30 of w,
-// f = 0.5 + m·2^-24 exactly; bit 31 set: (2^23 + m)·2^-24 = f; clear: f − 0.5 (exact, Sterbenz).
-__device__ __forceinline__ float uniform_from_word(uint32_t w) {
-  const float f = __uint_as_float(0x3f000000u | ((w >> 8) & 0x7fffffu));
-  return (w & 0x80000000u) != 0u ? f : __fsub_rn(f, 0.5f);
-}
+// hi's magic: 1.5·2^23 + 32 (even, ulp 1 in [2^23, 2^24)): v + kHiMagic = rint(v) + kHiMagic
+// for |v| ≤ 2^21, whose bit pattern is 0x4B400020 + rint(v). The +32 makes the combined code's
+// byte come out of one multiply-add (see bitsplit_kernel).
+constexpr float kHiMagic = 12582944.0f;
+constexpr uint32_t kHiMagicBits = 0x4B400020u;
 
 // The low bytes of a, b, c, d as one little-endian word (two byte permutes).
 __device__ __forceinline__ uint32_t pack_bytes(int a, int b, int c, int d) {
@@ -128,30 +116,29 @@ __device__ __forceinline__ uint32_t pack_bytes(int a, int b, int c, int d) {
   return __byte_perm(ab, cd, 0x5410);
 }
 
-// The 4 uniforms of elements index .. index + 3 (index % 4 == 0) from ONE Philox call: they
-// are the 4 words of one counter block, exactly what philox_uniform returns for each of them
-// (rng.h: counter = index / 4, word = index % 4), at a quarter of the cost.
-__device__ __forceinline__ void philox_uniform4(const PhiloxKey& key, uint64_t index,
-                                                float (&u)[4]) {
-  const uint64_t block = index >> 2;
-  const Philox4 ctr{{static_cast<uint32_t>(block), static_cast<uint32_t>(block >> 32), key.step,
-                     (key.layer << 8) | static_cast<uint32_t>(key.role)}};
-  const Philox4 out = philox4x32_10(ctr, static_cast<uint32_t>(key.seed),
-                                    static_cast<uint32_t>(key.seed >> 32));
-#pragma unroll
-  for (int k = 0; k < 4; ++k) u[k] = uniform_from_word(out.v[k]);
+// Byte 2 of a, b, c, d as one little-endian word (three byte permutes).
+__device__ __forceinline__ uint32_t pack_bytes2(uint32_t a, uint32_t b, uint32_t c, uint32_t d) {
+  const uint32_t ac = __byte_perm(a, c, 0x0062);  // bytes 0, 1: a.b2, c.b2
+  const uint32_t bd = __byte_perm(b, d, 0x0062);  // bytes 0, 1: b.b2, d.b2
+  return __byte_perm(ac, bd, 0x5140);
 }
 
 // Second pass over 32 × 128 tiles. Lane l holds the 4 consecutive columns 4l .. 4l+3 of a tile
 // row; each warp loads 4 rows at once. vec: cols % 4 == 0 and aligned pointers, so a lane reads
-// 4 gradients in one load, draws their 4 uniforms from one Philox block and stores 4 codes as
-// one word; otherwise the same mapping with scalar accesses. Per element:
-//   s = 2·(max|g| + 1e-8) / 196;  T = g / s;  hi = clamp(rint(T / 14), −6, 6)
-//   lo = clamp(floor((T − 14·hi) + u), −6, 6);  combined = 14·hi + lo
+// 4 gradients in one load and stores 4 codes as one word; otherwise the same mapping with
+// scalar accesses. pair16 (vec and cols % 8 == 0): lanes 2m, 2m + 1 hold the 8 elements of one
+// philox_uniform16 block per row, so each lane computes one block per two rows
+// (philox16::pair); vec alone: one block per lane and row, half of it used; neither: one per
+// element. Per element (ref::bitsplit):
+//   s = 2m / 196 (returned), scale1 = 196 / (2m), m = max|g| + 1e-8;  T = g·scale1
+//   hi = clamp(rint(T·fl(1/14)), −6, 6);  lo = clamp(floor(T − 14·hi + u), −6, 6) (exact sum)
+//   combined = 14·hi + lo
 template <class T>
 __global__ void __launch_bounds__(kThreads) bitsplit_kernel(BitSplitParams<T> p, bool vec,
-                                                            bool vec_t, bool vec16_t) {
+                                                            bool pair16, bool vec_t,
+                                                            bool vec16_t) {
   constexpr int kRowsPerWarp = kTileRows / kWarps;
+  static_assert(kRowsPerWarp % 2 == 0, "rows come in pairs for philox16::pair");
   __shared__ __align__(16) int8_t tile[kTileRows][kTileCols + 4];  // +4: conflict-free columns
   const int lane = threadIdx.x & 31;
   const int warp = threadIdx.x >> 5;
@@ -160,9 +147,11 @@ __global__ void __launch_bounds__(kThreads) bitsplit_kernel(BitSplitParams<T> p,
   const int64_t c = c0 + 4 * lane;  // this lane's first column
   // m = max(|min − 1e-8|, |max + 1e-8|) = max|g| + 1e-8 (fp32 rounding is monotonic)
   const float m = __fadd_rn(p.scale[1], 1e-8f);
-  const float s = __fdiv_rn(__fmul_rn(2.0f, m), static_cast<float>(kBitSplitLevels));
-  if (blockIdx.x == 0 && blockIdx.y == 0 && threadIdx.x == 0) p.scale[0] = s;
-  const float base = static_cast<float>(kBitSplitBase);
+  const float m2 = __fmul_rn(2.0f, m);
+  // the code scale: one IEEE division per thread, none per element
+  const float scale1 = __fdiv_rn(static_cast<float>(kBitSplitLevels), m2);
+  if (blockIdx.x == 0 && blockIdx.y == 0 && threadIdx.x == 0)
+    p.scale[0] = __fdiv_rn(m2, static_cast<float>(kBitSplitLevels));  // s, for dequantization
   const float half = static_cast<float>(kBitSplitHalf);
 
   const int rb = warp * kRowsPerWarp;
@@ -186,42 +175,62 @@ __global__ void __launch_bounds__(kThreads) bitsplit_kernel(BitSplitParams<T> p,
       for (int k = 0; k < 4; ++k) g[i][k] = c + k < p.cols ? detail::to_f32(gr[c + k]) : 0.0f;
     }
   }
+  // The stream words of every row's 4 elements (rows past the end compute unused words).
+  uint32_t words[kRowsPerWarp][2];
+  if (pair16) {  // uniform
+#pragma unroll
+    for (int i = 0; i < kRowsPerWarp; i += 2) {
+      const uint64_t ia = static_cast<uint64_t>((r0 + rb + i) * p.cols + c);
+      philox16::pair(p.key, ia, ia + static_cast<uint64_t>(p.cols), (lane & 1) != 0, words[i],
+                     words[i + 1]);
+    }
+  } else if (vec) {
+#pragma unroll
+    for (int i = 0; i < kRowsPerWarp; ++i)
+      philox16::own(p.key, static_cast<uint64_t>((r0 + rb + i) * p.cols + c), words[i]);
+  }
 #pragma unroll
   for (int i = 0; i < kRowsPerWarp; ++i) {
     const int64_t row = r0 + rb + i;
     if (row >= p.rows) break;  // whole warp
     const int64_t idx = row * p.cols + c;
-    float u[4];
+    float U[4];  // 192 + u_k (philox16.cuh)
     if (vec) {
-      philox_uniform4(p.key, static_cast<uint64_t>(idx), u);
+      philox16::magic_uniforms4(words[i], U);
     } else {
 #pragma unroll
-      for (int k = 0; k < 4; ++k) u[k] = philox_uniform(p.key, static_cast<uint64_t>(idx + k));
+      for (int k = 0; k < 4; ++k)
+        U[k] = __uint_as_float(philox16::kMagicBits |
+                               philox_bits16(p.key, static_cast<uint64_t>(idx + k)));
     }
-    int hqs[4], lqs[4];
+    uint32_t hb[4], yb[4], comb[4];
 #pragma unroll
     for (int k = 0; k < 4; ++k) {
-      const float t = __fdiv_rn(g[i][k], s);
-      // clamp(rint(q), −6, 6) = rint(clamp(q, −6, 6)) and clamp(floor(y), ..) = floor(clamp(y, ..))
-      // (monotonic, integers fixed; NaN → −6 either way): magic adds instead of FRND/F2I
-      const float hm = __fadd_rn(fminf(fmaxf(__fdiv_rn(t, base), -half), half), kRoundMagic);
-      const float h = __fsub_rn(hm, kRoundMagic);  // exact
-      const float y =
-          fminf(fmaxf(__fadd_rn(__fsub_rn(t, __fmul_rn(base, h)), u[k]), -half), half);
-      const int hq = static_cast<int>(__float_as_uint(hm) - kRoundMagicBits);
-      const int lq = static_cast<int>(floor_bits(y) - kRoundMagicBits);
-      hqs[k] = hq;
-      lqs[k] = lq;
+      const float t = __fmul_rn(g[i][k], scale1);
+      // clamp(rint(q), −6, 6) = rint(clamp(q, −6, 6)) (monotonic, integers fixed; NaN → −6):
+      // a magic add instead of FRND/F2I; bits(hm) = 0x4B400020 + hi
+      const float hm =
+          __fadd_rn(fminf(fmaxf(__fmul_rn(t, kBitSplitInvBase), -half), half), kHiMagic);
+      const float h = __fsub_rn(hm, kHiMagic);  // exact
+      // ρ = T − 14·hi, exact (as the reference's t − 14·h)
+      const float rho = __fmaf_rn(-static_cast<float>(kBitSplitBase), h, t);
+      // 192 + floor(ρ + u) by one add rounded down (|ρ| ≤ 15), clamped to 192 ± 6 (floor and
+      // clamp commute); bits(y) >> 16 = 0x4340 + lo (philox16.cuh)
+      const float y = fminf(fmaxf(__fadd_rd(rho, U[k]), 186.0f), 198.0f);
+      hb[k] = __float_as_uint(hm);
+      yb[k] = __float_as_uint(y);
+      // byte 2 of bits(y) + 14·bits(hm)·2^16 is (64 + lo) + 14·(32 + hi) = 14·hi + lo + 512
+      // (mod 256): the combined code; nothing carries into byte 2 from below
+      comb[k] = yb[k] + (hb[k] * static_cast<uint32_t>(kBitSplitBase) << 16);
     }
+    const auto hi_code = [&](int k) { return static_cast<int>(hb[k] - kHiMagicBits); };
+    const auto lo_code = [&](int k) { return static_cast<int>(yb[k] >> 16) - 0x4340; };
     // 4 codes per word, element k in byte k; hi and lo only when asked for (uniform)
-    const uint32_t word_comb = pack_bytes(kBitSplitBase * hqs[0] + lqs[0],
-                                          kBitSplitBase * hqs[1] + lqs[1],
-                                          kBitSplitBase * hqs[2] + lqs[2],
-                                          kBitSplitBase * hqs[3] + lqs[3]);
+    const uint32_t word_comb = pack_bytes2(comb[0], comb[1], comb[2], comb[3]);
     const uint32_t word_hi =
-        p.hi != nullptr ? pack_bytes(hqs[0], hqs[1], hqs[2], hqs[3]) : 0u;
+        p.hi != nullptr ? pack_bytes(hi_code(0), hi_code(1), hi_code(2), hi_code(3)) : 0u;
     const uint32_t word_lo =
-        p.lo != nullptr ? pack_bytes(lqs[0], lqs[1], lqs[2], lqs[3]) : 0u;
+        p.lo != nullptr ? pack_bytes(lo_code(0), lo_code(1), lo_code(2), lo_code(3)) : 0u;
     if (p.combined_t != nullptr)  // uniform across the block
       *reinterpret_cast<uint32_t*>(&tile[rb + i][4 * lane]) = word_comb;
     if (vec && c < p.cols) {
@@ -242,8 +251,8 @@ __global__ void __launch_bounds__(kThreads) bitsplit_kernel(BitSplitParams<T> p,
 #pragma unroll
       for (int k = 0; k < 4; ++k) {
         if (c + k < p.cols) {  // padding columns are 0 and give 0 codes, but keep sums clean
-          lane_hi += hqs[k] * hqs[k];
-          lane_lo += lqs[k] * lqs[k];
+          lane_hi += hi_code(k) * hi_code(k);
+          lane_lo += lo_code(k) * lo_code(k);
         }
       }
       const long long sum_hi = detail::warp_sum(static_cast<long long>(lane_hi));
@@ -594,9 +603,11 @@ void bitsplit_impl(const BitSplitParams<T>& p, cudaStream_t stream) {
   NB_CUDA_CHECK_LAUNCH();
   const bool vec = p.cols % 4 == 0 && aligned4(p.g, 4 * sizeof(T)) && aligned4(p.hi, 4) &&
                    aligned4(p.lo, 4) && aligned4(p.combined, 4);
+  const bool pair16 = vec && p.cols % 8 == 0;  // lane pairs start at multiples of 8
   const bool vec_t = p.rows % 4 == 0 && aligned4(p.combined_t, 4);
   const bool vec16_t = p.rows % 16 == 0 && aligned4(p.combined_t, 16);
-  bitsplit_kernel<T><<<tile_grid(p.rows, p.cols), kThreads, 0, stream>>>(p, vec, vec_t, vec16_t);
+  bitsplit_kernel<T><<<tile_grid(p.rows, p.cols), kThreads, 0, stream>>>(p, vec, pair16, vec_t,
+                                                                          vec16_t);
   NB_CUDA_CHECK_LAUNCH();
 }
 

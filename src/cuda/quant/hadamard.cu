@@ -219,8 +219,10 @@ __global__ void __launch_bounds__(kThreads)
   const int64_t r0 = static_cast<int64_t>(blockIdx.x) * kTileRows;
   const int64_t c0 = static_cast<int64_t>(blockIdx.y) * W;
   const float s = *p.step;
-  if (!(s > 0.0f && detail::is_finite(s)) && threadIdx.x == 0 && blockIdx.x == 0 &&
-      blockIdx.y == 0) {
+  // r = v·(1/s): one IEEE division per thread, a multiply per element (ref::lsq_quantize)
+  const float inv_s = __fdiv_rn(1.0f, s);
+  if (!(s > 0.0f && detail::is_finite(s) && detail::is_finite(inv_s)) && threadIdx.x == 0 &&
+      blockIdx.x == 0 && blockIdx.y == 0) {
     detail::report(p.status, StatusKind::bad_scale, 0);
   }
   const float qmin = static_cast<float>(p.range.qmin);
@@ -236,8 +238,8 @@ __global__ void __launch_bounds__(kThreads)
       uint32_t word = 0;  // the 4 codes, element k in byte k
 #pragma unroll
       for (int k = 0; k < 4; ++k) {
-        // r = v / s;  q = clamp(rint(r), qmin, qmax)  (clamped in fp32: r may be ±Inf)
-        ri[k] = __fdiv_rn(v[j][k], s);
+        // r = v·inv_s;  q = clamp(rint(r), qmin, qmax)  (clamped in fp32: r may be ±Inf)
+        ri[k] = __fmul_rn(v[j][k], inv_s);
         const int code = static_cast<int>(fminf(fmaxf(rintf(ri[k]), qmin), qmax));
         word |= (static_cast<uint32_t>(code) & 0xffu) << (8 * k);
       }

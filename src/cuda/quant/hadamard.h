@@ -8,7 +8,8 @@
 //
 // Bit-exactness: the transform follows ref::hadamard_blocks' order exactly — stages
 // h = 1, 2, ..., block/2, each pair (i, i + h) -> (a + b, a − b) in fp32, then one multiply by
-// hadamard_norm(block) — and the quantizer divides once (IEEE) and rounds halves to even, so
+// hadamard_norm(block) — and the quantizer multiplies by inv_s = 1/s (one IEEE division per
+// thread, none per element: ref::lsq_quantize's formula) and rounds halves to even, so
 // y, q, q_t and r equal the reference bit for bit. lsq_init_scale is a float reduction in
 // another order: see its comment for the tolerance.
 #include <cuda_runtime.h>
@@ -36,7 +37,7 @@ void hadamard_blocks(const HadamardParams<bf16_t>& p, cudaStream_t stream);
 
 // HQ quantizer, one kernel, one read of x (ref::hq_quantize):
 //   v = x·BlockDiag(H_k)            (butterfly order above, then × hadamard_norm(block))
-//   r = v / s                        (IEEE fp32 division, s = *step)
+//   r = v·inv_s                      (fp32 multiply; inv_s = 1/s, IEEE division, s = *step)
 //   q = clamp(round_half_even(r), qmin, qmax)
 // and, from the same registers, the transposed codes and r (no second pass over memory).
 template <class T>
@@ -49,10 +50,11 @@ struct HqQuantizeParams {
   const float* step = nullptr; // [1] device: the LSQ step size s > 0 (finite)
   int8_t* q = nullptr;         // [rows, cols] codes, K-contiguous: the forward GEMM operand
   int8_t* q_t = nullptr;       // optional [cols, rows] codes, token-contiguous: dw = dyᵀ·x's B
-  float* r = nullptr;          // optional [rows, cols] r = v/s fp32 (STE mask and LSQ δ; ref
+  float* r = nullptr;          // optional [rows, cols] r = v·inv_s fp32 (STE mask and LSQ δ; ref
                                // HqLinearSaved::x_r)
   uint64_t* status = nullptr;  // optional (status.h): NaN/Inf in x, overflow in v, and a
-                               // *step that is not positive finite as bad_scale 0
+                               // *step that is not positive finite (or whose 1/s is not
+                               // finite, s < 2^-128) as bad_scale 0
 };
 void hq_quantize(const HqQuantizeParams<float>& p, cudaStream_t stream);
 void hq_quantize(const HqQuantizeParams<bf16_t>& p, cudaStream_t stream);
