@@ -36,10 +36,10 @@ tail -3 "$out/gpu_tests.txt"
 
 # compute-sanitizer on the kernels new in this change (small shapes; the full suite under
 # memcheck takes far longer than a lease allows).
-san_filter="${SAN_FILTER:-GemmS4*:*Sampled*}"
+san_filter="${SAN_FILTER:-GemmS4S4S32TnDequantSm80.*:*Sampled*}"
 stage "memcheck" 90 "$out/sanitizer.txt" compute-sanitizer --tool memcheck --error-exitcode 1 \
   "$bin/nibble_gpu_tests" --gtest_filter="$san_filter"
-race_filter="${RACE_FILTER:-GemmS4S4S32TnSm80.BitExactOddShapes*}"
+race_filter="${RACE_FILTER:-GemmS4S4S32TnSm80.IdentityOperands*:GemmS8S8S32TnSm80*Identity*}"
 stage "racecheck" 60 "$out/sanitizer.txt" compute-sanitizer --tool racecheck --error-exitcode 1 \
   "$bin/nibble_gpu_tests" --gtest_filter="$race_filter"
 grep -E "ERROR SUMMARY|RACECHECK SUMMARY|== .*exit" "$out/sanitizer.txt"
