@@ -24,7 +24,6 @@
 #include <chrono>
 #include <cmath>
 #include <cstdio>
-#include <fstream>
 #include <functional>
 #include <map>
 #include <memory>
@@ -46,6 +45,7 @@
 #include "cuda/quant/hadamard.h"
 #include "cuda/quant/status.h"
 #include "nibble/error.h"
+#include "nibble/safetensors.h"  // write_file_atomic
 
 namespace nibble::bench {
 namespace {
@@ -546,9 +546,7 @@ int run_linear_bench(const LinearBenchOptions& opt) {
                           {"dtypes", "x, w, dy bf16; y bf16; nibble dx bf16, dw f32; BF16 baseline dx, dw bf16"},
                           {"notes_slower_than_bf16", notes},
                           {"shapes", jshapes}};
-    std::ofstream out(opt.json_path);
-    NB_CHECK(out.good(), "cannot write --json " << opt.json_path);
-    out << doc.dump(2) << "\n";
+    write_file_atomic(opt.json_path, doc.dump(2) + "\n");  // temporary file, then rename
     std::printf("wrote %s\n", opt.json_path.c_str());
   }
   if (!opt.plot_path.empty()) {

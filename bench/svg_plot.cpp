@@ -3,10 +3,10 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdio>
-#include <fstream>
 #include <sstream>
 
 #include "nibble/error.h"
+#include "nibble/safetensors.h"  // write_file_atomic
 
 namespace nibble::bench {
 namespace {
@@ -108,10 +108,7 @@ void write_bar_chart_svg(const BarChart& chart, const std::string& path) {
      << "\" y2=\"" << fmt(ry, 1) << "\" stroke=\"black\" stroke-dasharray=\"6,4\"/>\n";
   os << "</svg>\n";
 
-  std::ofstream out(path);
-  NB_CHECK(out.good(), "cannot write the plot to " << path << "; check that the folder exists");
-  out << os.str();
-  NB_CHECK(out.good(), "writing the plot to " << path << " failed");
+  write_file_atomic(path, os.str());  // temporary file, then rename
 }
 
 }  // namespace nibble::bench

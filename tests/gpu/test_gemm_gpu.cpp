@@ -15,6 +15,7 @@
 #include <cstdint>
 #include <cstdio>
 #include <cstring>
+#include <iterator>
 #include <string>
 #include <vector>
 
@@ -327,8 +328,8 @@ TEST(GemmS8S8S32TnDequantSm90, F32WithinRounding) {
 // Every compiled configuration, forced, on the odd shapes (tile counts of 1, odd and even along
 // both dimensions, so partial clusters are exercised) and through both epilogues.
 const std::vector<cuda::GemmTile>& forced_tiles() {
-  static const std::vector<cuda::GemmTile> tiles = {cuda::GemmTile::coop_128x256_c2x1,
-                                                    cuda::GemmTile::coop_128x256_c1x2};
+  static const std::vector<cuda::GemmTile> tiles(std::begin(cuda::kCompiledGemmTiles),
+                                                 std::end(cuda::kCompiledGemmTiles));
   return tiles;
 }
 
@@ -356,20 +357,23 @@ TEST(GemmS8S8S32TnSm90, AutomaticTileRule) {
   const auto pick = [](int64_t m, int64_t n, int64_t k) {
     return cuda::sm90::choose_tile({nullptr, nullptr, m, n, k});
   };
-  EXPECT_EQ(pick(16384, 4096, 4096), GemmTile::coop_128x256_c1x2);
-  EXPECT_EQ(pick(16384, 4096, 11008), GemmTile::coop_128x256_c1x2);
-  EXPECT_EQ(pick(8192, 8192, 8192), GemmTile::coop_128x256_c2x1);     // M = N
-  EXPECT_EQ(pick(16384, 11008, 4096), GemmTile::coop_128x256_c2x1);   // N/256 odd
-  EXPECT_EQ(pick(16384, 768, 3072), GemmTile::coop_128x256_c2x1);     // N small
-  EXPECT_EQ(pick(16384, 4096, 1024), GemmTile::coop_128x256_c2x1);    // K small
+  EXPECT_EQ(pick(16384, 768, 3072), GemmTile::pingpong_128x128_c1x2);    // narrow and deep
+  EXPECT_EQ(pick(16384, 1024, 4096), GemmTile::pingpong_128x128_c1x2);
+  EXPECT_EQ(pick(128, 4096, 4096), GemmTile::pingpong_128x128_c1x2);     // one M tile
+  EXPECT_EQ(pick(16384, 4096, 4096), GemmTile::pingpong_128x128_c2x1);
+  EXPECT_EQ(pick(8192, 8192, 8192), GemmTile::pingpong_128x128_c2x1);
+  EXPECT_EQ(pick(16384, 768, 768), GemmTile::pingpong_128x128_c2x1);     // K small
+  EXPECT_EQ(pick(16384, 2048, 4096), GemmTile::pingpong_128x128_c2x1);   // N above 1024
+  EXPECT_EQ(pick(1024, 4096, 4096), GemmTile::pingpong_128x128_c2x1);
   EXPECT_EQ(cuda::sm90::choose_tile({nullptr, nullptr, 16384, 4096, 4096, GemmTile::coop_128x256_c2x1}),
             GemmTile::coop_128x256_c2x1);  // a forced tile wins
 }
 
-// A shape the rule sends to the 1×2 cluster, through the launcher's own choice.
+// A shape the rule sends to the 1×2 cluster, through the launcher's own choice (the 2×1
+// choice is checked against cuBLASLt at 8192³ above).
 TEST(GemmS8S8S32TnSm90, AutomaticTileBitExactAtLargeShape) {
-  const int64_t m = 8192, n = 4096, k = 4096;
-  ASSERT_EQ(cuda::sm90::choose_tile({nullptr, nullptr, m, n, k}), cuda::GemmTile::coop_128x256_c1x2);
+  const int64_t m = 8192, n = 1024, k = 4096;
+  ASSERT_EQ(cuda::sm90::choose_tile({nullptr, nullptr, m, n, k}), cuda::GemmTile::pingpong_128x128_c1x2);
   std::vector<int8_t> a, b;
   check_large_vs_cublaslt(m, n, k, seed_for(m, n, k, 90), a, b);
 }

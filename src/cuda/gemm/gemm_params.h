@@ -15,9 +15,18 @@ namespace nibble::cuda {
 // choice changes speed only, never a result bit.
 enum class GemmTile : uint8_t {
   automatic,
-  coop_128x256_c2x1,  // 128×256×128 tile, 2×1 cluster: B's tile multicast to 2 CTAs along M
-  coop_128x256_c1x2,  // 128×256×128 tile, 1×2 cluster: A's tile multicast to 2 CTAs along N
+  // 128×128×128 tile, two consumer warpgroups on two tiles in turn (one's epilogue under the
+  // other's MMAs), 2×1 cluster: B's tile multicast to 2 CTAs along M
+  pingpong_128x128_c2x1,
+  pingpong_128x128_c1x2,  // the same, 1×2 cluster: A's tile multicast to 2 CTAs along N
+  // 128×256×128 tile, both consumer warpgroups on one tile, 2×1 cluster (the H100 choice of
+  // run 1; kept as a forced option for devices where it wins, see bench/README.md)
+  coop_128x256_c2x1,
 };
+// Every configuration the launchers compile (tests force each; bench gemm times each).
+inline constexpr GemmTile kCompiledGemmTiles[] = {
+    GemmTile::pingpong_128x128_c2x1, GemmTile::pingpong_128x128_c1x2,
+    GemmTile::coop_128x256_c2x1};
 
 struct GemmS8S8Params {
   const int8_t* a = nullptr;  // A: [M, K] s8, row-major (K contiguous), 16-byte aligned base

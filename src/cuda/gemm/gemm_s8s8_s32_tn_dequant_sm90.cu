@@ -1,67 +1,17 @@
 // INT8 tensor-core GEMM for Hopper with the fused dequantizing epilogue (EpiDequantBias,
-// gemm_params.h), bf16 or f32 output: launchers. Built for sm_90a only; see CMakeLists.txt.
-#include "cuda/common/check.h"
-#include "cuda/common/workspace.h"
+// gemm_params.h), bf16 output: launcher. Built for sm_90a only; see CMakeLists.txt. The f32
+// output launcher is gemm_s8s8_s32_tn_dequant_f32_sm90.cu.
 #include "cuda/gemm/gemm_s8s8_s32_tn_sm90.h"
-#include "cuda/gemm/gemm_s8s8_sm90_kernel.cuh"
-#include "cuda/gemm/gemm_sm90_host.h"
+#include "cuda/gemm/gemm_s8s8_sm90_dequant.cuh"
 
 namespace nibble::cuda {
-
-namespace {
-
-// K = 0: acc = 0, so y[m, n] = 0 · (scale_a · scale_b) + bias[n], the epilogue formula itself.
-template <class OutT>
-__global__ void dequant_empty_k_kernel(EpiDequantBias epi, int64_t m, int64_t n, OutT* y) {
-  const int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
-  if (i >= m * n) return;
-  const int64_t row = i / n, col = i % n;
-  const float sa = epi.scale_a ? epi.scale_a[epi.a_per_row ? row : 0] : 1.0f;
-  const float sb = epi.scale_b ? epi.scale_b[epi.b_per_col ? col : 0] : 1.0f;
-  const float v = 0.0f * (sa * sb) + (epi.bias ? epi.bias[col] : 0.0f);
-  y[i] = OutT(v);  // cutlass::bfloat16_t converts with round-to-nearest-even
-}
-
-template <class Config, class OutT>
-void run_config(const GemmS8S8Params& p, const EpiDequantBias& epi, OutT* y, cudaStream_t stream) {
-  using Epi = sm90::EpiDequantBiasTo<OutT>;
-  using Gemm = sm90::GemmS8S8Sm90<Config, Epi>;
-  auto args = Gemm::make_arguments(p, y, sm90::SchedulerKnobs{});
-  Epi::fill(args.epilogue.thread, epi);
-  Gemm::run(args, stream);
-}
-
-template <class OutT>
-void run_dequant(const char* fn, const GemmS8S8Params& p, const EpiDequantBias& epi, OutT* y,
-                 cudaStream_t stream) {
-  sm90::check_gemm_params(fn, p, y, static_cast<int>(sizeof(OutT)));
-  sm90::check_epilogue(fn, epi);
-  if (p.m == 0 || p.n == 0) return;
-  if (p.k == 0) {
-    const int64_t total = p.m * p.n;
-    const int threads = 256;
-    dequant_empty_k_kernel<OutT><<<static_cast<unsigned>((total + threads - 1) / threads),
-                                   threads, 0, stream>>>(epi, p.m, p.n, y);
-    NB_CUDA_CHECK_LAUNCH();
-    return;
-  }
-  sm90::with_tile_config(sm90::choose_tile(p),
-                         [&]<class Config>() { run_config<Config>(p, epi, y, stream); });
-}
-
-}  // namespace
 
 void gemm_s8s8_s32_tn_dequant_sm90(const GemmS8S8Params& p, const EpiDequantBias& epi, bf16_t* y,
                                    cudaStream_t stream) {
   // bf16_t and cutlass::bfloat16_t are both one uint16_t of bfloat16 bits.
   static_assert(sizeof(bf16_t) == sizeof(cutlass::bfloat16_t));
-  run_dequant("gemm_s8s8_s32_tn_dequant_sm90 (bf16)", p, epi,
-              reinterpret_cast<cutlass::bfloat16_t*>(y), stream);
-}
-
-void gemm_s8s8_s32_tn_dequant_sm90(const GemmS8S8Params& p, const EpiDequantBias& epi, float* y,
-                                   cudaStream_t stream) {
-  run_dequant("gemm_s8s8_s32_tn_dequant_sm90 (f32)", p, epi, y, stream);
+  sm90::dequant_detail::run_dequant("gemm_s8s8_s32_tn_dequant_sm90 (bf16)", p, epi,
+                                    reinterpret_cast<cutlass::bfloat16_t*>(y), stream);
 }
 
 }  // namespace nibble::cuda

@@ -58,21 +58,24 @@ using PingpongConfig = TileConfig<kM, kN, 128, kClusterM, kClusterN,
                                   cutlass::epilogue::TmaWarpSpecialized>;
 
 // The configurations the launchers compile, one per GemmTile value (gemm_params.h), chosen by
-// measurement on an H100 SXM (bench/README.md, "configs tried"): a 128×256×128 CTA tile, two
-// cooperative consumer warpgroups, persistent scheduler, and two CTAs of a cluster sharing one
-// operand's tile through TMA multicast (B along M for 2×1, A along N for 1×2).
+// measured sweeps (bench/README.md, "configs tried" and "Tile dispatch"): ping-pong 128×128
+// with a 2×1 or 1×2 cluster (the H200 sweep's winners), and the cooperative 128×256 tile of
+// the H100 run 1; persistent scheduler; two CTAs of a cluster share one operand's tile through
+// TMA multicast (B along M for 2×1, A along N for 1×2).
 // with_tile_config(tile, f) calls f.template operator()<Config>() for the resolved tile
 // (never GemmTile::automatic: resolve it with sm90::choose_tile first).
 template <class F>
 decltype(auto) with_tile_config(GemmTile tile, F&& f) {
   switch (tile) {
-    case GemmTile::coop_128x256_c1x2:
-      return f.template operator()<CooperativeConfig<128, 256, 1, 2>>();
-    case GemmTile::automatic:
+    case GemmTile::pingpong_128x128_c1x2:
+      return f.template operator()<PingpongConfig<128, 128, 1, 2>>();
     case GemmTile::coop_128x256_c2x1:
+      return f.template operator()<CooperativeConfig<128, 256, 2, 1>>();
+    case GemmTile::automatic:
+    case GemmTile::pingpong_128x128_c2x1:
       break;
   }
-  return f.template operator()<CooperativeConfig<128, 256, 2, 1>>();
+  return f.template operator()<PingpongConfig<128, 128, 2, 1>>();
 }
 
 // ---- epilogues -------------------------------------------------------------------------

@@ -73,16 +73,18 @@ void check_epilogue(const char* fn, const EpiDequantBias& epi) {
 
 GemmTile choose_tile(const GemmS8S8Params& p) {
   if (p.tile != GemmTile::automatic) return p.tile;
-  const bool n_tiles_even = p.n % 512 == 0;
-  if (n_tiles_even && p.m > p.n && p.n >= 4096 && p.k >= 4096) return GemmTile::coop_128x256_c1x2;
-  return GemmTile::coop_128x256_c2x1;
+  // One M tile (M ≤ 128) leaves half of a 2×1 cluster idle; narrow, deep products
+  // (N ≤ 1024, K ≥ 3072) measured 7-10% faster with A multicast along N.
+  if (p.m <= 128 || (p.n <= 1024 && p.k >= 3072)) return GemmTile::pingpong_128x128_c1x2;
+  return GemmTile::pingpong_128x128_c2x1;
 }
 
 const char* tile_name(GemmTile tile) {
   switch (tile) {
     case GemmTile::automatic: return "automatic";
+    case GemmTile::pingpong_128x128_c2x1: return "pingpong_128x128x128_c2x1";
+    case GemmTile::pingpong_128x128_c1x2: return "pingpong_128x128x128_c1x2";
     case GemmTile::coop_128x256_c2x1: return "coop_128x256x128_c2x1";
-    case GemmTile::coop_128x256_c1x2: return "coop_128x256x128_c1x2";
   }
   return "unknown";
 }

@@ -13,11 +13,14 @@ void check_gemm_params(const char* fn, const GemmS8S8Params& p, const void* out,
 void check_epilogue(const char* fn, const EpiDequantBias& epi);
 
 // The configuration a call runs: p.tile, or for GemmTile::automatic the shape rule below.
-//   coop_128x256_c1x2 when N/256 is even, M > N ≥ 4096 and K ≥ 4096; coop_128x256_c2x1 otherwise.
-// Why: in the run-1 sweep (bench/README.md) the 1×2 cluster measured 102% / 101% of cuBLASLt INT8
-// at 16384×4096×4096 / 16384×4096×11008 against 92% / 96% for 2×1, and lost wherever N/256 is
-// odd (N = 768: 73%; N = 11008: 95% vs 99%), because a 1×2 cluster needs pairs of N tiles, and
-// at 8192³ (100% vs 107%). The rule is deliberately narrow: it changes only shapes like those.
+//   pingpong_128x128_c1x2 when M ≤ 128, or N ≤ 1024 and K ≥ 3072; pingpong_128x128_c2x1 otherwise.
+// Why (H200 sweep of 2026-12-03, interleaved timer, % of cuBLASLt INT8; bench/README.md): the
+// ping-pong 128×128 tile beat the cooperative 128×256 tile on every shape, e.g. 16384×4096×4096
+// 99.4% vs 90.5%, 16384×11008×4096 98.3% vs 91.7%, 8192³ 96.5% vs 94.9%, K = 768: 117-124% vs
+// 103-114%. The 1×2 cluster won at 16384×768×3072 (106.0% vs 99.4%), 16384×1024×4096 (106.6%
+// vs 96.9%) and M = 128 (87.7% vs 82.8%) and tied or lost elsewhere. (The H100 sweep of run 1
+// had ping-pong 2×1 at 85% of cuBLASLt at 8192³ with sequential timing; bench gemm times every
+// compiled tile forced, so each device run re-checks the rule.)
 GemmTile choose_tile(const GemmS8S8Params& p);
 // The configuration's name in reports, e.g. "coop_128x256x128_c2x1".
 const char* tile_name(GemmTile tile);
