@@ -9,14 +9,13 @@
 //                                                                           vs two BF16 GEMMs
 //                    (dx = dy·w, dw = dyᵀ·x, bf16 out, cuBLASLt with the transposes it needs)
 //   backward sampled Bernoulli leverage-score sampling (hq_linear.h LssVariant::sampled: unbiased
-//                    dw and dx, bit-exact with ref::LssMode::bernoulli, one host wait)
+//                    dw and dx, bit-exact with ref::LssMode::bernoulli, no host wait)
 // plus a breakdown of the forward and backward into their kernels. Inputs: x, w, dy bf16
 // uniform in [−1, 1), bias f32; the step sizes are LSQ initialisations on the data.
 // Timing: the method of bench/common/bench_util.cuh (warm-up; every timed launch queued behind
 // a spin kernel between two CUDA events; all variants interleaved launch by launch; rotating
 // input sets > 4× L2; medians), with the spin sized from the measured host time of a round,
-// because a layer call queues a dozen kernels. The sampled variant waits for the GPU inside,
-// so it is timed on its own, after the others (its time includes that wait).
+// because a layer call queues a dozen kernels. No variant waits for the GPU inside a call.
 #include <cublasLt.h>
 #include <cuda_runtime.h>
 
@@ -147,25 +146,22 @@ std::vector<Shape> default_linear_shapes() {
 
 // time_interleaved (bench_util.cuh) with the spin sized from the host's enqueue time: a round
 // of layer calls queues many kernels and host-side checks, more than bench_util's 20 µs per
-// launch for small shapes. host_waits: a launch synchronises with the GPU itself (the sampled
-// variant), so no spin can hold the queue; its intervals then include that wait.
+// launch for small shapes.
 std::vector<Timing> time_group(const std::vector<std::function<void(int)>>& launches, int sets,
-                               int warmup, int runs, cudaStream_t stream, bool host_waits = false) {
+                               int warmup, int runs, cudaStream_t stream) {
   const size_t nk = launches.size();
   for (int i = 0; i < std::max(warmup, 1); ++i)
     for (const auto& l : launches) l(i % sets);
   NB_CUDA_CHECK(cudaStreamSynchronize(stream));
-  double round_ns = 0;
-  if (!host_waits) {
-    // One more round, timing the host's enqueue alone.
-    const auto t0 = std::chrono::steady_clock::now();
-    for (const auto& l : launches) l(0);
-    round_ns = std::chrono::duration<double, std::nano>(std::chrono::steady_clock::now() - t0).count();
-    NB_CUDA_CHECK(cudaStreamSynchronize(stream));
-  }
+  // One more round, timing the host's enqueue alone.
+  const auto t0 = std::chrono::steady_clock::now();
+  for (const auto& l : launches) l(0);
+  const double round_ns =
+      std::chrono::duration<double, std::nano>(std::chrono::steady_clock::now() - t0).count();
+  NB_CUDA_CHECK(cudaStreamSynchronize(stream));
   // event records add host time too: 2·nk of them per round, generously 5 µs each
   const double per_round = round_ns + 10000.0 * static_cast<double>(nk);
-  const int64_t spin_ns = host_waits ? 0 : static_cast<int64_t>(1.5 * per_round * runs) + 2000000;
+  const int64_t spin_ns = static_cast<int64_t>(1.5 * per_round * runs) + 2000000;
   return time_queued(launches, sets, runs, stream, spin_ns);
 }
 
@@ -443,11 +439,11 @@ int run_linear_bench(const LinearBenchOptions& opt) {
                stream);
     };
 
-    const std::vector<std::string> names = {
+    std::vector<std::string> names = {
         "weight_quant",  "forward",      "backward",    "bf16_forward", "bf16_backward",
         "fwd_quant_x",   "fwd_gemm",     "bwd_bitsplit", "bwd_unpack_x_t", "bwd_gemm_dx",
         "bwd_gemm_dw",   "bwd_mask_dx",  "bwd_mask_dw", "bwd_db"};
-    const std::vector<std::function<void(int)>> launches = {
+    std::vector<std::function<void(int)>> launches = {
         weight_quant,
         forward,
         [&](int i) { backward(i, cfg, ws_keep, ws_keep_bytes); },
@@ -467,12 +463,13 @@ int run_linear_bench(const LinearBenchOptions& opt) {
       weight_quant(i);
       forward(i);
     }
-    std::vector<Timing> t = time_group(launches, sets, warmup, runs, stream);
-    Timing t_sampled{};
+    // The sampled variant never waits for the GPU either, so it joins the interleaved group.
     if (opt.sampled) {
-      t_sampled = time_group({[&](int i) { backward(i, cfg_sampled, ws_samp, ws_samp_bytes); }},
-                             sets, warmup, runs, stream, /*host_waits=*/true)[0];
+      names.push_back("backward_sampled");
+      launches.push_back([&](int i) { backward(i, cfg_sampled, ws_samp, ws_samp_bytes); });
     }
+    const std::vector<Timing> t = time_group(launches, sets, warmup, runs, stream);
+    const Timing t_sampled = opt.sampled ? t.back() : Timing{};
     cuda::status_throw_if_set(status.as<uint64_t>(), "nibble bench linear (the INT4 layer)", stream);
 
     const auto med = [&](const char* name) {

@@ -6,7 +6,9 @@
 #   cmake --build build-gpu --target nibble nibble_gpu_tests
 # Usage: scripts/gpu_check.sh [BIN_DIR [OUT_DIR]]   (defaults: build-gpu, $OUT or out/gpu)
 # Writes eight files to OUT_DIR (the lent machine returns at most eight): gpu_tests.txt (device
-# line first), sanitizer.txt, gemm.{txt,json,svg}, linear.{txt,json,svg}.
+# line first), sanitizer.txt, gemm.{txt,json,svg}, linear.{txt,json,svg}; with SWEEP_SHAPES set
+# (MxNxK,... for BIN_DIR/nibble_bench_gemm_sweep) also sweep.txt, the tile sweep on those
+# shapes (then bundle OUT_DIR, e.g. tar, to bring the nine back).
 set -uo pipefail
 bin="${1:-build-gpu}"
 out="${2:-${OUT:-out/gpu}}"
@@ -43,6 +45,11 @@ race_filter="${RACE_FILTER:-GemmS4S4S32TnSm80.IdentityOperands*:GemmS8S8S32TnSm8
 stage "racecheck" 60 "$out/sanitizer.txt" compute-sanitizer --tool racecheck --error-exitcode 1 \
   "$bin/nibble_gpu_tests" --gtest_filter="$race_filter"
 grep -E "ERROR SUMMARY|RACECHECK SUMMARY|== .*exit" "$out/sanitizer.txt"
+
+if [ -n "${SWEEP_SHAPES:-}" ]; then
+  stage "tile sweep" 150 "$out/sweep.txt" "$bin/nibble_bench_gemm_sweep" --runs 20 \
+    --shapes "$SWEEP_SHAPES"
+fi
 
 stage "bench gemm" 120 "$out/gemm.txt" "$bin/nibble" bench gemm --json "$out/gemm.json" \
   --plot "$out/gemm.svg"

@@ -782,11 +782,62 @@ TEST_P(LinearGpuPath, SampledBackwardMatchesRef) {
     check_backward_sampled(sc, seed_of(sc.shape, seed_variant(v++)), gemm());
 }
 
+// The sampled GEMMs are sized for K_cap rows, not the kept counts (no host wait). A capacity
+// below the kept count must be reported with that count, never fault or pass silently.
+TEST_P(LinearGpuPath, SampledBackwardReportsCapacityOverflow) {
+  const Case k{128, 256, 64, 32, kInt4Sym};
+  Layer L(k.n, k.d, k.c);
+  const uint64_t seed = seed_of(k, seed_variant(70));
+  const ref::HqLinearSaved saved = check_forward<float>(k, false, L, seed, gemm());
+  const std::vector<float> dy = graded_grad(k.n, k.c, seed + 10);
+  cuda::HqLinearConfig cfg;
+  cfg.block = k.block;
+  cfg.range = k.range;
+  cfg.lss = cuda::LssVariant::sampled;
+  cfg.sample_fraction = 0.4;
+  cfg.gemm = gemm();
+  cfg.sample_capacity_sigmas = -1000.0;  // K_cap = 16, far below the ~102 kept rows
+  ASSERT_EQ(cuda::hq_linear_sampled_capacity(k.n, cfg), 16);
+  const PhiloxKey key{seed + 11, 3, 5, RngRole::rounding};
+  const ref::HqLinearGrads want = ref::hq_linear_backward(dy.data(), saved, to_ref(cfg), key);
+  const int64_t kept = std::max(want.kept_rows_dw, want.kept_rows_dx);
+  ASSERT_GT(kept, 16);
+  try {
+    run_backward<float, float>(L, dy, cfg, key);
+    ADD_FAILURE() << "a kept count of " << kept << " above K_cap = 16 was not reported";
+  } catch (const Error& e) {
+    const std::string msg = e.what();
+    EXPECT_NE(msg.find("kept " + std::to_string(kept) + " rows"), std::string::npos) << msg;
+    EXPECT_NE(msg.find("sample_capacity_sigmas"), std::string::npos) << msg;
+  }
+  // At the default capacity the same call reports nothing (the matches-ref test checks values).
+  cfg.sample_capacity_sigmas = 8.0;
+  EXPECT_NO_THROW((run_backward<float, float>(L, dy, cfg, key)));
+}
+
 INSTANTIATE_TEST_SUITE_P(LinearGpu, LinearGpuPath,
                          ::testing::Values(cuda::GemmPath::automatic, cuda::GemmPath::mma_sm80),
                          [](const ::testing::TestParamInfo<cuda::GemmPath>& info) {
                            return std::string(cuda::gemm_path_name(info.param));
                          });
+
+// K_cap = min(round16(2N), round16(ceil(E + σ·√E + 16))), at least 16, E = fraction·2N.
+TEST(LinearGpu, SampledCapacityFormula) {
+  cuda::HqLinearConfig cfg;
+  cfg.lss = cuda::LssVariant::sampled;
+  cfg.sample_fraction = 0.5;  // N = 16384: E = 16384, √E = 128, 16384 + 1024 + 16 = 17424
+  EXPECT_EQ(cuda::hq_linear_sampled_capacity(16384, cfg), 17424);
+  cfg.sample_fraction = 0.3;  // N = 128: E = 76.8, ceil(76.8 + 8·8.76… + 16) = 163 → 176
+  EXPECT_EQ(cuda::hq_linear_sampled_capacity(128, cfg), 176);
+  cfg.sample_fraction = 1.0;  // the whole list: 2N = 200 → 208
+  EXPECT_EQ(cuda::hq_linear_sampled_capacity(100, cfg), 208);
+  cfg.sample_fraction = 0.5;
+  cfg.sample_capacity_sigmas = -1e9;
+  EXPECT_EQ(cuda::hq_linear_sampled_capacity(16384, cfg), 16);
+  cfg.sample_capacity_sigmas = 1e300;
+  EXPECT_EQ(cuda::hq_linear_sampled_capacity(16384, cfg), 32768);
+  // a non-finite σ is rejected at the op boundary (hq_linear_backward), not here
+}
 
 TEST(LinearGpu, RejectsShapesThatAreNotMultiplesOf16) {
   DeviceBuffer<float> x(64 * 64), w(64 * 64), s(2);

@@ -3,6 +3,8 @@
 // src/cuda/quant and src/cuda/gemm.
 #include "cuda/linear/hq_linear.h"
 
+#include <algorithm>
+#include <cmath>
 #include <cstdint>
 #include <initializer_list>
 
@@ -98,12 +100,12 @@ struct Workspace {
   int32_t* kept_x = nullptr;
   int32_t* counts = nullptr;     // [4]: kept_w count, padded; kept_x count, padded
   int32_t* pos = nullptr;        // [2N]
-  float* coef = nullptr;         // [round16(2N)]
+  float* coef = nullptr;         // [K_cap] (K_cap = hq_linear_sampled_capacity)
   float* dw_scale = nullptr;     // [2]: the dw re-quantization scale t, and t·s
-  int8_t* a_dw = nullptr;        // [C, round16(2N)]
-  int8_t* b_dw = nullptr;        // [D, round16(2N)]
-  int8_t* a_dx = nullptr;        // [round16(2N), C]
-  float* out_dx = nullptr;       // [round16(2N), D]
+  int8_t* a_dw = nullptr;        // [C, K_cap]
+  int8_t* b_dw = nullptr;        // [D, K_cap]
+  int8_t* a_dx = nullptr;        // [K_cap, C]
+  float* out_dx = nullptr;       // [K_cap, D]
 };
 
 Workspace carve(void* base, int64_t n, int64_t d, int64_t c, const HqLinearConfig& cfg,
@@ -121,7 +123,8 @@ Workspace carve(void* base, int64_t n, int64_t d, int64_t c, const HqLinearConfi
     w.x_q_t = cv.take<int8_t>(d * n);
     w.dx_t = cv.take<float>(n * d);
   } else {
-    const int64_t k = round16(2 * n);
+    const int64_t list = round16(2 * n);  // select_rows writes the whole padded list
+    const int64_t k = hq_linear_sampled_capacity(n, cfg);
     w.hi = cv.take<int8_t>(n * c);
     w.lo = cv.take<int8_t>(n * c);
     w.row_sumsq = cv.take<int64_t>(2 * n);
@@ -130,8 +133,8 @@ Workspace carve(void* base, int64_t n, int64_t d, int64_t c, const HqLinearConfi
     w.p_w = cv.take<float>(2 * n);
     w.scores_x = cv.take<float>(2 * n);
     w.p_x = cv.take<float>(2 * n);
-    w.kept_w = cv.take<int32_t>(k);
-    w.kept_x = cv.take<int32_t>(k);
+    w.kept_w = cv.take<int32_t>(list);
+    w.kept_x = cv.take<int32_t>(list);
     w.counts = cv.take<int32_t>(4);
     w.pos = cv.take<int32_t>(2 * n);
     w.coef = cv.take<float>(k);
@@ -283,6 +286,9 @@ void backward_impl(const HqLinearBackwardParams<G>& p, const HqLinearConfig& cfg
   NB_CHECK(cfg.lss == LssVariant::keep_all ||
                (cfg.sample_fraction > 0.0 && cfg.sample_fraction <= 1.0),
            fn << ": sample_fraction " << cfg.sample_fraction << " must be in (0, 1]");
+  NB_CHECK(cfg.lss == LssVariant::keep_all || std::isfinite(cfg.sample_capacity_sigmas),
+           fn << ": sample_capacity_sigmas " << cfg.sample_capacity_sigmas
+              << " must be finite (8 is the default)");
   // The sampled dw sums up to 2N products of |q| ≤ 127 and |x| ≤ 8 in int32.
   NB_CHECK(cfg.lss == LssVariant::keep_all || 2 * n * 127 * 8 <= INT32_MAX,
            fn << ": N = " << n << " is too large for the sampled variant's int32 dw sums "
@@ -391,14 +397,15 @@ void backward_impl(const HqLinearBackwardParams<G>& p, const HqLinearConfig& cfg
     sr.kept_index = ws.kept_x;
     sr.kept_count = ws.counts + 2;
     sample_rows(sr, stream);
+    // The GEMMs run over the first K_cap list entries, whatever the kept counts (they stay on
+    // the device: no host wait); entries past a count are −1, i.e. zero rows. A count above
+    // K_cap is reported (StatusKind::capacity), see LssVariant::sampled.
+    const int64_t k_cap = hq_linear_sampled_capacity(n, cfg);
+    ld::check_sample_capacity(ws.counts, k_cap, p.status, stream);
+    const int64_t k_dw = k_cap, k_dx = k_cap;
     // t = max_kept |β/p·code| / 127 and t·s, on the device (the list's −1 tail is skipped)
-    ld::sampled_dw_scale(ws.hi, ws.lo, n, c, ws.kept_w, round16(2 * n), ws.p_w, s, ws.dw_scale,
-                         p.status, stream);
-    // The GEMM sizes are the kept counts: the one host wait of this variant.
-    int32_t counts[4] = {0, 0, 0, 0};
-    NB_CUDA_CHECK(cudaMemcpyAsync(counts, ws.counts, sizeof(counts), cudaMemcpyDeviceToHost, stream));
-    NB_CUDA_CHECK(cudaStreamSynchronize(stream));
-    const int64_t k_dw = counts[1], k_dx = counts[3];
+    ld::sampled_dw_scale(ws.hi, ws.lo, n, c, ws.kept_w, k_dw, ws.p_w, s, ws.dw_scale, p.status,
+                         stream);
     // dw_t = float(Σ_kept q_iᵀ·x_q(i mod N))·((t·s)·sx), q = clamp(floor(β/p·code/t + u)):
     // 1/p varies along K, so it lives in the re-quantized codes, not in the epilogue (F.6).
     // K = kept rows padded to 16 with zero rows; K = 0 (nothing kept) makes dw_t = 0.
@@ -457,6 +464,14 @@ void hq_linear_forward(const HqLinearForwardParams<float>& p, const HqLinearConf
 void hq_linear_forward(const HqLinearForwardParams<bf16_t>& p, const HqLinearConfig& cfg,
                        const PhiloxKey& key, cudaStream_t stream) {
   forward_impl(p, cfg, key, stream);
+}
+
+int64_t hq_linear_sampled_capacity(int64_t n, const HqLinearConfig& cfg) {
+  const int64_t list = round16(2 * n);
+  const double expected = cfg.sample_fraction * static_cast<double>(2 * n);
+  const double want = std::ceil(expected + cfg.sample_capacity_sigmas * std::sqrt(expected) + 16.0);
+  if (!(want < static_cast<double>(list))) return list;  // also NaN
+  return std::max<int64_t>(16, round16(static_cast<int64_t>(std::max(want, 0.0))));
 }
 
 size_t hq_linear_backward_workspace_bytes(int64_t n, int64_t d, int64_t c,

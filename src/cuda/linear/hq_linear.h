@@ -42,8 +42,8 @@
 // all three products, and 16-byte rows) — pad the tensors otherwise; the Hadamard block a
 // power of two in [1, 1024] dividing D; every pointer 16-byte aligned (cudaMalloc bases).
 //
-// All pointers are device pointers; work is queued on `stream`; nothing waits for the GPU
-// (except the sampled-LSS variant's one wait for its kept counts, see LssVariant). Errors in the data (NaN/Inf input,
+// All pointers are device pointers; work is queued on `stream`; nothing waits for the GPU, so
+// every variant can be captured in a CUDA graph. Errors in the data (NaN/Inf input,
 // a step size that is not positive finite) go to the optional status word (cuda/quant/status.h).
 #include <cuda_runtime.h>
 
@@ -80,9 +80,16 @@ enum class LssVariant : uint8_t {
   //       then dw_t = float(Σ_kept q_iᵀ·x_q(i mod N))·((t·s)·sx) as one INT8 GEMM over the
   //       kept rows (K padded to 16 with zero rows). Bit-exact with the reference for the same
   //       p (fit_probabilities agrees to 1 ulp, cuda/quant/bitsplit.h; equal in practice).
-  // The GEMM sizes depend on the kept counts, which live on the device: this variant waits
-  // for the stream once (cudaMemcpyAsync + cudaStreamSynchronize of 4 ints) to size them; t
-  // and t·s stay on the device. N ≤ 1056899 (int32 dw sums of |q| ≤ 127 times |x| ≤ 8).
+  // The kept counts live on the device and the host never reads them: the GEMMs are sized
+  // for a capacity K_cap = hq_linear_sampled_capacity(N, cfg) rows (the expected count E =
+  // sample_fraction·2N plus sample_capacity_sigmas·√E + 16, rounded up to 16, at most 2N);
+  // list entries past the kept count are −1 and give zero rows, which add nothing to the
+  // integer sums, so the results are those of the exact-size GEMMs. The count is a sum of
+  // independent Bernoulli draws with mean ≤ E (variance ≤ E), so by Chernoff's bound it
+  // exceeds K_cap with probability ≤ exp(−t²/(2E + 2t/3)), t = K_cap − E: below e^-32 for
+  // σ = 8 at every E. If it happens anyway, the rows past K_cap are dropped and the status
+  // word says so (StatusKind::capacity, index = the kept count). t and t·s stay on the
+  // device. N ≤ 1056899 (int32 dw sums of |q| ≤ 127 times |x| ≤ 8).
   sampled,
 };
 
@@ -91,6 +98,7 @@ struct HqLinearConfig {
   QRange range = kInt4Sym;          // forward codes inside [-8, 7], qmin < 0 < qmax
   LssVariant lss = LssVariant::keep_all;
   double sample_fraction = 0.5;     // sampled: Σp = fraction·2N (in (0, 1])
+  double sample_capacity_sigmas = 8.0;  // sampled: rows reserved above E, in units of √E
   // Which GEMM kernels run the layer (cuda/gemm/gemm_dispatch.h): automatic = the sm_90a INT8
   // wgmma GEMM on Hopper, the mma.sync GEMMs on Ampere/Ada (compute capability ≥ 8.0).
   // mma_sm80 (forced, e.g. for tests on Hopper): the forward is the native INT4 GEMM on the
@@ -182,6 +190,11 @@ void hq_linear_forward(const HqLinearForwardParams<float>& p, const HqLinearConf
                        const PhiloxKey& key, cudaStream_t stream);
 void hq_linear_forward(const HqLinearForwardParams<bf16_t>& p, const HqLinearConfig& cfg,
                        const PhiloxKey& key, cudaStream_t stream);
+
+// The sampled backward's GEMM row capacity (see LssVariant::sampled):
+//   min(round16(2N), round16(ceil(E + sample_capacity_sigmas·√E + 16))), at least 16,
+//   E = sample_fraction·2N.
+int64_t hq_linear_sampled_capacity(int64_t n, const HqLinearConfig& cfg);
 
 // Scratch the backward needs (one buffer, carved inside), for this shape and variant.
 size_t hq_linear_backward_workspace_bytes(int64_t n, int64_t d, int64_t c,

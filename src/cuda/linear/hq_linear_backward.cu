@@ -430,6 +430,12 @@ __global__ void dx_coefs_kernel(const int32_t* __restrict__ index, int64_t k,
   pos[i] = static_cast<int32_t>(j);
 }
 
+__global__ void check_sample_capacity_kernel(const int32_t* __restrict__ counts, int64_t capacity,
+                                             uint64_t* status) {
+  const int64_t k = counts[0] > counts[2] ? counts[0] : counts[2];
+  if (k > capacity) detail::report(status, StatusKind::capacity, static_cast<uint64_t>(k));
+}
+
 unsigned blocks_for(int64_t count, int threads) {
   return static_cast<unsigned>(detail::ceil_div(count, threads));
 }
@@ -556,6 +562,13 @@ void dx_coefs(const int32_t* index, int64_t k, const float* p, const float* spli
   if (k == 0) return;
   dx_coefs_kernel<<<blocks_for(k, kThreads), kThreads, 0, stream>>>(index, k, p, split_scale, n,
                                                                     coef, pos);
+  NB_CUDA_CHECK_LAUNCH();
+}
+
+void check_sample_capacity(const int32_t* counts, int64_t capacity, uint64_t* status,
+                           cudaStream_t stream) {
+  if (status == nullptr) return;
+  check_sample_capacity_kernel<<<1, 1, 0, stream>>>(counts, capacity, status);
   NB_CUDA_CHECK_LAUNCH();
 }
 

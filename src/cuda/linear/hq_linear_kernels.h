@@ -82,5 +82,10 @@ void gather_split_rows(const int8_t* hi, const int8_t* lo, int64_t n, int64_t co
 // filled with −1 before (the launcher does it).
 void dx_coefs(const int32_t* index, int64_t k, const float* p, const float* split_scale,
               int64_t n, float* coef, int32_t* pos, cudaStream_t stream);
+// counts = sample_rows' [kept_w k, round16, kept_x k, round16]: a k above capacity (the rows the
+// sampled GEMMs were sized for) is reported as StatusKind::capacity, index = that k (the
+// larger one when both are). One thread; nothing when status is null.
+void check_sample_capacity(const int32_t* counts, int64_t capacity, uint64_t* status,
+                           cudaStream_t stream);
 
 }  // namespace nibble::cuda::linear_detail

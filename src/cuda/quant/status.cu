@@ -47,6 +47,12 @@ std::string status_message(uint64_t word, int64_t cols) {
       where();
       os << " although the input is finite; rescale the input";
       break;
+    case StatusKind::capacity:
+      os << "the sampled backward kept " << index
+         << " rows, more than its GEMMs were sized for, so the rows past the capacity were "
+            "dropped and this step's gradients are biased; raise "
+            "HqLinearConfig::sample_capacity_sigmas (8 makes this an e^-32 event)";
+      break;
     default:
       os << "unknown status word 0x" << std::hex << word;
       break;

@@ -23,8 +23,11 @@ enum class StatusKind : uint64_t {
                      //         or a negative leverage score
   bad_scale = 2,     // index = which scale/step (device input or computed) is not positive finite
   overflow = 3,      // index = flat index of a Hadamard-transformed value that overflowed fp32
-                     //         although every input was finite (ranked last: a NaN input spreads
-                     //         over its whole block, so the input's own index must win)
+                     //         although every input was finite (ranked after the input errors: a
+                     //         NaN input spreads over its whole block, so the input's own index
+                     //         must win)
+  capacity = 4,      // index = kept-row count of a sampled backward that exceeded the rows its
+                     //         GEMMs were sized for (HqLinearConfig::sample_capacity_sigmas)
 };
 
 constexpr uint64_t kStatusClear = ~uint64_t{0};
