@@ -34,6 +34,7 @@
 #include "cuda/gemm/gemm_dispatch.h"
 #include "cuda/gemm/gemm_s4s4_s32_tn_sm80.h"
 #include "cuda/gemm/gemm_s8s8_s32_tn_sm90.h"
+#include "gpu/device_buffer.h"
 #include "nibble/dtype.h"
 #include "nibble/error.h"
 #include "nibble/rng.h"
@@ -44,33 +45,7 @@ using namespace nibble;
 
 namespace {
 
-// Owning device buffer of n elements of T.
-template <class T>
-class DeviceBuffer {
- public:
-  explicit DeviceBuffer(int64_t n) : n_(n) {
-    NB_CUDA_CHECK(cudaMalloc(&ptr_, static_cast<size_t>(std::max<int64_t>(n, 1)) * sizeof(T)));
-  }
-  ~DeviceBuffer() { cudaFree(ptr_); }
-  DeviceBuffer(const DeviceBuffer&) = delete;
-  DeviceBuffer& operator=(const DeviceBuffer&) = delete;
-  T* get() const { return ptr_; }
-  void upload(const std::vector<T>& h) {
-    NB_CUDA_CHECK(cudaMemcpy(ptr_, h.data(), h.size() * sizeof(T), cudaMemcpyHostToDevice));
-  }
-  std::vector<T> download() const {
-    std::vector<T> h(static_cast<size_t>(n_));
-    NB_CUDA_CHECK(cudaMemcpy(h.data(), ptr_, h.size() * sizeof(T), cudaMemcpyDeviceToHost));
-    return h;
-  }
-  // 0xA5 bytes: as int32 −1515870811, beyond any |Σ| here (≤ 64·4096 = 2^18); as f32/bf16 a
-  // large negative number no output can equal.
-  void poison() { NB_CUDA_CHECK(cudaMemset(ptr_, 0xA5, static_cast<size_t>(n_) * sizeof(T))); }
-
- private:
-  T* ptr_ = nullptr;
-  int64_t n_ = 0;
-};
+using test::DeviceBuffer;
 
 constexpr int32_t kPoisonS32 = static_cast<int32_t>(0xA5A5A5A5u);
 

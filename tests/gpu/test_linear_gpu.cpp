@@ -34,6 +34,7 @@
 #include "cuda/linear/hq_linear.h"
 #include "cuda/quant/bitsplit.h"
 #include "cuda/quant/status.h"
+#include "gpu/device_buffer.h"
 #include "nibble/dtype.h"
 #include "nibble/error.h"
 #include "nibble/rng.h"
@@ -50,33 +51,7 @@ static_assert(cuda::kLsqResidualSteps == ref::kLsqResidualSteps &&
 
 namespace {
 
-template <class T>
-class DeviceBuffer {
- public:
-  explicit DeviceBuffer(int64_t n) : n_(n) {
-    NB_CUDA_CHECK(cudaMalloc(&ptr_, static_cast<size_t>(std::max<int64_t>(n, 1)) * sizeof(T)));
-    poison();
-  }
-  ~DeviceBuffer() { cudaFree(ptr_); }
-  DeviceBuffer(const DeviceBuffer&) = delete;
-  DeviceBuffer& operator=(const DeviceBuffer&) = delete;
-  T* get() const { return ptr_; }
-  void upload(const std::vector<T>& h) {
-    ASSERT_EQ(static_cast<int64_t>(h.size()), n_);
-    NB_CUDA_CHECK(cudaMemcpy(ptr_, h.data(), h.size() * sizeof(T), cudaMemcpyHostToDevice));
-  }
-  std::vector<T> download() const {
-    std::vector<T> h(static_cast<size_t>(n_));
-    NB_CUDA_CHECK(cudaMemcpy(h.data(), ptr_, h.size() * sizeof(T), cudaMemcpyDeviceToHost));
-    return h;
-  }
-  // 0xA5 bytes: a large negative float / bf16, no valid code pattern the tests accept.
-  void poison() { NB_CUDA_CHECK(cudaMemset(ptr_, 0xA5, static_cast<size_t>(n_) * sizeof(T))); }
-
- private:
-  T* ptr_ = nullptr;
-  int64_t n_ = 0;
-};
+using test::DeviceBuffer;
 
 // Gaussian values with a few large outlier columns (as activations have), so that both the
 // clipped and the in-range side-channel cases occur.

@@ -27,6 +27,7 @@
 #include "cuda/quant/hadamard.h"
 #include "cuda/quant/quant.h"
 #include "cuda/quant/status.h"
+#include "gpu/device_buffer.h"
 #include "nibble/dtype.h"
 #include "nibble/error.h"
 #include "nibble/format.h"
@@ -40,37 +41,10 @@ using namespace nibble;
 
 namespace {
 
+using test::DeviceBuffer;
+
 // ---- helpers ----------------------------------------------------------------------------------
 
-template <class T>
-class DeviceBuffer {
- public:
-  explicit DeviceBuffer(int64_t n) : n_(n) {
-    NB_CUDA_CHECK(cudaMalloc(&ptr_, static_cast<size_t>(std::max<int64_t>(n, 1)) * sizeof(T)));
-    poison();
-  }
-  explicit DeviceBuffer(const std::vector<T>& h) : DeviceBuffer(static_cast<int64_t>(h.size())) {
-    upload(h);
-  }
-  ~DeviceBuffer() { cudaFree(ptr_); }
-  DeviceBuffer(const DeviceBuffer&) = delete;
-  DeviceBuffer& operator=(const DeviceBuffer&) = delete;
-  T* get() const { return ptr_; }
-  void upload(const std::vector<T>& h) {
-    NB_CUDA_CHECK(cudaMemcpy(ptr_, h.data(), h.size() * sizeof(T), cudaMemcpyHostToDevice));
-  }
-  std::vector<T> download() const {
-    std::vector<T> h(static_cast<size_t>(n_));
-    NB_CUDA_CHECK(cudaMemcpy(h.data(), ptr_, h.size() * sizeof(T), cudaMemcpyDeviceToHost));
-    return h;
-  }
-  // 0xA5 bytes: int8 −91 (outside every code range tested here), a large negative float.
-  void poison() { NB_CUDA_CHECK(cudaMemset(ptr_, 0xA5, static_cast<size_t>(std::max<int64_t>(n_, 1)) * sizeof(T))); }
-
- private:
-  T* ptr_ = nullptr;
-  int64_t n_ = 0;
-};
 
 void sync() { NB_CUDA_CHECK(cudaDeviceSynchronize()); }
 
