@@ -340,6 +340,10 @@ TEST(GemmS8S8S32TnSm90, AutomaticTileRule) {
   EXPECT_EQ(pick(16384, 768, 768), GemmTile::pingpong_128x128_c2x1);     // K small
   EXPECT_EQ(pick(16384, 2048, 4096), GemmTile::pingpong_128x128_c2x1);   // N above 1024
   EXPECT_EQ(pick(1024, 4096, 4096), GemmTile::pingpong_128x128_c2x1);
+  EXPECT_EQ(pick(1024, 4096, 16384), GemmTile::pingpong_128x128_c2x1);   // M ≤ 1024
+  EXPECT_EQ(pick(8704, 10752, 15360), GemmTile::pingpong_128x128_c1x2);  // wider than tall
+  EXPECT_EQ(pick(1040, 1056, 64), GemmTile::pingpong_128x128_c1x2);
+  EXPECT_EQ(pick(6144, 6144, 9216), GemmTile::pingpong_128x128_c2x1);    // square
   EXPECT_EQ(cuda::sm90::choose_tile({nullptr, nullptr, 16384, 4096, 4096, GemmTile::coop_128x256_c2x1}),
             GemmTile::coop_128x256_c2x1);  // a forced tile wins
 }

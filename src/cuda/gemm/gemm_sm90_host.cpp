@@ -73,9 +73,13 @@ void check_epilogue(const char* fn, const EpiDequantBias& epi) {
 
 GemmTile choose_tile(const GemmS8S8Params& p) {
   if (p.tile != GemmTile::automatic) return p.tile;
-  // One M tile (M ≤ 128) leaves half of a 2×1 cluster idle; narrow, deep products
-  // (N ≤ 1024, K ≥ 3072) measured 7-10% faster with A multicast along N.
-  if (p.m <= 128 || (p.n <= 1024 && p.k >= 3072)) return GemmTile::pingpong_128x128_c1x2;
+  // From the H200 sweeps (bench/README.md "H200, 2026-12-03"): one M tile (M ≤ 128) leaves
+  // half of a 2×1 cluster idle; narrow, deep products (N ≤ 1024, K ≥ 3072) measured 7-10%
+  // faster with A multicast along N; so did every product wider than tall with M > 1024 (the
+  // paper's shapes and their dx/dw GEMMs: 1-5%, and 8704×10752×15360 102.8% vs 88.8% of
+  // cuBLASLt). At M ≤ 1024 the 2×1 cluster stays (1024×4096×16384: 103.6% vs 95.2%).
+  if (p.m <= 128 || (p.n <= 1024 && p.k >= 3072) || (p.m > 1024 && p.m < p.n))
+    return GemmTile::pingpong_128x128_c1x2;
   return GemmTile::pingpong_128x128_c2x1;
 }
 
