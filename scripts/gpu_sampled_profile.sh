@@ -8,8 +8,20 @@ out="${2:-${OUT:-out/gpu}/sampled_ncu.txt}"
 kernels="fit_probabilities_kernel|select_rows_kernel|leverage_kernel|row_norms_kernel|gather_t_kernel|gather_split_rows_kernel|dw_row_max_kernel|dx_coefs_kernel|dw_scale_finalize_kernel|check_sample_capacity_kernel"
 for shape in 16384x768x768 16384x4096x4096; do
   echo "== $shape" >>"$out"
-  timeout 120 ncu --clock-control none -k regex:"$kernels" --launch-count 16 \
+  timeout 120 ncu --clock-control none -k regex:"$kernels" --launch-count 28 \
     --metrics gpu__time_duration.sum --csv --page raw \
-    "$bin/nibble" bench linear --shapes "$shape" --runs 1 --warmup 1 >>"$out" 2>&1
+    "$bin/nibble" bench linear --shapes "$shape" --runs 10 --warmup 1 >>"$out" 2>&1
   echo "== exit $?" >>"$out"
 done
+# Every kernel's total time over one bench run (all variants), where nsys exists.
+if command -v nsys >/dev/null 2>&1; then
+  for shape in 16384x768x768 16384x4096x4096; do
+    echo "== nsys $shape" >>"$out"
+    timeout 120 nsys profile -o /tmp/nsys_$shape --force-overwrite true --stats=false \
+      "$bin/nibble" bench linear --shapes "$shape" --runs 10 --warmup 1 >/dev/null 2>&1
+    timeout 60 nsys stats --report cuda_gpu_kern_sum --format csv /tmp/nsys_$shape.nsys-rep \
+      >>"$out" 2>&1
+  done
+else
+  echo "== no nsys" >>"$out"
+fi
