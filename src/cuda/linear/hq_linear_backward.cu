@@ -12,6 +12,7 @@
 #include "cuda/linear/hq_linear_kernels.h"
 #include "cuda/quant/device_util.h"
 #include "cuda/quant/launch_checks.h"
+#include "cuda/quant/philox16.cuh"
 
 namespace nibble::cuda::linear_detail {
 namespace {
@@ -341,10 +342,16 @@ __global__ void dw_scale_finalize_kernel(const float* __restrict__ split_scale, 
   dw_scale[1] = __fmul_rn(t, split_scale[0]);
 }
 
-// Transposed gathers through a 32 (kept rows j) × 128 (columns) tile, as gather_rows_t_s8.
+// Transposed gathers through a 32 (kept rows j) × 128 (columns) tile, in the layout of
+// unpack_s4_transpose_kernel: a lane reads 4 consecutive columns c .. c+3 of a kept row (one
+// 32-bit word of codes, or one 16-bit word of packed nibbles) and writes them to the tile as one
+// word; then 4-row column segments leave as 32-bit words (k % 4 == 0: k is a multiple of 16).
 // kind 0: split row i re-quantized with its 1/p weight (ref::requantize_sampled_rows):
 //           q = clamp(floor(f_i·code / t + u), −127, 127),  u = philox_uniform(key, i·cols + c)
-//         (u is indexed by the split element, so it does not depend on the compaction);
+//         (u is indexed by the split element, so it does not depend on the compaction). The
+//         4 indices i·cols + c .. +3 (c % 4 == 0, cols % 16 == 0) are the 4 words of one
+//         Philox block (rng.h philox_u32), so a lane runs one block per 4 elements: measured
+//         with one block per element the kernel was issue-bound on the Philox rounds.
 // kind 1: x codes from packed s4 (row i mod n).
 template <int kKind>
 __global__ void __launch_bounds__(kThreads)
@@ -352,46 +359,60 @@ __global__ void __launch_bounds__(kThreads)
                     const uint8_t* __restrict__ x_packed, int64_t n, int64_t cols,
                     const int32_t* __restrict__ index, int64_t k, const float* __restrict__ p,
                     const float* __restrict__ dw_scale, PhiloxKey key, int8_t* __restrict__ out) {
-  __shared__ int8_t tile[kTileRows][kTileCols + 4];
+  __shared__ __align__(16) int8_t tile[kTileRows][kTileCols + 4];
   const int lane = threadIdx.x & 31;
   const int warp = threadIdx.x >> 5;
   const int64_t j0 = static_cast<int64_t>(blockIdx.x) * kTileRows;
   const int64_t c0 = static_cast<int64_t>(blockIdx.y) * kTileCols;
+  const int64_t c = c0 + 4 * lane;  // cols % 16 == 0: the 4 columns are all in range or none
   float t = 1.0f;
   if constexpr (kKind == 0) t = dw_scale[0];
   for (int jj = warp; jj < kTileRows; jj += kWarps) {
     const int64_t j = j0 + jj;
     const int64_t src = j < k ? index[j] : -1;
-    float f = 0.0f;
-    if constexpr (kKind == 0) {
-      if (src >= 0) f = split_weight(src, n, p);
-    }
+    uint32_t word = 0;
+    if (src >= 0 && c < cols) {
+      if constexpr (kKind == 0) {
+        const float f = split_weight(src, n, p);
+        const int8_t* row = src < n ? hi + src * cols : lo + (src - n) * cols;
+        const uint32_t codes = *reinterpret_cast<const uint32_t*>(row + c);
+        const Philox4 r = philox16::block(key, static_cast<uint64_t>(src * cols + c) >> 2);
 #pragma unroll
-    for (int e = 0; e < kTileCols / 32; ++e) {
-      const int64_t c = c0 + lane + 32 * e;
-      int8_t val = 0;
-      if (src >= 0 && c < cols) {
-        if constexpr (kKind == 0) {
-          const int code = src < n ? hi[src * cols + c] : lo[(src - n) * cols + c];
-          // a = f·code, then floor(a / t + u): each an IEEE fp32 operation, no contraction
+        for (int e = 0; e < 4; ++e) {
+          const int code = static_cast<int8_t>(codes >> (8 * e));
+          // a = f·code, then floor(a / t + u): each an IEEE fp32 operation, no contraction;
+          // u = (word >> 8)·2^-24, philox_uniform's grid
           const float a = __fmul_rn(f, static_cast<float>(code));
-          const float u = philox_uniform(key, static_cast<uint64_t>(src * cols + c));
+          const float u = static_cast<float>(r.v[e] >> 8) * (1.0f / 16777216.0f);
           const float v = floorf(__fadd_rn(__fdiv_rn(a, t), u));
-          val = static_cast<int8_t>(fminf(fmaxf(v, -127.0f), 127.0f));
-        } else {
-          const int64_t r = src < n ? src : src - n;
-          val = static_cast<int8_t>(nibble_at(x_packed[r * (cols / 2) + c / 2], static_cast<int>(c & 1)));
+          const int q = static_cast<int>(fminf(fmaxf(v, -127.0f), 127.0f));
+          word |= (static_cast<uint32_t>(q) & 0xffu) << (8 * e);
         }
+      } else {
+        const int64_t r = src < n ? src : src - n;
+        const uint32_t w16 = *reinterpret_cast<const uint16_t*>(x_packed + r * (cols / 2) + c / 2);
+#pragma unroll
+        for (int e = 0; e < 4; ++e)
+          word |= (static_cast<uint32_t>(nibble_at(w16, e)) & 0xffu) << (8 * e);
       }
-      tile[jj][lane + 32 * e] = val;
     }
+    *reinterpret_cast<uint32_t*>(&tile[jj][4 * lane]) = word;
   }
   __syncthreads();
-  const int64_t j = j0 + lane;
-  for (int cc = warp; cc < kTileCols; cc += kWarps) {
-    const int64_t c = c0 + cc;
-    if (c >= cols) break;
-    if (j < k) out[c * k + j] = tile[lane][cc];
+  // lane = 8·(column within a group of 4) + m: out[col, j0 + 4m .. 4m+3] = tile[4m .. 4m+3][cc]
+  const int m = lane & 7;
+  const int64_t j = j0 + 4 * m;
+  for (int cb = warp * 4; cb < kTileCols; cb += kWarps * 4) {
+    const int cc = cb + (lane >> 3);
+    const int64_t col = c0 + cc;
+    if (col < cols && j < k) {
+      const uint32_t word =
+          static_cast<uint8_t>(tile[4 * m][cc]) |
+          (static_cast<uint32_t>(static_cast<uint8_t>(tile[4 * m + 1][cc])) << 8) |
+          (static_cast<uint32_t>(static_cast<uint8_t>(tile[4 * m + 2][cc])) << 16) |
+          (static_cast<uint32_t>(static_cast<uint8_t>(tile[4 * m + 3][cc])) << 24);
+      *reinterpret_cast<uint32_t*>(out + col * k + j) = word;
+    }
   }
 }
 
@@ -530,6 +551,8 @@ void gather_weighted_split_t(const int8_t* hi, const int8_t* lo, int64_t n, int6
                              const int32_t* index, int64_t k, const float* p,
                              const float* dw_scale, const PhiloxKey& key, int8_t* out,
                              cudaStream_t stream) {
+  NB_CHECK(k % 16 == 0 && cols % 16 == 0, "gather_weighted_split_t: k = " << k << " and cols = "
+                                              << cols << " must be multiples of 16");
   if (k == 0) return;
   const dim3 grid(static_cast<unsigned>(detail::ceil_div(k, kTileRows)),
                   static_cast<unsigned>(detail::ceil_div(cols, kTileCols)));
@@ -540,6 +563,8 @@ void gather_weighted_split_t(const int8_t* hi, const int8_t* lo, int64_t n, int6
 
 void gather_x_t(const uint8_t* x_packed, int64_t n, int64_t d, const int32_t* index, int64_t k,
                 int8_t* out, cudaStream_t stream) {
+  NB_CHECK(k % 16 == 0 && d % 16 == 0,
+           "gather_x_t: k = " << k << " and d = " << d << " must be multiples of 16");
   if (k == 0) return;
   const dim3 grid(static_cast<unsigned>(detail::ceil_div(k, kTileRows)),
                   static_cast<unsigned>(detail::ceil_div(d, kTileCols)));

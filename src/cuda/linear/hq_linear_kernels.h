@@ -66,6 +66,7 @@ void row_norms_packed(const uint8_t* packed, int64_t rows, int64_t cols, const f
 //                      u = philox_uniform(key, i·cols + c)          out [cols, k]  (dw's A)
 //   x_t:               out[d, j] = x code (i mod n, d) | 0          out [d, k]     (dw's B)
 //   split:             out[j, c] = hi[i, c] | lo[i − n, c] | 0      out [k, cols]  (dx's A)
+// The transposed gathers need k % 16 == 0 and cols % 16 == 0 (4-byte column segments).
 void sampled_dw_scale(const int8_t* hi, const int8_t* lo, int64_t n, int64_t cols,
                       const int32_t* index, int64_t k, const float* p, const float* split_scale,
                       float* dw_scale, uint64_t* status, cudaStream_t stream);
