@@ -861,7 +861,7 @@ std::vector<float> realistic_scores(int64_t rows, int64_t cols, uint64_t seed) {
 
 TEST(LssGpu, FitProbabilitiesWithinOneUlpAndSamplesMatchRef) {
   uint64_t seed = 1100;
-  const int64_t rows_list[] = {7, 1000, 4096};
+  const int64_t rows_list[] = {7, 1000, 4096, 5000};  // 2N = 10000: two selection rounds
   const double fractions[] = {0.5, 0.1, 0.9};
   for (int64_t rows : rows_list) {
     for (double fraction : fractions) {
@@ -934,6 +934,46 @@ TEST(LssGpu, FitProbabilitiesWithinOneUlpAndSamplesMatchRef) {
   }
 }
 
+// Selection on arbitrary p (exact 0s and 1s included) over several 8192-row rounds of the
+// selection kernel and a ragged end (n % 8 != 0): the reference's masks and list, bit for bit.
+TEST(LssGpu, SampleRowsMatchesRefOverSeveralRounds) {
+  for (const int64_t n : {int64_t{20001}, int64_t{8191}, int64_t{8193}}) {
+    SCOPED_TRACE(::testing::Message() << "n " << n);
+    const PhiloxKey data{static_cast<uint64_t>(n) * 17, 0, 0, RngRole::data};
+    std::vector<float> p(static_cast<size_t>(n));
+    for (int64_t i = 0; i < n; ++i) {
+      const float u = philox_uniform(data, static_cast<uint64_t>(i));
+      p[static_cast<size_t>(i)] = i % 13 == 0 ? 0.0f : (i % 11 == 0 ? 1.0f : u);
+    }
+    const PhiloxKey key{static_cast<uint64_t>(n) * 29, 3, 1, RngRole::sample_dx};
+    std::vector<uint8_t> keep_ref(static_cast<size_t>(n));
+    const int64_t kept_ref = ref::sample_rows(p.data(), n, key, keep_ref.data());
+    ASSERT_GT(kept_ref, 0);
+    ASSERT_LT(kept_ref, n);
+    std::vector<int32_t> index_ref;
+    for (int64_t i = 0; i < n; ++i)
+      if (keep_ref[static_cast<size_t>(i)]) index_ref.push_back(static_cast<int32_t>(i));
+    const int64_t padded_n = (n + 15) / 16 * 16;
+    index_ref.resize(static_cast<size_t>(padded_n), -1);
+    DeviceBuffer<float> dp(p);
+    DeviceBuffer<uint8_t> dkeep(n);
+    DeviceBuffer<int32_t> didx(padded_n), dcount(2);
+    DeviceBuffer<uint64_t> st(1);
+    cuda::status_clear(st.get(), nullptr);
+    cuda::SampleRowsParams sp;
+    sp.p = dp.get(), sp.n = n, sp.key = key, sp.keep = dkeep.get(), sp.kept_index = didx.get();
+    sp.kept_count = dcount.get(), sp.status = st.get();
+    cuda::sample_rows(sp, nullptr);
+    sync();
+    EXPECT_EQ(read_status(st), cuda::kStatusClear);
+    EXPECT_SAME(dkeep.download(), keep_ref, "keep masks");
+    EXPECT_SAME(didx.download(), index_ref, "kept index list");
+    const std::vector<int32_t> count = dcount.download();
+    EXPECT_EQ(count[0], kept_ref);
+    EXPECT_EQ(count[1], (kept_ref + 15) / 16 * 16);
+  }
+}
+
 TEST(LssGpu, FitProbabilitiesKeepsAllWhenBudgetCoversNonzero) {
   const std::vector<float> sc = realistic_scores(1000, 96, 1200);
   int64_t nonzero = 0;
@@ -951,7 +991,7 @@ TEST(LssGpu, FitProbabilitiesKeepsAllWhenBudgetCoversNonzero) {
 
 TEST(LssGpu, KeepNonzeroRowsCompactsAndPads) {
   uint64_t seed = 1300;
-  const int64_t rows_list[] = {1, 7, 8, 9, 1000, 4096};
+  const int64_t rows_list[] = {1, 7, 8, 9, 1000, 4096, 5003};  // 2N = 10006: two rounds
   for (int64_t rows : rows_list) {
     SCOPED_TRACE(::testing::Message() << "rows " << rows);
     const int64_t n = 2 * rows;
