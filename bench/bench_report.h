@@ -9,6 +9,10 @@
 
 #include "nibble/error.h"
 
+// NIBBLE_GIT_COMMIT: written at build time into the build tree (cmake/write_git_commit.cmake)
+#if __has_include("nibble_git_commit.h")
+#include "nibble_git_commit.h"
+#endif
 #ifndef NIBBLE_GIT_COMMIT
 #define NIBBLE_GIT_COMMIT "unknown"
 #endif
@@ -49,7 +53,8 @@ inline std::string utc_now() {
   return buf;
 }
 
-// The commit fixed at configure time; NIBBLE_GIT_COMMIT in the environment overrides it.
+// The commit the binary was built from ("+dirty": with uncommitted changes to tracked files);
+// NIBBLE_GIT_COMMIT in the environment overrides it.
 inline std::string git_commit() {
   const char* env = std::getenv("NIBBLE_GIT_COMMIT");
   return env ? env : NIBBLE_GIT_COMMIT;
