@@ -974,6 +974,59 @@ TEST(LssGpu, SampleRowsMatchesRefOverSeveralRounds) {
   }
 }
 
+// The pair launchers (one thread block per problem) give exactly the single calls' results, and
+// refuse overlapping outputs.
+TEST(LssGpu, PairLaunchesEqualSingleCalls) {
+  const std::vector<float> sa = realistic_scores(3000, 64, 1501), sb = realistic_scores(700, 96, 1502);
+  const int64_t na = 6000, nb = 1400;
+  DeviceBuffer<float> dsa(sa), dsb(sb), pa(na), pb(nb), pa1(na), pb1(nb);
+  cuda::fit_probabilities({dsa.get(), na, 0.4 * na, pa1.get(), nullptr}, nullptr);
+  cuda::fit_probabilities({dsb.get(), nb, 0.6 * nb, pb1.get(), nullptr}, nullptr);
+  cuda::fit_probabilities_pair({dsa.get(), na, 0.4 * na, pa.get(), nullptr},
+                               {dsb.get(), nb, 0.6 * nb, pb.get(), nullptr}, nullptr);
+  sync();
+  EXPECT_SAME(pa.download(), pa1.download(), "pair fit a");
+  EXPECT_SAME(pb.download(), pb1.download(), "pair fit b");
+
+  const auto sampling = [](const DeviceBuffer<float>& p, int64_t n, uint64_t seed,
+                           DeviceBuffer<uint8_t>& keep, DeviceBuffer<int32_t>& idx,
+                           DeviceBuffer<int32_t>& count) {
+    cuda::SampleRowsParams sp;
+    sp.p = p.get(), sp.n = n, sp.key = PhiloxKey{seed, 1, 2, RngRole::sample_dw};
+    sp.keep = keep.get(), sp.kept_index = idx.get(), sp.kept_count = count.get();
+    return sp;
+  };
+  DeviceBuffer<uint8_t> ka(na), kb(nb), ka1(na), kb1(nb);
+  DeviceBuffer<int32_t> ia(na), ib(nb + 8), ia1(na), ib1(nb + 8), ca(2), cb(2), ca1(2), cb1(2);
+  cuda::sample_rows(sampling(pa1, na, 11, ka1, ia1, ca1), nullptr);
+  cuda::sample_rows(sampling(pb1, nb, 12, kb1, ib1, cb1), nullptr);
+  cuda::sample_rows_pair(sampling(pa, na, 11, ka, ia, ca), sampling(pb, nb, 12, kb, ib, cb), nullptr);
+  sync();
+  EXPECT_SAME(ka.download(), ka1.download(), "pair keep a");
+  EXPECT_SAME(kb.download(), kb1.download(), "pair keep b");
+  EXPECT_SAME(ia.download(), ia1.download(), "pair list a");
+  EXPECT_SAME(ib.download(), ib1.download(), "pair list b");
+  EXPECT_EQ(ca.download(), ca1.download());
+  EXPECT_EQ(cb.download(), cb1.download());
+
+  const auto overlap_error = [](auto&& call) {
+    try {
+      call();
+    } catch (const Error& e) {
+      return std::string(e.what()).find("overlapping") != std::string::npos;
+    }
+    return false;
+  };
+  EXPECT_TRUE(overlap_error([&] {
+    cuda::fit_probabilities_pair({dsa.get(), na, 10.0, pa.get(), nullptr},
+                                 {dsb.get(), nb, 10.0, pa.get() + 8, nullptr}, nullptr);
+  }));
+  EXPECT_TRUE(overlap_error([&] {  // only the counts are shared
+    cuda::sample_rows_pair(sampling(pa, na, 1, ka, ia, ca), sampling(pa, na, 2, ka1, ia1, ca),
+                           nullptr);
+  }));
+}
+
 TEST(LssGpu, FitProbabilitiesKeepsAllWhenBudgetCoversNonzero) {
   const std::vector<float> sc = realistic_scores(1000, 96, 1200);
   int64_t nonzero = 0;

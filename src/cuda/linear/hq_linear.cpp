@@ -382,21 +382,22 @@ void backward_impl(const HqLinearBackwardParams<G>& p, const HqLinearConfig& cfg
     lv.x_norm = nullptr;
     lv.scores = ws.scores_x;
     leverage_scores(lv, stream);
-    fit_probabilities({ws.scores_w, 2 * n, budget, ws.p_w, p.status}, stream);
-    fit_probabilities({ws.scores_x, 2 * n, budget, ws.p_x, p.status}, stream);
-    SampleRowsParams sr;
-    sr.n = 2 * n;
-    sr.status = p.status;
-    sr.p = ws.p_w;
-    sr.key = with_role(key, RngRole::sample_dw);
-    sr.kept_index = ws.kept_w;
-    sr.kept_count = ws.counts;
-    sample_rows(sr, stream);
-    sr.p = ws.p_x;
-    sr.key = with_role(key, RngRole::sample_dx);
-    sr.kept_index = ws.kept_x;
-    sr.kept_count = ws.counts + 2;
-    sample_rows(sr, stream);
+    // the dw and dx fits and samplings are independent single-block loops: one launch each pair
+    fit_probabilities_pair({ws.scores_w, 2 * n, budget, ws.p_w, p.status},
+                           {ws.scores_x, 2 * n, budget, ws.p_x, p.status}, stream);
+    SampleRowsParams sw;
+    sw.n = 2 * n;
+    sw.status = p.status;
+    sw.p = ws.p_w;
+    sw.key = with_role(key, RngRole::sample_dw);
+    sw.kept_index = ws.kept_w;
+    sw.kept_count = ws.counts;
+    SampleRowsParams sx = sw;
+    sx.p = ws.p_x;
+    sx.key = with_role(key, RngRole::sample_dx);
+    sx.kept_index = ws.kept_x;
+    sx.kept_count = ws.counts + 2;
+    sample_rows_pair(sw, sx, stream);
     // The GEMMs run over the first K_cap list entries, whatever the kept counts (they stay on
     // the device: no host wait); entries past a count are −1, i.e. zero rows. A count above
     // K_cap is reported (StatusKind::capacity), see LssVariant::sampled.

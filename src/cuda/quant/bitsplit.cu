@@ -406,7 +406,10 @@ __device__ __forceinline__ void check_score(float c, int64_t i, uint64_t* status
 // The reference's saturation loop, one thread block. While it runs, p doubles as the
 // saturated set (p[i] == 1 ⇔ i ∈ F, everything else 0); each thread only touches its own
 // indices i ≡ threadIdx.x (mod 1024), so no p value crosses threads.
-__global__ void __launch_bounds__(kBlockThreads) fit_probabilities_kernel(FitProbabilitiesParams q) {
+// Block b runs fit b (q0 or q1): fit_probabilities_pair runs two independent fits in one launch.
+__global__ void __launch_bounds__(kBlockThreads)
+    fit_probabilities_kernel(FitProbabilitiesParams q0, FitProbabilitiesParams q1) {
+  const FitProbabilitiesParams q = blockIdx.x == 0 ? q0 : q1;
   __shared__ long long count_sh[32];
   __shared__ double sum_sh[32];
   const int64_t n = q.n;
@@ -473,7 +476,9 @@ struct SelectArgs {
   uint64_t* status = nullptr;
 };
 
-__global__ void __launch_bounds__(kBlockThreads) select_rows_kernel(SelectArgs a) {
+// Block b runs selection b (a0 or a1): sample_rows_pair runs two in one launch.
+__global__ void __launch_bounds__(kBlockThreads) select_rows_kernel(SelectArgs a0, SelectArgs a1) {
+  const SelectArgs a = blockIdx.x == 0 ? a0 : a1;
   constexpr int kRowsPerThread = 8;
   constexpr int64_t kRoundRows = static_cast<int64_t>(kBlockThreads) * kRowsPerThread;
   __shared__ int warp_incl[32];  // inclusive scan of the warp totals
@@ -680,15 +685,41 @@ void leverage_scores(const LeverageParams& p, cudaStream_t stream) {
   NB_CUDA_CHECK_LAUNCH();
 }
 
-void fit_probabilities(const FitProbabilitiesParams& p, cudaStream_t stream) {
-  const char* fn = "cuda::fit_probabilities";
+namespace {
+
+void check_fit(const FitProbabilitiesParams& p, const char* fn) {
   check_list_length(p.n, fn);
   NB_CHECK(std::isfinite(p.budget) && p.budget >= 0.0,
            fn << ": budget = " << p.budget << " must be finite and >= 0 (the expected kept count)");
   detail::check_device_pointer(p.scores, p.n, fn, "scores");
   detail::check_device_pointer(p.p, p.n, fn, "p");
   if (p.status != nullptr) detail::check_device_pointer(p.status, 1, fn, "status");
-  fit_probabilities_kernel<<<1, kBlockThreads, 0, stream>>>(p);
+}
+
+// [a, a + a_bytes) and [b, b + b_bytes) overlap (nulls never do).
+bool overlap(const void* a, size_t a_bytes, const void* b, size_t b_bytes) {
+  if (a == nullptr || b == nullptr) return false;
+  const auto x = reinterpret_cast<uintptr_t>(a), y = reinterpret_cast<uintptr_t>(b);
+  return x < y + b_bytes && y < x + a_bytes;
+}
+
+}  // namespace
+
+void fit_probabilities(const FitProbabilitiesParams& p, cudaStream_t stream) {
+  check_fit(p, "cuda::fit_probabilities");
+  fit_probabilities_kernel<<<1, kBlockThreads, 0, stream>>>(p, p);
+  NB_CUDA_CHECK_LAUNCH();
+}
+
+void fit_probabilities_pair(const FitProbabilitiesParams& a, const FitProbabilitiesParams& b,
+                            cudaStream_t stream) {
+  const char* fn = "cuda::fit_probabilities_pair";
+  check_fit(a, fn);
+  check_fit(b, fn);
+  NB_CHECK(!overlap(a.p, static_cast<size_t>(a.n) * sizeof(float), b.p,
+                    static_cast<size_t>(b.n) * sizeof(float)),
+           fn << ": the two fits write overlapping p arrays; give each its own");
+  fit_probabilities_kernel<<<2, kBlockThreads, 0, stream>>>(a, b);
   NB_CUDA_CHECK_LAUNCH();
 }
 
@@ -705,8 +736,9 @@ void check_selection_outputs(int64_t n, const uint8_t* keep, const int32_t* kept
 
 }  // namespace
 
-void sample_rows(const SampleRowsParams& p, cudaStream_t stream) {
-  const char* fn = "cuda::sample_rows";
+namespace {
+
+SelectArgs checked_sampling(const SampleRowsParams& p, const char* fn) {
   check_list_length(p.n, fn);
   detail::check_device_pointer(p.p, p.n, fn, "p");
   NB_CHECK(p.keep != nullptr || p.kept_index != nullptr || p.kept_count != nullptr,
@@ -721,7 +753,30 @@ void sample_rows(const SampleRowsParams& p, cudaStream_t stream) {
   a.kept_index = p.kept_index;
   a.kept_count = p.kept_count;
   a.status = p.status;
-  select_rows_kernel<<<1, kBlockThreads, 0, stream>>>(a);
+  return a;
+}
+
+}  // namespace
+
+void sample_rows(const SampleRowsParams& p, cudaStream_t stream) {
+  const SelectArgs a = checked_sampling(p, "cuda::sample_rows");
+  select_rows_kernel<<<1, kBlockThreads, 0, stream>>>(a, a);
+  NB_CUDA_CHECK_LAUNCH();
+}
+
+void sample_rows_pair(const SampleRowsParams& a, const SampleRowsParams& b, cudaStream_t stream) {
+  const char* fn = "cuda::sample_rows_pair";
+  const SelectArgs sa = checked_sampling(a, fn), sb = checked_sampling(b, fn);
+  const auto list_bytes = [](int64_t n) {
+    return static_cast<size_t>(detail::ceil_div(n, kKeptRowsMultiple) * kKeptRowsMultiple) *
+           sizeof(int32_t);
+  };
+  NB_CHECK(!overlap(a.keep, static_cast<size_t>(a.n), b.keep, static_cast<size_t>(b.n)) &&
+               !overlap(a.kept_index, list_bytes(a.n), b.kept_index, list_bytes(b.n)) &&
+               !overlap(a.kept_count, 2 * sizeof(int32_t), b.kept_count, 2 * sizeof(int32_t)),
+           fn << ": the two samplings write overlapping outputs (keep, kept_index or "
+                 "kept_count); give each its own");
+  select_rows_kernel<<<2, kBlockThreads, 0, stream>>>(sa, sb);
   NB_CUDA_CHECK_LAUNCH();
 }
 
@@ -743,7 +798,7 @@ void keep_nonzero_rows(const KeepNonzeroParams& p, cudaStream_t stream) {
   a.kept_index = p.kept_index;
   a.kept_count = p.kept_count;
   a.status = p.status;
-  select_rows_kernel<<<1, kBlockThreads, 0, stream>>>(a);
+  select_rows_kernel<<<1, kBlockThreads, 0, stream>>>(a, a);
   NB_CUDA_CHECK_LAUNCH();
 }
 

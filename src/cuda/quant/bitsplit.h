@@ -96,6 +96,11 @@ struct FitProbabilitiesParams {
   uint64_t* status = nullptr;      // optional: NaN/Inf score = nonfinite i, negative = out_of_range i
 };
 void fit_probabilities(const FitProbabilitiesParams& p, cudaStream_t stream);
+// Two independent fits (e.g. the sampled backward's dw and dx scores) in one launch, one thread
+// block each: the same results as two fit_probabilities calls, in the time of the slower one.
+// Their p arrays must not overlap.
+void fit_probabilities_pair(const FitProbabilitiesParams& a, const FitProbabilitiesParams& b,
+                            cudaStream_t stream);
 
 // The kept-row list shared by sample_rows and keep_nonzero_rows, compacted on the device
 // (a block-wide prefix sum, one thread block):
@@ -118,6 +123,9 @@ struct SampleRowsParams {
   uint64_t* status = nullptr;      // optional: p outside [0, 1] (or NaN) = out_of_range i
 };
 void sample_rows(const SampleRowsParams& p, cudaStream_t stream);
+// Two independent samplings in one launch, one thread block each (as fit_probabilities_pair);
+// their outputs must not overlap.
+void sample_rows_pair(const SampleRowsParams& a, const SampleRowsParams& b, cudaStream_t stream);
 
 // The released code's deterministic variant (ref::keep_nonzero_rows): keep every row with a
 // non-zero score, p = 1; others p = 0.
