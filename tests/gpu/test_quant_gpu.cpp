@@ -859,6 +859,37 @@ std::vector<float> realistic_scores(int64_t rows, int64_t cols, uint64_t seed) {
   return sc;
 }
 
+// cuda::sample_rows on p (host copy p_host, device copy p_dev) against ref::sample_rows with the
+// same key: keep masks, the kept list (ascending, −1 to round16(n)) and both counts, bit for bit,
+// and a clear status word. Returns the reference's kept count.
+int64_t expect_sampling_matches_ref(const std::vector<float>& p_host, const DeviceBuffer<float>& p_dev,
+                                    const PhiloxKey& key) {
+  const int64_t n = static_cast<int64_t>(p_host.size());
+  std::vector<uint8_t> keep_ref(static_cast<size_t>(n));
+  const int64_t kept_ref = ref::sample_rows(p_host.data(), n, key, keep_ref.data());
+  std::vector<int32_t> index_ref;
+  for (int64_t i = 0; i < n; ++i)
+    if (keep_ref[static_cast<size_t>(i)]) index_ref.push_back(static_cast<int32_t>(i));
+  const int64_t padded_n = (n + 15) / 16 * 16;
+  index_ref.resize(static_cast<size_t>(padded_n), -1);
+  DeviceBuffer<uint8_t> dkeep(n);
+  DeviceBuffer<int32_t> didx(padded_n), dcount(2);
+  DeviceBuffer<uint64_t> st(1);
+  cuda::status_clear(st.get(), nullptr);
+  cuda::SampleRowsParams sp;
+  sp.p = p_dev.get(), sp.n = n, sp.key = key, sp.keep = dkeep.get(), sp.kept_index = didx.get();
+  sp.kept_count = dcount.get(), sp.status = st.get();
+  cuda::sample_rows(sp, nullptr);
+  sync();
+  EXPECT_EQ(read_status(st), cuda::kStatusClear);
+  EXPECT_SAME(dkeep.download(), keep_ref, "keep masks");
+  EXPECT_SAME(didx.download(), index_ref, "kept index list");
+  const std::vector<int32_t> count = dcount.download();
+  EXPECT_EQ(count[0], kept_ref);
+  EXPECT_EQ(count[1], (kept_ref + 15) / 16 * 16);
+  return kept_ref;
+}
+
 TEST(LssGpu, FitProbabilitiesWithinOneUlpAndSamplesMatchRef) {
   uint64_t seed = 1100;
   const int64_t rows_list[] = {7, 1000, 4096, 5000};  // 2N = 10000: two selection rounds
@@ -909,27 +940,7 @@ TEST(LssGpu, FitProbabilitiesWithinOneUlpAndSamplesMatchRef) {
         ASSERT_FALSE(pr > 0.0f && pr < 1.0f && ulp_distance(u, pr) <= 1)
             << "test input too close to a sampling boundary at " << i << "; change the seed";
       }
-      std::vector<uint8_t> keep_ref(static_cast<size_t>(n));
-      const int64_t kept_ref = ref::sample_rows(p_ref.data(), n, key, keep_ref.data());
-      std::vector<int32_t> index_ref;
-      for (int64_t i = 0; i < n; ++i)
-        if (keep_ref[static_cast<size_t>(i)]) index_ref.push_back(static_cast<int32_t>(i));
-      const int64_t padded_n = (n + 15) / 16 * 16;
-      index_ref.resize(static_cast<size_t>(padded_n), -1);
-
-      DeviceBuffer<uint8_t> dkeep(n);
-      DeviceBuffer<int32_t> didx(padded_n), dcount(2);
-      cuda::SampleRowsParams sp;
-      sp.p = dp.get(), sp.n = n, sp.key = key, sp.keep = dkeep.get(), sp.kept_index = didx.get();
-      sp.kept_count = dcount.get(), sp.status = st.get();
-      cuda::sample_rows(sp, nullptr);
-      sync();
-      EXPECT_EQ(read_status(st), cuda::kStatusClear);
-      EXPECT_SAME(dkeep.download(), keep_ref, "keep masks");
-      EXPECT_SAME(didx.download(), index_ref, "kept index list");
-      const std::vector<int32_t> count = dcount.download();
-      EXPECT_EQ(count[0], kept_ref);
-      EXPECT_EQ(count[1], (kept_ref + 15) / 16 * 16);
+      expect_sampling_matches_ref(p_ref, dp, key);
     }
   }
 }
@@ -946,31 +957,10 @@ TEST(LssGpu, SampleRowsMatchesRefOverSeveralRounds) {
       p[static_cast<size_t>(i)] = i % 13 == 0 ? 0.0f : (i % 11 == 0 ? 1.0f : u);
     }
     const PhiloxKey key{static_cast<uint64_t>(n) * 29, 3, 1, RngRole::sample_dx};
-    std::vector<uint8_t> keep_ref(static_cast<size_t>(n));
-    const int64_t kept_ref = ref::sample_rows(p.data(), n, key, keep_ref.data());
-    ASSERT_GT(kept_ref, 0);
-    ASSERT_LT(kept_ref, n);
-    std::vector<int32_t> index_ref;
-    for (int64_t i = 0; i < n; ++i)
-      if (keep_ref[static_cast<size_t>(i)]) index_ref.push_back(static_cast<int32_t>(i));
-    const int64_t padded_n = (n + 15) / 16 * 16;
-    index_ref.resize(static_cast<size_t>(padded_n), -1);
     DeviceBuffer<float> dp(p);
-    DeviceBuffer<uint8_t> dkeep(n);
-    DeviceBuffer<int32_t> didx(padded_n), dcount(2);
-    DeviceBuffer<uint64_t> st(1);
-    cuda::status_clear(st.get(), nullptr);
-    cuda::SampleRowsParams sp;
-    sp.p = dp.get(), sp.n = n, sp.key = key, sp.keep = dkeep.get(), sp.kept_index = didx.get();
-    sp.kept_count = dcount.get(), sp.status = st.get();
-    cuda::sample_rows(sp, nullptr);
-    sync();
-    EXPECT_EQ(read_status(st), cuda::kStatusClear);
-    EXPECT_SAME(dkeep.download(), keep_ref, "keep masks");
-    EXPECT_SAME(didx.download(), index_ref, "kept index list");
-    const std::vector<int32_t> count = dcount.download();
-    EXPECT_EQ(count[0], kept_ref);
-    EXPECT_EQ(count[1], (kept_ref + 15) / 16 * 16);
+    const int64_t kept = expect_sampling_matches_ref(p, dp, key);
+    EXPECT_GT(kept, 0);
+    EXPECT_LT(kept, n);
   }
 }
 

@@ -184,6 +184,30 @@ __global__ void __launch_bounds__(kThreads)
 
 constexpr int kTileCols = 128;
 
+// The second half of the transposing kernels below: out[c0 + cc, r0 + 4m .. 4m+3] =
+// tile[4m .. 4m+3][cc] as one 32-bit word per lane (lane = 8·(column within a group of 4) + m),
+// for the tile's columns < cols and rows < rows; out is [cols, rows], rows % 4 == 0. The byte
+// reads of a warp hit distinct banks (the tile rows are padded by 4 bytes).
+__device__ __forceinline__ void store_tile_transposed(const int8_t (&tile)[kTileRows][kTileCols + 4],
+                                                      int64_t r0, int64_t c0, int64_t rows,
+                                                      int64_t cols, int8_t* __restrict__ out,
+                                                      int lane, int warp) {
+  const int m = lane & 7;
+  const int64_t row = r0 + 4 * m;
+  for (int cb = warp * 4; cb < kTileCols; cb += kWarps * 4) {
+    const int cc = cb + (lane >> 3);
+    const int64_t col = c0 + cc;
+    if (col < cols && row < rows) {
+      const uint32_t word =
+          static_cast<uint8_t>(tile[4 * m][cc]) |
+          (static_cast<uint32_t>(static_cast<uint8_t>(tile[4 * m + 1][cc])) << 8) |
+          (static_cast<uint32_t>(static_cast<uint8_t>(tile[4 * m + 2][cc])) << 16) |
+          (static_cast<uint32_t>(static_cast<uint8_t>(tile[4 * m + 3][cc])) << 24);
+      *reinterpret_cast<uint32_t*>(out + col * rows + row) = word;
+    }
+  }
+}
+
 // out_t[c, r] from packed[r, c/2]: a warp unpacks 4 rows of a 32 × 128 tile (each lane one
 // 16-bit word = 4 codes), then 4-row column segments leave as 32-bit words.
 __global__ void __launch_bounds__(kThreads)
@@ -208,20 +232,7 @@ __global__ void __launch_bounds__(kThreads)
     *reinterpret_cast<uint32_t*>(&tile[rr][4 * lane]) = word;
   }
   __syncthreads();
-  const int m = lane & 7;
-  const int64_t row = r0 + 4 * m;
-  for (int cb = warp * 4; cb < kTileCols; cb += kWarps * 4) {
-    const int cc = cb + (lane >> 3);
-    const int64_t col = c0 + cc;
-    if (col < cols && row < rows) {
-      const uint32_t word =
-          static_cast<uint8_t>(tile[4 * m][cc]) |
-          (static_cast<uint32_t>(static_cast<uint8_t>(tile[4 * m + 1][cc])) << 8) |
-          (static_cast<uint32_t>(static_cast<uint8_t>(tile[4 * m + 2][cc])) << 16) |
-          (static_cast<uint32_t>(static_cast<uint8_t>(tile[4 * m + 3][cc])) << 24);
-      *reinterpret_cast<uint32_t*>(out_t + col * rows + row) = word;
-    }
-  }
+  store_tile_transposed(tile, r0, c0, rows, cols, out_t, lane, warp);
 }
 
 // ---- column sums --------------------------------------------------------------------------------
@@ -399,21 +410,7 @@ __global__ void __launch_bounds__(kThreads)
     *reinterpret_cast<uint32_t*>(&tile[jj][4 * lane]) = word;
   }
   __syncthreads();
-  // lane = 8·(column within a group of 4) + m: out[col, j0 + 4m .. 4m+3] = tile[4m .. 4m+3][cc]
-  const int m = lane & 7;
-  const int64_t j = j0 + 4 * m;
-  for (int cb = warp * 4; cb < kTileCols; cb += kWarps * 4) {
-    const int cc = cb + (lane >> 3);
-    const int64_t col = c0 + cc;
-    if (col < cols && j < k) {
-      const uint32_t word =
-          static_cast<uint8_t>(tile[4 * m][cc]) |
-          (static_cast<uint32_t>(static_cast<uint8_t>(tile[4 * m + 1][cc])) << 8) |
-          (static_cast<uint32_t>(static_cast<uint8_t>(tile[4 * m + 2][cc])) << 16) |
-          (static_cast<uint32_t>(static_cast<uint8_t>(tile[4 * m + 3][cc])) << 24);
-      *reinterpret_cast<uint32_t*>(out + col * k + j) = word;
-    }
-  }
+  store_tile_transposed(tile, j0, c0, k, cols, out, lane, warp);  // out is [cols, k]
 }
 
 // out[j, :] = hi[i, :] | lo[i − n, :] | 0, 16 bytes per thread.
