@@ -13,15 +13,3 @@ for shape in 16384x768x768 16384x4096x4096; do
     "$bin/nibble" bench linear --shapes "$shape" --runs 10 --warmup 1 >>"$out" 2>&1
   echo "== exit $?" >>"$out"
 done
-# Every kernel's total time over one bench run (all variants), where nsys exists.
-if command -v nsys >/dev/null 2>&1; then
-  for shape in 16384x768x768 16384x4096x4096; do
-    echo "== nsys $shape" >>"$out"
-    timeout 120 nsys profile -o /tmp/nsys_$shape --force-overwrite true --stats=false \
-      "$bin/nibble" bench linear --shapes "$shape" --runs 10 --warmup 1 >/dev/null 2>&1
-    timeout 60 nsys stats --report cuda_gpu_kern_sum --format csv /tmp/nsys_$shape.nsys-rep \
-      >>"$out" 2>&1
-  done
-else
-  echo "== no nsys" >>"$out"
-fi

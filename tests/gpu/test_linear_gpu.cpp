@@ -811,7 +811,22 @@ TEST(LinearGpu, SampledCapacityFormula) {
   EXPECT_EQ(cuda::hq_linear_sampled_capacity(16384, cfg), 16);
   cfg.sample_capacity_sigmas = 1e300;
   EXPECT_EQ(cuda::hq_linear_sampled_capacity(16384, cfg), 32768);
-  // a non-finite σ is rejected at the op boundary (hq_linear_backward), not here
+  // Bad settings are errors here, in the workspace query and in the backward (same rules).
+  cfg.sample_capacity_sigmas = std::nan("");
+  EXPECT_THROW(cuda::hq_linear_sampled_capacity(16384, cfg), Error);
+  EXPECT_THROW(cuda::hq_linear_backward_workspace_bytes(128, 64, 64, cfg), Error);
+  cfg.sample_capacity_sigmas = 8.0;
+  for (const double fraction : {0.0, -0.5, 1.5}) {
+    cfg.sample_fraction = fraction;
+    EXPECT_THROW(cuda::hq_linear_sampled_capacity(16384, cfg), Error) << fraction;
+    EXPECT_THROW(cuda::hq_linear_backward_workspace_bytes(128, 64, 64, cfg), Error) << fraction;
+  }
+  cfg.sample_fraction = 0.5;
+  EXPECT_THROW(cuda::hq_linear_sampled_capacity(0, cfg), Error);
+  EXPECT_THROW(cuda::hq_linear_sampled_capacity(2000000, cfg), Error);
+  cfg.lss = cuda::LssVariant::keep_all;  // keep-all ignores the sampling settings
+  cfg.sample_fraction = 0.0;
+  EXPECT_NO_THROW(cuda::hq_linear_backward_workspace_bytes(128, 64, 64, cfg));
 }
 
 TEST(LinearGpu, RejectsShapesThatAreNotMultiplesOf16) {

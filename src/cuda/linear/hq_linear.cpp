@@ -48,6 +48,20 @@ void check_dims(const char* fn, int64_t n, int64_t d, int64_t c, const HqLinearC
                  "split the batch");
 }
 
+// The sampled variant's settings; the backward, its workspace query (for LssVariant::sampled)
+// and hq_linear_sampled_capacity apply the same rules.
+void check_sampling(const char* fn, int64_t n, const HqLinearConfig& cfg) {
+  NB_CHECK(cfg.sample_fraction > 0.0 && cfg.sample_fraction <= 1.0,
+           fn << ": sample_fraction " << cfg.sample_fraction << " must be in (0, 1]");
+  NB_CHECK(std::isfinite(cfg.sample_capacity_sigmas),
+           fn << ": sample_capacity_sigmas " << cfg.sample_capacity_sigmas
+              << " must be finite (8 is the default)");
+  // The sampled dw sums up to 2N products of |q| ≤ 127 and |x| ≤ 8 in int32.
+  NB_CHECK(n > 0 && 2 * n * 127 * 8 <= INT32_MAX,
+           fn << ": N = " << n << " must be positive and small enough for the sampled variant's "
+              << "int32 dw sums (2N·127·8 ≤ 2^31 − 1, i.e. N ≤ 1056899); split the batch");
+}
+
 // Device pointer, 16-byte aligned (a tensor base from cudaMalloc or a 16-byte offset).
 void check_tensor(const char* fn, const void* p, int64_t count, const char* name) {
   detail::check_device_pointer(p, count, fn, name);
@@ -283,16 +297,7 @@ void backward_impl(const HqLinearBackwardParams<G>& p, const HqLinearConfig& cfg
   check_dims(fn, n, d, c, cfg);
   NB_CHECK((p.dx != nullptr) != (p.dx_f32 != nullptr),
            fn << ": set exactly one of dx (bf16) and dx_f32 (f32)");
-  NB_CHECK(cfg.lss == LssVariant::keep_all ||
-               (cfg.sample_fraction > 0.0 && cfg.sample_fraction <= 1.0),
-           fn << ": sample_fraction " << cfg.sample_fraction << " must be in (0, 1]");
-  NB_CHECK(cfg.lss == LssVariant::keep_all || std::isfinite(cfg.sample_capacity_sigmas),
-           fn << ": sample_capacity_sigmas " << cfg.sample_capacity_sigmas
-              << " must be finite (8 is the default)");
-  // The sampled dw sums up to 2N products of |q| ≤ 127 and |x| ≤ 8 in int32.
-  NB_CHECK(cfg.lss == LssVariant::keep_all || 2 * n * 127 * 8 <= INT32_MAX,
-           fn << ": N = " << n << " is too large for the sampled variant's int32 dw sums "
-              << "(2N·127·8 must stay ≤ 2^31 − 1, i.e. N ≤ 1056899); split the batch");
+  if (cfg.lss == LssVariant::sampled) check_sampling(fn, n, cfg);
   check_tensor(fn, p.dy, n * c, "dy [N, C]");
   check_tensor(fn, p.x_q_packed, n * d / 2, "x_q_packed [N, D/2]");
   check_tensor(fn, p.x_e_packed, n * d / 2, "x_e_packed [N, D/2]");
@@ -403,31 +408,30 @@ void backward_impl(const HqLinearBackwardParams<G>& p, const HqLinearConfig& cfg
     // K_cap is reported (StatusKind::capacity), see LssVariant::sampled.
     const int64_t k_cap = hq_linear_sampled_capacity(n, cfg);
     ld::check_sample_capacity(ws.counts, k_cap, p.status, stream);
-    const int64_t k_dw = k_cap, k_dx = k_cap;
     // t = max_kept |β/p·code| / 127 and t·s, on the device (the list's −1 tail is skipped)
-    ld::sampled_dw_scale(ws.hi, ws.lo, n, c, ws.kept_w, k_dw, ws.p_w, s, ws.dw_scale, p.status,
+    ld::sampled_dw_scale(ws.hi, ws.lo, n, c, ws.kept_w, k_cap, ws.p_w, s, ws.dw_scale, p.status,
                          stream);
     // dw_t = float(Σ_kept q_iᵀ·x_q(i mod N))·((t·s)·sx), q = clamp(floor(β/p·code/t + u)):
     // 1/p varies along K, so it lives in the re-quantized codes, not in the epilogue (F.6).
-    // K = kept rows padded to 16 with zero rows; K = 0 (nothing kept) makes dw_t = 0.
-    ld::gather_weighted_split_t(ws.hi, ws.lo, n, c, ws.kept_w, k_dw, ws.p_w, ws.dw_scale,
+    // K = K_cap: the kept rows, then zero rows (nothing kept makes dw_t = 0).
+    ld::gather_weighted_split_t(ws.hi, ws.lo, n, c, ws.kept_w, k_cap, ws.p_w, ws.dw_scale,
                                 with_role(key, RngRole::sample_dw_rounding), ws.a_dw, stream);
-    ld::gather_x_t(p.x_q_packed, n, d, ws.kept_w, k_dw, ws.b_dw, stream);
+    ld::gather_x_t(p.x_q_packed, n, d, ws.kept_w, k_cap, ws.b_dw, stream);
     EpiDequantBias epi_w;
     epi_w.scale_a = ws.dw_scale + 1;  // t·s, one fp32 product on the device
     epi_w.a_per_row = false;
     epi_w.scale_b = p.sx;
     epi_w.b_per_col = false;
-    gemm_s8s8_s32_tn_dequant({ws.a_dw, ws.b_dw, c, d, k_dw}, epi_w, ws.dw_t, path, stream);
-    // dx: kept split rows [k_dx, C] · w_q, row j scaled by coef_j·sw = (row_scale/p)·sw
-    ld::gather_split_rows(ws.hi, ws.lo, n, c, ws.kept_x, k_dx, ws.a_dx, stream);
-    ld::dx_coefs(ws.kept_x, k_dx, ws.p_x, s, n, ws.coef, ws.pos, stream);
+    gemm_s8s8_s32_tn_dequant({ws.a_dw, ws.b_dw, c, d, k_cap}, epi_w, ws.dw_t, path, stream);
+    // dx: kept split rows [k_cap, C] · w_q, row j scaled by coef_j·sw = (row_scale/p)·sw
+    ld::gather_split_rows(ws.hi, ws.lo, n, c, ws.kept_x, k_cap, ws.a_dx, stream);
+    ld::dx_coefs(ws.kept_x, k_cap, ws.p_x, s, n, ws.coef, ws.pos, stream);
     EpiDequantBias epi_x;
     epi_x.scale_a = ws.coef;
     epi_x.a_per_row = true;
     epi_x.scale_b = p.sw;
     epi_x.b_per_col = false;
-    gemm_s8s8_s32_tn_dequant({ws.a_dx, p.w_q_t, k_dx, d, c}, epi_x, ws.out_dx, path, stream);
+    gemm_s8s8_s32_tn_dequant({ws.a_dx, p.w_q_t, k_cap, d, c}, epi_x, ws.out_dx, path, stream);
     // the token's hi and lo rows are added inside the fused pass
     if (p.dx != nullptr)
       mask_pass(nullptr, ws.out_dx, ws.pos, n, d, cfg, p.x_q_packed, p.x_e_packed, p.dx,
@@ -468,6 +472,7 @@ void hq_linear_forward(const HqLinearForwardParams<bf16_t>& p, const HqLinearCon
 }
 
 int64_t hq_linear_sampled_capacity(int64_t n, const HqLinearConfig& cfg) {
+  check_sampling("cuda::hq_linear_sampled_capacity", n, cfg);
   const int64_t list = round16(2 * n);
   const double expected = cfg.sample_fraction * static_cast<double>(2 * n);
   const double want = std::ceil(expected + cfg.sample_capacity_sigmas * std::sqrt(expected) + 16.0);
@@ -477,7 +482,9 @@ int64_t hq_linear_sampled_capacity(int64_t n, const HqLinearConfig& cfg) {
 
 size_t hq_linear_backward_workspace_bytes(int64_t n, int64_t d, int64_t c,
                                           const HqLinearConfig& cfg) {
-  check_dims("cuda::hq_linear_backward_workspace_bytes", n, d, c, cfg);
+  const char* fn = "cuda::hq_linear_backward_workspace_bytes";
+  check_dims(fn, n, d, c, cfg);
+  if (cfg.lss == LssVariant::sampled) check_sampling(fn, n, cfg);
   size_t bytes = 0;
   carve(nullptr, n, d, c, cfg, &bytes);
   return bytes;

@@ -85,7 +85,7 @@ enum class LssVariant : uint8_t {
   // sample_fraction·2N plus sample_capacity_sigmas·√E + 16, rounded up to 16, at most 2N);
   // list entries past the kept count are −1 and give zero rows, which add nothing to the
   // integer sums, so the results are those of the exact-size GEMMs. The count is a sum of
-  // independent Bernoulli draws with mean ≤ E (variance ≤ E), so by Chernoff's bound it
+  // independent Bernoulli draws with mean ≤ E (variance ≤ E), so by Bernstein's inequality it
   // exceeds K_cap with probability ≤ exp(−t²/(2E + 2t/3)), t = K_cap − E: below e^-32 for
   // σ = 8 at every E. If it happens anyway, the rows past K_cap are dropped and the status
   // word says so (StatusKind::capacity, index = the kept count). t and t·s stay on the
@@ -193,7 +193,8 @@ void hq_linear_forward(const HqLinearForwardParams<bf16_t>& p, const HqLinearCon
 
 // The sampled backward's GEMM row capacity (see LssVariant::sampled):
 //   min(round16(2N), round16(ceil(E + sample_capacity_sigmas·√E + 16))), at least 16,
-//   E = sample_fraction·2N.
+//   E = sample_fraction·2N. Throws for N ≤ 0, N > 1056899, a sample_fraction outside (0, 1]
+//   or a non-finite sample_capacity_sigmas (the backward's own rules).
 int64_t hq_linear_sampled_capacity(int64_t n, const HqLinearConfig& cfg);
 
 // Scratch the backward needs (one buffer, carved inside), for this shape and variant.

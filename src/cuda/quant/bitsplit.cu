@@ -734,10 +734,6 @@ void check_selection_outputs(int64_t n, const uint8_t* keep, const int32_t* kept
   if (status != nullptr) detail::check_device_pointer(status, 1, fn, "status");
 }
 
-}  // namespace
-
-namespace {
-
 SelectArgs checked_sampling(const SampleRowsParams& p, const char* fn) {
   check_list_length(p.n, fn);
   detail::check_device_pointer(p.p, p.n, fn, "p");
