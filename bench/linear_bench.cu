@@ -3,6 +3,8 @@
 // (M tokens, N out_features, K in_features):
 //   forward          hq_linear_forward: fused Hadamard + quantize + side channel of x, then
 //                    the INT8 GEMM with the dequant epilogue (bf16 y)      vs one BF16 GEMM
+//   forward (infer.) hq_linear_forward with nothing saved for a backward (inference): the
+//                    quantizer writes the GEMM operand x_q only (no side channel)
 //   weight quant     hq_linear_quantize_weight, once per step (listed on its own line)
 //   backward         hq_linear_backward, keep-all: bit split, x codes unpacked transposed,
 //                    dx and dw INT8 GEMMs (f32 out), the mask/LSQ/Hadamard passes, db
@@ -219,14 +221,14 @@ int run_linear_bench(const LinearBenchOptions& opt) {
   BarChart chart;
   chart.title = std::string("nibble INT4 linear layer vs cuBLAS BF16 (") + prop.name + ")";
   chart.y_label = "speed-up over BF16 (BF16 time / nibble time)";
-  chart.series = {"forward", "forward + weight quant", "backward keep-all"};
+  chart.series = {"forward", "forward (inference)", "forward + weight quant", "backward keep-all"};
   if (opt.sampled) chart.series.push_back("backward, sampled LSS");
   chart.values.assign(chart.series.size(), {});
   std::vector<std::string> notes;
 
-  std::printf("%-20s %9s %8s %9s %6s %6s | %9s %9s %6s | %9s %6s | %6s\n", "M x N x K", "fwd",
-              "wquant", "BF16 fwd", "fwd x", "+wq x", "bwd", "BF16 bwd", "bwd x", "sampled",
-              "x", "step x");
+  std::printf("%-20s %9s %9s %8s %9s %6s %6s %6s | %9s %9s %6s | %9s %6s | %6s\n", "M x N x K",
+              "fwd", "infer", "wquant", "BF16 fwd", "fwd x", "inf x", "+wq x", "bwd", "BF16 bwd",
+              "bwd x", "sampled", "x", "step x");
   for (const Shape& shape : shapes) {
     const int64_t n = shape.m, c = shape.n, d = shape.k;
     const size_t nd = static_cast<size_t>(n * d), cd = static_cast<size_t>(c * d),
@@ -309,7 +311,21 @@ int run_linear_bench(const LinearBenchOptions& opt) {
       p.status = status.as<uint64_t>();
       cuda::hq_linear_forward(p, cfg, key, stream);
     };
-    const auto forward_quant = [&](int i) {
+    const auto forward_inference = [&](int i) {
+      LayerSet& L = S[static_cast<size_t>(i)];
+      cuda::HqLinearForwardParams<bf16_t> p;
+      p.x = L.x.as<bf16_t>();
+      p.n = n, p.d = d, p.c = c;
+      p.sx = sx;
+      p.sw = sw;
+      p.bias = L.bias.as<float>();
+      p.w_q = L.w_q.as<int8_t>();
+      p.x_q = L.x_q.as<int8_t>();
+      p.y = L.y.as<bf16_t>();
+      p.status = status.as<uint64_t>();
+      cuda::hq_linear_forward(p, cfg, key, stream);
+    };
+    const auto forward_quant = [&](int i, bool saved) {
       LayerSet& L = S[static_cast<size_t>(i)];
       cuda::HqLsqQuantizeParams<bf16_t> q;
       q.x = L.x.as<bf16_t>();
@@ -320,8 +336,10 @@ int run_linear_bench(const LinearBenchOptions& opt) {
       q.step = sx;
       q.key = key;
       q.q = L.x_q.as<int8_t>();
-      q.q_packed = L.x_qp.as<uint8_t>();
-      q.e_packed = L.x_ep.as<uint8_t>();
+      if (saved) {
+        q.q_packed = L.x_qp.as<uint8_t>();
+        q.e_packed = L.x_ep.as<uint8_t>();
+      }
       cuda::hq_lsq_quantize(q, stream);
     };
     const auto forward_gemm = [&](int i) {
@@ -442,14 +460,15 @@ int run_linear_bench(const LinearBenchOptions& opt) {
     std::vector<std::string> names = {
         "weight_quant",  "forward",      "backward",    "bf16_forward", "bf16_backward",
         "fwd_quant_x",   "fwd_gemm",     "bwd_bitsplit", "bwd_unpack_x_t", "bwd_gemm_dx",
-        "bwd_gemm_dw",   "bwd_mask_dx",  "bwd_mask_dw", "bwd_db"};
+        "bwd_gemm_dw",   "bwd_mask_dx",  "bwd_mask_dw", "bwd_db", "forward_inference",
+        "fwd_quant_x_inference"};
     std::vector<std::function<void(int)>> launches = {
         weight_quant,
         forward,
         [&](int i) { backward(i, cfg, ws_keep, ws_keep_bytes); },
         bf16_forward,
         bf16_backward,
-        forward_quant,
+        [&](int i) { forward_quant(i, true); },
         forward_gemm,
         bwd_bitsplit,
         bwd_unpack,
@@ -457,7 +476,9 @@ int run_linear_bench(const LinearBenchOptions& opt) {
         bwd_gemm_dw,
         bwd_mask_dx,
         bwd_mask_dw,
-        bwd_db};
+        bwd_db,
+        forward_inference,
+        [&](int i) { forward_quant(i, false); }};
     // The forward state of every set must exist before a backward reads it.
     for (int i = 0; i < sets; ++i) {
       weight_quant(i);
@@ -477,13 +498,15 @@ int run_linear_bench(const LinearBenchOptions& opt) {
       return t[static_cast<size_t>(it - names.begin())].median_ms;
     };
     const double f = med("forward"), wq = med("weight_quant"), bf = med("bf16_forward");
+    const double fi = med("forward_inference"), fix = bf / fi;
     const double b = med("backward"), bb = med("bf16_backward");
     const double fx = bf / f, fwx = bf / (f + wq), bx = bb / b;
     const double sx_ratio = opt.sampled ? bb / t_sampled.median_ms : 0.0;
     const double step_x = (bf + bb) / (f + wq + b);
     const std::string label = shape_label(shape);
-    std::printf("%-20s %9.1f %8.1f %9.1f %5.2fx %5.2fx | %9.1f %9.1f %5.2fx | ", label.c_str(),
-                1e3 * f, 1e3 * wq, 1e3 * bf, fx, fwx, 1e3 * b, 1e3 * bb, bx);
+    std::printf("%-20s %9.1f %9.1f %8.1f %9.1f %5.2fx %5.2fx %5.2fx | %9.1f %9.1f %5.2fx | ",
+                label.c_str(), 1e3 * f, 1e3 * fi, 1e3 * wq, 1e3 * bf, fx, fix, fwx, 1e3 * b,
+                1e3 * bb, bx);
     if (opt.sampled) std::printf("%9.1f %5.2fx | ", 1e3 * t_sampled.median_ms, sx_ratio);
     else std::printf("%9s %6s | ", "-", "-");
     std::printf("%5.2fx\n", step_x);
@@ -497,7 +520,8 @@ int run_linear_bench(const LinearBenchOptions& opt) {
     nlohmann::json js = {{"m_tokens", n}, {"n_out", c}, {"k_in", d}, {"rotating_sets", sets},
                          {"workspace_bytes_keep_all", ws_keep_bytes},
                          {"workspace_bytes_sampled", ws_samp_bytes},
-                         {"forward_over_bf16", fx}, {"forward_with_weight_quant_over_bf16", fwx},
+                         {"forward_over_bf16", fx}, {"forward_inference_over_bf16", fix},
+                         {"forward_with_weight_quant_over_bf16", fwx},
                          {"backward_over_bf16", bx}, {"step_over_bf16", step_x}};
     for (size_t j = 0; j < names.size(); ++j) {
       js["times"][names[j]] = {{"median_ms", t[j].median_ms}, {"min_ms", t[j].min_ms},
@@ -513,12 +537,13 @@ int run_linear_bench(const LinearBenchOptions& opt) {
     jshapes.push_back(js);
     chart.groups.push_back(label);
     chart.values[0].push_back(fx);
-    chart.values[1].push_back(fwx);
-    chart.values[2].push_back(bx);
-    if (opt.sampled) chart.values[3].push_back(sx_ratio);
+    chart.values[1].push_back(fix);
+    chart.values[2].push_back(fwx);
+    chart.values[3].push_back(bx);
+    if (opt.sampled) chart.values[4].push_back(sx_ratio);
   }
   std::printf("\nforward = x quantization (Hadamard + codes + side channel) + INT8 GEMM with "
-              "dequant; wquant = weight quantization (once per step); step x = BF16 (fwd + bwd) "
+              "dequant; infer = the same with nothing saved for a backward; wquant = weight quantization (once per step); step x = BF16 (fwd + bwd) "
               "/ nibble (fwd + wquant + bwd)\n");
   if (notes.empty()) {
     std::printf("nibble beats BF16 in the forward and the backward on every shape\n");

@@ -26,6 +26,7 @@
 #include <cstdint>
 #include <cstdio>
 #include <cstring>
+#include <limits>
 #include <string>
 #include <vector>
 
@@ -827,6 +828,75 @@ TEST(LinearGpu, SampledCapacityFormula) {
   cfg.lss = cuda::LssVariant::keep_all;  // keep-all ignores the sampling settings
   cfg.sample_fraction = 0.0;
   EXPECT_NO_THROW(cuda::hq_linear_backward_workspace_bytes(128, 64, 64, cfg));
+}
+
+// The fused quantizer's status word. The kernel tests finiteness once, after the transform
+// (a NaN/Inf input makes its whole Hadamard block non-finite), and classifies only then, so:
+// the first NaN/Inf input wins over the overflows its block shows, an overflow of finite
+// inputs is named at its first transformed index, a step that is not positive finite is
+// bad_scale 0, and clean input leaves the word clear. Bad values sit in later batches of a
+// warp (rows ≥ 16) and in a tile past the first, for the three tilings (J = 1, 1, 4).
+template <class T>
+void expect_lsq_quantizer_reports(int64_t block, uint64_t seed) {
+  SCOPED_TRACE(testing::Message() << "block " << block << (sizeof(T) == 2 ? " bf16" : " f32"));
+  const int64_t rows = 144, cols = 2048;
+  const auto to_t = [](const std::vector<float>& v) {
+    std::vector<T> t(v.size());
+    for (size_t i = 0; i < v.size(); ++i) {
+      if constexpr (sizeof(T) == 2) t[i] = bf16_t{f32_to_bf16(v[i])};
+      else t[i] = v[i];
+    }
+    return t;
+  };
+  std::vector<float> x = random_activations(rows, cols, seed);
+  DeviceBuffer<T> dx(to_t(x));
+  DeviceBuffer<float> step(std::vector<float>{0.05f});
+  DeviceBuffer<int8_t> q(rows * cols);
+  DeviceBuffer<uint8_t> qp(rows * cols / 2), ep(rows * cols / 2);
+  DeviceBuffer<uint64_t> st(1);
+  cuda::HqLsqQuantizeParams<T> p;
+  p.x = dx.get(), p.rows = rows, p.cols = cols, p.block = block, p.step = step.get();
+  p.key = PhiloxKey{seed, 1, 0, RngRole::rounding};
+  p.q = q.get(), p.q_packed = qp.get(), p.e_packed = ep.get(), p.status = st.get();
+  const auto run = [&] {
+    cuda::status_clear(st.get(), nullptr);
+    cuda::hq_lsq_quantize(p, nullptr);
+    NB_CUDA_CHECK(cudaDeviceSynchronize());
+    return st.download()[0];
+  };
+  EXPECT_EQ(run(), cuda::kStatusClear);
+
+  const int64_t i_nan = 130 * cols + 1234, i_inf = 77 * cols + 2047;
+  std::vector<float> bad = x;
+  bad[static_cast<size_t>(i_nan)] = std::numeric_limits<float>::quiet_NaN();
+  bad[static_cast<size_t>(i_inf)] = -std::numeric_limits<float>::infinity();
+  dx.upload(to_t(bad));
+  EXPECT_EQ(run(), cuda::status_code(cuda::StatusKind::nonfinite, i_inf));
+  bad[static_cast<size_t>(i_inf)] = 0.5f;
+  dx.upload(to_t(bad));
+  EXPECT_EQ(run(), cuda::status_code(cuda::StatusKind::nonfinite, i_nan));
+
+  // a whole block of 3e38 (finite in bf16 too): its first sum overflows, so v at the block's
+  // first column is +Inf (the reference's butterfly puts every pair's sum at the lower index)
+  bad = x;
+  const int64_t b0 = 93 * cols + (cols - block);
+  for (int64_t k = 0; k < block; ++k) bad[static_cast<size_t>(b0 + k)] = 3e38f;
+  dx.upload(to_t(bad));
+  EXPECT_EQ(run(), cuda::status_code(cuda::StatusKind::overflow, b0));
+
+  dx.upload(to_t(x));
+  for (const float s : {0.0f, -1.0f, std::numeric_limits<float>::infinity(),
+                        std::numeric_limits<float>::quiet_NaN()}) {
+    step.upload({s});
+    EXPECT_EQ(run(), cuda::status_code(cuda::StatusKind::bad_scale, 0)) << "step " << s;
+  }
+}
+
+TEST(LinearGpu, LsqQuantizerReportsBadInput) {
+  expect_lsq_quantizer_reports<float>(32, 950);
+  expect_lsq_quantizer_reports<bf16_t>(32, 951);
+  expect_lsq_quantizer_reports<float>(256, 952);
+  expect_lsq_quantizer_reports<float>(1024, 953);
 }
 
 TEST(LinearGpu, RejectsShapesThatAreNotMultiplesOf16) {

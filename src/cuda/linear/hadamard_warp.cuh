@@ -2,12 +2,13 @@
 // Device helpers of the linear layer's fused passes (CUDA translation units only): the block
 // Hadamard butterfly of one warp row, vector loads and stores, Philox uniforms by fours.
 //
-// Warp row layout (the same as src/cuda/quant/hadamard.cu, so that a tile of W = 128·J columns
-// holds whole Hadamard blocks): in chunk j < J, lane l holds the 4 consecutive columns
-// 128j + 4l + k, k < 4. Butterfly stages h = 1, 2, ..., block/2 pair
-//   h = 1, 2       registers k and k ^ h of the lane,
-//   h = 4 .. 64    lanes l and l ^ (h/4) (a shuffle),
-//   h = 128 .. 512 chunks j and j ^ (h/128),
+// Warp row layout (E = 4: the layout of src/cuda/quant/hadamard.cu; E = 8: the forward
+// quantizer's), so that a tile of W = 32·E·J columns holds whole Hadamard blocks: in chunk
+// j < J, lane l holds the E consecutive columns 32·E·j + E·l + k, k < E. Butterfly stages
+// h = 1, 2, ..., block/2 pair
+//   h < E               registers k and k ^ h of the lane,
+//   E ≤ h < 32·E        lanes l and l ^ (h/E) (a shuffle),
+//   h ≥ 32·E            chunks j and j ^ (h/(32·E)),
 // each pair (a, b) -> (a + b, a − b) in fp32 (__fadd_rn / __fsub_rn: never contracted), the
 // reference's order (ref::hadamard_blocks, docs/formats.md "Hadamard"), so results are bit
 // for bit the reference's. The caller multiplies by hadamard_norm(block) afterwards.
@@ -23,20 +24,22 @@
 namespace nibble::cuda::linear_detail {
 
 constexpr unsigned kFullMask = 0xffffffffu;
-constexpr int kChunk = 128;  // columns per warp-wide chunk: 32 lanes × 4
+constexpr int kChunk = 128;  // columns per warp-wide chunk at E = 4: 32 lanes × 4
 
 // B > 0 names the block at compile time (B = `block`): every stage unrolls and the shuffle
 // stages lose their loop and divergence checks; B = 0 reads the runtime `block`.
-template <int J, int B = 0>
-__device__ __forceinline__ void hadamard_warp(float (&v)[J][4], int lane, int block) {
+template <int J, int B = 0, int E>
+__device__ __forceinline__ void hadamard_warp(float (&v)[J][E], int lane, int block) {
+  static_assert(E == 4 || E == 8, "a lane holds 4 or 8 consecutive columns");
+  constexpr int kChunkCols = 32 * E;
   if constexpr (B > 0) block = B;
 #pragma unroll
-  for (int h = 1; h <= 2; h <<= 1) {
+  for (int h = 1; h < E; h <<= 1) {
     if (h < block) {
 #pragma unroll
       for (int j = 0; j < J; ++j) {
 #pragma unroll
-        for (int k = 0; k < 4; ++k) {
+        for (int k = 0; k < E; ++k) {
           if ((k & h) == 0) {
             const float a = v[j][k];
             const float b = v[j][k + h];
@@ -48,9 +51,9 @@ __device__ __forceinline__ void hadamard_warp(float (&v)[J][4], int lane, int bl
     }
   }
 #pragma unroll
-  for (int h = 4; h < kChunk; h <<= 1) {
+  for (int h = E; h < kChunkCols; h <<= 1) {
     if (h >= block) break;
-    const int m = h >> 2;
+    const int m = h / E;
     // the lower lane holds a and receives b: a + b = fma(a, +1, b); the upper holds b and
     // receives a: a − b = fma(b, −1, a). The product by ±1 is exact, so the fma rounds once,
     // exactly like __fadd_rn / __fsub_rn (signed zeros included), in one instruction instead
@@ -59,7 +62,7 @@ __device__ __forceinline__ void hadamard_warp(float (&v)[J][4], int lane, int bl
 #pragma unroll
     for (int j = 0; j < J; ++j) {
 #pragma unroll
-      for (int k = 0; k < 4; ++k) {
+      for (int k = 0; k < E; ++k) {
         const float other = __shfl_xor_sync(kFullMask, v[j][k], m);
         v[j][k] = __fmaf_rn(v[j][k], sign, other);
       }
@@ -67,12 +70,12 @@ __device__ __forceinline__ void hadamard_warp(float (&v)[J][4], int lane, int bl
   }
 #pragma unroll
   for (int hj = 1; hj < J; hj <<= 1) {
-    if (hj * kChunk < block) {
+    if (hj * kChunkCols < block) {
 #pragma unroll
       for (int j = 0; j < J; ++j) {
         if ((j & hj) == 0) {
 #pragma unroll
-          for (int k = 0; k < 4; ++k) {
+          for (int k = 0; k < E; ++k) {
             const float a = v[j][k];
             const float b = v[j + hj][k];
             v[j][k] = __fadd_rn(a, b);

@@ -1,16 +1,22 @@
 // The linear layer's fused forward quantizer: block Hadamard + LSQ codes + the LSQ residual
 // side channel in one pass over x (hq_linear.h, hq_lsq_quantize).
 //
-// Work split (the layout of src/cuda/quant/hadamard.cu, see hadamard_warp.cuh): a thread block
-// of 8 warps owns 32 rows × W columns, W = 128·J, J = max(1, block/128); a warp transforms
-// R = max(1, 4/J) rows at a time, their loads issued together. Per lane and chunk, 4 codes
-// leave as one 32-bit word (q), two 16-bit words of packed nibbles (q and e), and (with q_t) a
-// word in the shared tile from which the transposed codes are stored as 4-row column segments.
-// The kernel is issue-bound (ncu: ~80% of issue slots), so the code counts instructions: a
-// multiply by 1/s per element (no division), one Philox block per 8 elements shared by lane
-// pairs (16-bit uniforms, philox16.cuh), no rounding/conversion instructions (magic-number
-// adds, a rounded-down fma for the side channel's floor), byte permutes for the packing, no
-// branches in the common path, the Hadamard block a template parameter (bench/README.md,
+// Work split: a thread block of 8 warps owns TR rows × W columns, W = 256·J, J = max(1,
+// block/256) (hadamard_warp.cuh with E = 8: lane l holds the 8 consecutive columns 256j + 8l
+// + k of chunk j). A warp transforms R rows at a time (16 elements per lane at J ≤ 2, 32 at
+// J = 4) and walks TR/(8·R) such batches, each batch's loads issued before the previous batch
+// is computed. Per lane and row chunk, 8 codes leave as one 8-byte word (q), two 32-bit words
+// of packed nibbles (q and e), and (with q_t) two words in the shared tile from which the
+// transposed codes are stored as 4-row column segments.
+// The kernel is issue-bound (ncu), so the code counts instructions: 8 elements per lane make
+// the lane's 8 side-channel uniforms exactly one Philox block (no exchange between lanes), put
+// three butterfly stages in registers, and halve the load and store instructions; a warp
+// walking several batches spreads the per-thread set-up (the step's division, the tile's
+// indices) over 64 elements; finiteness is tested once, after the transform (a NaN/Inf input
+// makes its whole Hadamard block non-finite, so the slow path that classifies and reports
+// runs only then); a multiply by 1/s per element (no division); no rounding/conversion
+// instructions (magic-number adds, a rounded-down fma for the side channel's floor); byte
+// permutes for the packing; the Hadamard block a template parameter (bench/README.md,
 // "Quantization passes").
 #include <cmath>
 #include <cstdint>
@@ -26,14 +32,17 @@
 namespace nibble::cuda {
 namespace {
 
-using linear_detail::kChunk;
-
-constexpr int kTileRows = 32;
+constexpr int kLaneCols = 8;                  // E: consecutive columns per lane
+constexpr int kChunkCols = 32 * kLaneCols;    // 256 columns per warp-wide chunk
 constexpr int kWarps = 8;
 constexpr int kThreads = kWarps * 32;
 
+// Rows per batch (R) and per tile (TR) for J chunks per warp row: 16 (J ≤ 2) or 32 (J = 4)
+// elements per lane and batch, 4 batches per warp (2 at J = 4), and a shared tile of ~16 KB.
 template <int J>
-constexpr int kRowsPerBatch = J <= 2 ? 4 / J : 1;
+constexpr int kRowsPerBatch = J == 1 ? 2 : 1;
+template <int J>
+constexpr int kTileRows = J == 1 ? 64 : (J == 2 ? 32 : 16);
 
 // The side-channel nibble of r whose code is already known (ref::lsq_residual_encode):
 //   −8 when !(qmin ≤ r ≤ qmax) (±Inf and NaN included), else
@@ -42,7 +51,7 @@ constexpr int kRowsPerBatch = J <= 2 ? 4 / J : 1;
 // and ±Inf); rint_r = rint(clamped) (= rint(r) in range); U = 192 + u (philox16::kMagicBits).
 // One fma rounded down gives 192 + e in [185, 200) (philox16.cuh), so e's nibble is bits
 // 16..19 of the result (0x4340 + e, and 0x4340 ≡ 0 mod 16). Returns a word whose bits 16..19
-// hold the nibble (the caller gathers byte 2 of four of them); out of range 0x00080000 (−8).
+// hold the nibble (the caller gathers byte 2 of eight of them); out of range 0x00080000 (−8).
 // Branch-free: out of range the arithmetic runs on whatever r is and the select discards it.
 __device__ __forceinline__ uint32_t residual_word(float r, float clamped, float rint_r, float U) {
   const float delta = __fsub_rn(rint_r, r);
@@ -51,24 +60,60 @@ __device__ __forceinline__ uint32_t residual_word(float r, float clamped, float 
   return clamped == r ? y : (static_cast<uint32_t>(kLsqClipped) & 0xfu) << 16;
 }
 
-// The low nibbles of byte 2 of x[k], k = 0..3, packed as one 16-bit value (element k in bits
-// 4k .. 4k+3): two byte gathers and a merge.
-__device__ __forceinline__ uint32_t pack_nibbles_b2(uint32_t x0, uint32_t x1, uint32_t x2,
-                                                    uint32_t x3) {
-  const uint32_t even = __byte_perm(x0, x2, 0x0062);  // bytes 0, 1: x0.b2, x2.b2
-  const uint32_t odd = __byte_perm(x1, x3, 0x0062);   // bytes 0, 1: x1.b2, x3.b2
-  return (even & 0x0f0fu) | ((odd << 4) & 0xf0f0u);
+// Packed s4 of 8 elements (element 2i in the low nibble of byte i, 2i + 1 in the high one)
+// from the words even = (elements 0, 2, 4, 6) and odd = (1, 3, 5, 7), one element per byte,
+// each element's nibble in its byte's low 4 bits.
+__device__ __forceinline__ uint32_t pack_nibbles8(uint32_t even, uint32_t odd) {
+  return (even & 0x0f0f0f0fu) | ((odd << 4) & 0xf0f0f0f0u);
 }
 
-// B: the Hadamard block at compile time (hadamard_warp's B; 128·J when J > 1).
+// Bytes `sel` (a __byte_perm index, 0..3) of x[0], x[2], x[4], x[6] and of x[1], x[3], ...
+// as the words even, odd of pack_nibbles8.
+template <int kSel>
+__device__ __forceinline__ void gather_even_odd(const uint32_t (&x)[8], uint32_t& even,
+                                                uint32_t& odd) {
+  constexpr int kPair = kSel | ((kSel + 4) << 4);  // byte 0: x_a.b[sel], byte 1: x_b.b[sel]
+  constexpr int kMerge = 0x5410;                   // bytes 0, 1 of a, then bytes 0, 1 of b
+  even = __byte_perm(__byte_perm(x[0], x[2], kPair), __byte_perm(x[4], x[6], kPair), kMerge);
+  odd = __byte_perm(__byte_perm(x[1], x[3], kPair), __byte_perm(x[5], x[7], kPair), kMerge);
+}
+
+// 8 consecutive elements of x as raw words (one 16-byte read-only load per 16 bytes: x is not
+// written during the kernel), widened exactly to fp32 by widen8.
+template <class T>
+constexpr int kRawWords = kLaneCols * static_cast<int>(sizeof(T)) / 4;  // 4 (bf16) or 8 (f32)
+
+template <class T>
+__device__ __forceinline__ void load_raw8(const T* p, uint32_t (&w)[kRawWords<T>]) {
+#pragma unroll
+  for (int h = 0; h < kRawWords<T> / 4; ++h) {
+    const uint4 v = __ldg(reinterpret_cast<const uint4*>(p) + h);
+    w[4 * h] = v.x, w[4 * h + 1] = v.y, w[4 * h + 2] = v.z, w[4 * h + 3] = v.w;
+  }
+}
+__device__ __forceinline__ void widen8(const uint32_t (&w)[4], float (&out)[8]) {  // bf16
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {  // little endian: the even element in the low half
+    out[2 * i] = __uint_as_float(w[i] << 16);
+    out[2 * i + 1] = __uint_as_float(w[i] & 0xffff0000u);
+  }
+}
+__device__ __forceinline__ void widen8(const uint32_t (&w)[8], float (&out)[8]) {  // f32
+#pragma unroll
+  for (int i = 0; i < 8; ++i) out[i] = __uint_as_float(w[i]);
+}
+
+// B: the Hadamard block at compile time (hadamard_warp's B; 256·J when J > 1).
 template <class T, int J, int B>
 __global__ void __launch_bounds__(kThreads)
     hq_lsq_quantize_kernel(HqLsqQuantizeParams<T> p, float norm, int64_t col_tiles,
                            int64_t tiles) {
-  constexpr int W = kChunk * J;
+  constexpr int W = kChunkCols * J;
   constexpr int R = kRowsPerBatch<J>;
-  // +4 bytes per row: the column reads of the transpose fall in distinct banks.
-  __shared__ __align__(16) int8_t tile[kTileRows][W + 4];
+  constexpr int TR = kTileRows<J>;
+  constexpr int kWords = kRawWords<T>;
+  // +4 bytes per row: the column reads of the transpose spread over the banks.
+  __shared__ __align__(16) int8_t tile[TR][W + 4];
   const int lane = threadIdx.x & 31;
   const int warp = threadIdx.x >> 5;
   const float s = *p.step;
@@ -85,135 +130,146 @@ __global__ void __launch_bounds__(kThreads)
 
   // Tiles t = blockIdx.x, blockIdx.x + gridDim.x, ... (one tile per block in practice).
   for (int64_t t = blockIdx.x; t < tiles; t += gridDim.x) {
-    const int64_t r0 = (t / col_tiles) * kTileRows;
+    const int64_t r0 = (t / col_tiles) * TR;
     const int64_t c0 = (t % col_tiles) * W;
-    for (int rb = warp * R; rb < kTileRows; rb += kWarps * R) {
-      if (r0 + rb >= p.rows) break;  // rows % 16 == 0 and R | 16: the R rows are all in range
-      // All R·J loads first, then the NaN/Inf test: the status atomics could alias x for the
-      // compiler, so a check between two loads would serialise them.
-      float v[R][J][4];
+    bool in_cols[J];  // chunk j of this lane lies inside the matrix (8 | c and 16 | cols)
+#pragma unroll
+    for (int j = 0; j < J; ++j) in_cols[j] = c0 + kChunkCols * j + kLaneCols * lane < p.cols;
+    // rows % 16 == 0 and R | 16: a batch whose first row is in range has all R rows in range
+    const auto batch_in_range = [&](int rb) { return rb < TR && r0 + rb < p.rows; };
+    const auto load_batch = [&](int rb, uint32_t (&raw)[R][J][kWords]) {
 #pragma unroll
       for (int i = 0; i < R; ++i) {
         const int64_t row = r0 + rb + i;
 #pragma unroll
         for (int j = 0; j < J; ++j) {
-          const int64_t c = c0 + kChunk * j + 4 * lane;
-          if (c < p.cols) {
-            linear_detail::load4(p.x + row * p.cols + c, v[i][j]);
+          if (in_cols[j]) {
+            load_raw8(p.x + row * p.cols + c0 + kChunkCols * j + kLaneCols * lane, raw[i][j]);
           } else {
             // a whole Hadamard block past the end (block | cols): never mixes with real columns
 #pragma unroll
-            for (int k = 0; k < 4; ++k) v[i][j][k] = 0.0f;
+            for (int w = 0; w < kWords; ++w) raw[i][j][w] = 0u;
           }
         }
       }
-      bool bad = false;  // one branch per batch; the per-element reports only when taken
+    };
+
+    uint32_t raw[R][J][kWords];
+    int rb = warp * R;
+    if (batch_in_range(rb)) load_batch(rb, raw);
+#pragma unroll 1
+    for (; batch_in_range(rb); rb += kWarps * R) {
+      // the next batch's loads go out before this batch's arithmetic
+      uint32_t next[R][J][kWords];
+      if (batch_in_range(rb + kWarps * R)) load_batch(rb + kWarps * R, next);
+
+      // v = (x·H_k)·2^(−k/2), tested for NaN/Inf once per batch
+      float v[R][J][kLaneCols];
+      bool finite = true;
+#pragma unroll
+      for (int i = 0; i < R; ++i) {
+#pragma unroll
+        for (int j = 0; j < J; ++j) widen8(raw[i][j], v[i][j]);
+        linear_detail::hadamard_warp<J, B>(v[i], lane, block);
+#pragma unroll
+        for (int j = 0; j < J; ++j)
+#pragma unroll
+          for (int k = 0; k < kLaneCols; ++k) {
+            v[i][j][k] = __fmul_rn(v[i][j][k], norm);
+            finite &= detail::is_finite(v[i][j][k]);
+          }
+      }
+      // The slow path: report every non-finite input (StatusKind::nonfinite) and every
+      // non-finite v (StatusKind::overflow) of the batch, the reports of the element-wise
+      // reference. Inline and fully unrolled so that v stays in registers on the fast path.
+      if (!finite) {
+#pragma unroll
+        for (int i = 0; i < R; ++i)
+#pragma unroll
+          for (int j = 0; j < J; ++j) {
+            const int64_t idx = (r0 + rb + i) * p.cols + c0 + kChunkCols * j + kLaneCols * lane;
+#pragma unroll
+            for (int k = 0; k < kLaneCols; ++k) {
+              if (!in_cols[j]) continue;
+              if (!detail::is_finite(detail::to_f32(p.x[idx + k])))
+                detail::report(p.status, StatusKind::nonfinite, static_cast<uint64_t>(idx + k));
+              if (!detail::is_finite(v[i][j][k]))
+                detail::report(p.status, StatusKind::overflow, static_cast<uint64_t>(idx + k));
+            }
+          }
+      }
+
+#pragma unroll
+      for (int i = 0; i < R; ++i) {
+        const int64_t row = r0 + rb + i;
+#pragma unroll
+        for (int j = 0; j < J; ++j) {
+          if (!in_cols[j]) continue;
+          const int64_t c = c0 + kChunkCols * j + kLaneCols * lane;
+          const int64_t idx = row * p.cols + c;
+          const int64_t pidx = row * half_cols + c / 2;
+          // r = v·inv_s;  q = clamp(rint(r), qmin, qmax) = rint(clamp(r, qmin, qmax)) (qmin,
+          // qmax integers; NaN → qmin either way, fmaxf drops it): one magic add, no
+          // rint/convert; the low byte of the sum's bit pattern is the code.
+          float r[kLaneCols], clamped[kLaneCols], mq[kLaneCols];
+          uint32_t mb[kLaneCols];
+#pragma unroll
+          for (int k = 0; k < kLaneCols; ++k) {
+            r[k] = __fmul_rn(v[i][j][k], inv_s);
+            clamped[k] = fminf(fmaxf(r[k], qmin), qmax);
+            mq[k] = __fadd_rn(clamped[k], linear_detail::kRoundMagic);
+            mb[k] = __float_as_uint(mq[k]);
+          }
+          if (p.e_packed != nullptr) {  // uniform
+            // u_k = philox_uniform16(index_base + idx + k): idx + index_base is a multiple of
+            // 8 (8 | c, 16 | cols, 8 | index_base), so the 8 uniforms are one whole block
+            float U[kLaneCols];
+            philox16::magic_uniforms8(
+                philox16::block(p.key, (p.index_base + static_cast<uint64_t>(idx)) >> 3), U);
+            uint32_t y[kLaneCols];
+#pragma unroll
+            for (int k = 0; k < kLaneCols; ++k) {
+              const float rint_r = __fsub_rn(mq[k], linear_detail::kRoundMagic);
+              y[k] = residual_word(r[k], clamped[k], rint_r, U[k]);
+            }
+            uint32_t even, odd;
+            gather_even_odd<2>(y, even, odd);  // the nibbles sit in byte 2
+            *reinterpret_cast<uint32_t*>(p.e_packed + pidx) = pack_nibbles8(even, odd);
+          }
+          // the 8 code bytes as two words (element k in byte k % 4 of word k / 4) and as 8
+          // nibbles, from the same gathers
+          uint32_t even, odd;  // codes (0, 2, 4, 6), (1, 3, 5, 7)
+          gather_even_odd<0>(mb, even, odd);
+          const uint32_t lo = __byte_perm(even, odd, 0x5140);  // codes 0..3
+          const uint32_t hi = __byte_perm(even, odd, 0x7362);  // codes 4..7
+          if (p.q_t != nullptr) {  // uniform across the block
+            auto* dst = reinterpret_cast<uint32_t*>(&tile[rb + i][kChunkCols * j + kLaneCols * lane]);
+            dst[0] = lo;
+            dst[1] = hi;
+          }
+          if (p.q != nullptr) *reinterpret_cast<uint2*>(p.q + idx) = make_uint2(lo, hi);
+          if (p.q_packed != nullptr)
+            *reinterpret_cast<uint32_t*>(p.q_packed + pidx) = pack_nibbles8(even, odd);
+        }
+      }
 #pragma unroll
       for (int i = 0; i < R; ++i)
 #pragma unroll
         for (int j = 0; j < J; ++j)
 #pragma unroll
-          for (int k = 0; k < 4; ++k) bad |= !detail::is_finite(v[i][j][k]);
-      if (bad) {
-        for (int i = 0; i < R; ++i) {
-          for (int j = 0; j < J; ++j) {
-            const int64_t c = c0 + kChunk * j + 4 * lane;
-            for (int k = 0; k < 4; ++k) {
-              if (c < p.cols && !detail::is_finite(v[i][j][k]))
-                detail::report(p.status, StatusKind::nonfinite,
-                               static_cast<uint64_t>((r0 + rb + i) * p.cols + c + k));
-            }
-          }
-        }
-      }
-      // The side channel's 16-bit uniforms (philox16.cuh): groups g = i·J + j in pairs, one
-      // Philox block per lane and pair. Indices of the even lane are multiples of 8: cols % 16
-      // == 0, c0 % 128 == 0 and index_base % 8 == 0 (checked on the host).
-      constexpr int G = R * J;
-      static_assert(G % 2 == 0, "groups come in pairs");
-      uint32_t words[G][2];
-      if (p.e_packed != nullptr) {  // uniform
-#pragma unroll
-        for (int g = 0; g < G; g += 2) {
-          const auto index_of = [&](int gg) {
-            return p.index_base +
-                   static_cast<uint64_t>((r0 + rb + gg / J) * p.cols + c0 + kChunk * (gg % J) +
-                                         4 * lane);
-          };
-          philox16::pair(p.key, index_of(g), index_of(g + 1), (lane & 1) != 0, words[g],
-                         words[g + 1]);
-        }
-      }
-#pragma unroll
-      for (int i = 0; i < R; ++i) {
-        const int64_t row = r0 + rb + i;
-        linear_detail::hadamard_warp<J, B>(v[i], lane, block);
-#pragma unroll
-        for (int j = 0; j < J; ++j) {
-          const int64_t c = c0 + kChunk * j + 4 * lane;
-          if (c >= p.cols) continue;
-          const int64_t idx = row * p.cols + c;
-          // v = (x·H_k)·2^(−k/2);  r = v·inv_s  (one multiply per element, kept in r[])
-          float r[4];
-          bool overflow = false;
-#pragma unroll
-          for (int k = 0; k < 4; ++k) {
-            const float vk = __fmul_rn(v[i][j][k], norm);
-            overflow |= !detail::is_finite(vk);
-            r[k] = __fmul_rn(vk, inv_s);
-          }
-          if (overflow) {
-            for (int k = 0; k < 4; ++k) {
-              if (!detail::is_finite(__fmul_rn(v[i][j][k], norm)))
-                detail::report(p.status, StatusKind::overflow, static_cast<uint64_t>(idx + k));
-            }
-          }
-          // q = clamp(rint(r), qmin, qmax) = rint(clamp(r, qmin, qmax)) (qmin, qmax integers;
-          // NaN → qmin either way, fmaxf drops it): one magic add, no rint/convert; the low
-          // byte of the sum's bit pattern is the code.
-          float clamped[4], mq[4];
-          uint32_t mb[4];
-#pragma unroll
-          for (int k = 0; k < 4; ++k) {
-            clamped[k] = fminf(fmaxf(r[k], qmin), qmax);
-            mq[k] = __fadd_rn(clamped[k], linear_detail::kRoundMagic);
-            mb[k] = __float_as_uint(mq[k]);
-          }
-          const int64_t pidx = row * half_cols + c / 2;
-          if (p.e_packed != nullptr) {  // uniform
-            float U[4];
-            philox16::magic_uniforms4(words[i * J + j], U);
-            uint32_t y[4];
-#pragma unroll
-            for (int k = 0; k < 4; ++k) {
-              const float rint_r = __fsub_rn(mq[k], linear_detail::kRoundMagic);
-              y[k] = residual_word(r[k], clamped[k], rint_r, U[k]);
-            }
-            *reinterpret_cast<uint16_t*>(p.e_packed + pidx) =
-                static_cast<uint16_t>(pack_nibbles_b2(y[0], y[1], y[2], y[3]));
-          }
-          // the 4 code bytes as one word (element k in byte k) and as 4 nibbles, from the
-          // same two gathers: even = (code0, code2), odd = (code1, code3) in bytes 0, 1
-          const uint32_t even = __byte_perm(mb[0], mb[2], 0x0040);
-          const uint32_t odd = __byte_perm(mb[1], mb[3], 0x0040);
-          const uint32_t word = __byte_perm(even, odd, 0x5140);
-          if (p.q_t != nullptr)  // uniform across the block
-            *reinterpret_cast<uint32_t*>(&tile[rb + i][kChunk * j + 4 * lane]) = word;
-          if (p.q != nullptr) *reinterpret_cast<uint32_t*>(p.q + idx) = word;
-          if (p.q_packed != nullptr)
-            *reinterpret_cast<uint16_t*>(p.q_packed + pidx) =
-                static_cast<uint16_t>((even & 0x0f0fu) | ((odd << 4) & 0xf0f0u));
-        }
-      }
+          for (int w = 0; w < kWords; ++w) raw[i][j][w] = next[i][j][w];
     }
     if (p.q_t == nullptr) continue;  // uniform across the block
     __syncthreads();
-    // lane = 8·(column within a group of 4) + m: q_t[c, r0 + 4m .. 4m+3] = tile[4m .. 4m+3][cc]
-    const int m = lane & 7;
-    const int64_t row = r0 + 4 * m;
-    for (int cb = warp * 4; cb < W; cb += kWarps * 4) {
-      const int cc = cb + (lane >> 3);
+    // q_t[c, r0 + 4m .. 4m + 3] = tile[4m .. 4m + 3][cc], m < TR/4: thread u of the block
+    // takes segment u % (TR/4) of column u / (TR/4), so consecutive threads write consecutive
+    // words of one q_t row
+    constexpr int kSegs = TR / 4;
+    for (int u = threadIdx.x; u < kSegs * W; u += kThreads) {
+      const int m = u % kSegs;
+      const int cc = u / kSegs;
       const int64_t c = c0 + cc;
+      const int64_t row = r0 + 4 * m;
       if (c < p.cols && row < p.rows) {
         const uint32_t word =
             static_cast<uint8_t>(tile[4 * m][cc]) |
@@ -272,12 +328,11 @@ void hq_lsq_quantize_impl(const HqLsqQuantizeParams<T>& p, cudaStream_t stream) 
   const auto launch = [&](auto jc, auto bc) {
     constexpr int J = decltype(jc)::value;
     constexpr int B = decltype(bc)::value;
-    const int64_t col_tiles = detail::ceil_div(p.cols, kChunk * J);
-    const int64_t tiles = detail::ceil_div(p.rows, kTileRows) * col_tiles;
-    // One tile per block: the kernel is bound by its arithmetic (an eighth of a Philox block
-    // per element, the butterfly, the codes), and measured 10% slower with one wave of blocks
-    // walking several tiles each (bench/README.md); the tile loop stays for grids capped
-    // by the CUDA limit.
+    const int64_t col_tiles = detail::ceil_div(p.cols, kChunkCols * J);
+    const int64_t tiles = detail::ceil_div(p.rows, kTileRows<J>) * col_tiles;
+    // One tile per block (each warp walks the tile's batches): an earlier version measured
+    // 10% slower with one wave of blocks walking several tiles each (bench/README.md); the
+    // tile loop stays for grids capped by the CUDA limit.
     detail::check_grid_extent(tiles, fn, "the tiling");
     const int64_t blocks = tiles;
     hq_lsq_quantize_kernel<T, J, B><<<static_cast<unsigned>(blocks), kThreads, 0, stream>>>(
@@ -294,9 +349,9 @@ void hq_lsq_quantize_impl(const HqLsqQuantizeParams<T>& p, cudaStream_t stream) 
     case 32: launch(one, integral_constant<int, 32>{}); break;
     case 64: launch(one, integral_constant<int, 64>{}); break;
     case 128: launch(one, integral_constant<int, 128>{}); break;
-    case 256: launch(integral_constant<int, 2>{}, integral_constant<int, 256>{}); break;
-    case 512: launch(integral_constant<int, 4>{}, integral_constant<int, 512>{}); break;
-    default: launch(integral_constant<int, 8>{}, integral_constant<int, 1024>{}); break;
+    case 256: launch(one, integral_constant<int, 256>{}); break;
+    case 512: launch(integral_constant<int, 2>{}, integral_constant<int, 512>{}); break;
+    default: launch(integral_constant<int, 4>{}, integral_constant<int, 1024>{}); break;
   }
   NB_CUDA_CHECK_LAUNCH();
 }

@@ -3,10 +3,11 @@
 // i % 2 of word (i % 8) / 2 of block i / 8), shared by the HQ quantizers' LSQ side channel
 // (src/cuda/linear/hq_linear_quant.cu) and the bit split (src/cuda/quant/bitsplit.cu).
 //
-// Both kernels give each lane 4 consecutive elements per group, so lanes 2m and 2m + 1 hold the
-// two halves of one block when the pair's first index is a multiple of 8. philox16_pair then
+// The bit split gives each lane 4 consecutive elements per group, so lanes 2m and 2m + 1 hold
+// the two halves of one block when the pair's first index is a multiple of 8. pair() then
 // computes ONE block per lane for TWO groups (the even lane the first group's, the odd lane the
 // second's) and the lanes swap the halves they do not use: one Philox-4x32-10 per 8 elements.
+// The quantizer's lanes hold 8 consecutive elements, one whole block (magic_uniforms8).
 #if !defined(__CUDACC__)
 #error "cuda/quant/philox16.cuh is for CUDA translation units"
 #endif
@@ -51,6 +52,16 @@ __device__ __forceinline__ void magic_uniforms4(const uint32_t (&w)[2], float (&
   U[1] = __uint_as_float(__byte_perm(w[0], kMagicBits, 0x7632));
   U[2] = __uint_as_float(__byte_perm(w[1], kMagicBits, 0x7610));
   U[3] = __uint_as_float(__byte_perm(w[1], kMagicBits, 0x7632));
+}
+
+// 192 + u_k for the 8 elements of one whole block o (elements 2w, 2w + 1 in word w): the
+// layout of a lane that holds 8 consecutive elements starting at a multiple of 8.
+__device__ __forceinline__ void magic_uniforms8(const Philox4& o, float (&U)[8]) {
+#pragma unroll
+  for (int w = 0; w < 4; ++w) {
+    U[2 * w] = __uint_as_float(__byte_perm(o.v[w], kMagicBits, 0x7610));
+    U[2 * w + 1] = __uint_as_float(__byte_perm(o.v[w], kMagicBits, 0x7632));
+  }
 }
 
 // Lanes 2m, 2m + 1 (odd = lane & 1) hold indices index_a .. +3 of group A and index_b .. +3 of
