@@ -8,7 +8,9 @@
 # Writes eight files to OUT_DIR (the lent machine returns at most eight): gpu_tests.txt (device
 # line first), sanitizer.txt, gemm.{txt,json,svg}, linear.{txt,json,svg}; with SWEEP_SHAPES set
 # (MxNxK,... for BIN_DIR/nibble_bench_gemm_sweep) also sweep.txt, the tile sweep on those
-# shapes (then bundle OUT_DIR, e.g. tar, to bring the nine back).
+# shapes (then bundle OUT_DIR, e.g. tar, to bring the nine back). BENCH_GEMM=0 skips
+# `nibble bench gemm`; PROFILE_QUANT=1 adds quant_ncu.txt, Nsight Compute on the quantization
+# passes (scripts/gpu_quant_profile.sh).
 set -uo pipefail
 bin="${1:-build-gpu}"
 out="${2:-${OUT:-out/gpu}}"
@@ -51,10 +53,16 @@ if [ -n "${SWEEP_SHAPES:-}" ]; then
     --shapes "$SWEEP_SHAPES"
 fi
 
-stage "bench gemm" 120 "$out/gemm.txt" "$bin/nibble" bench gemm --json "$out/gemm.json" \
-  --plot "$out/gemm.svg"
+if [ "${BENCH_GEMM:-1}" != 0 ]; then
+  stage "bench gemm" 120 "$out/gemm.txt" "$bin/nibble" bench gemm --json "$out/gemm.json" \
+    --plot "$out/gemm.svg"
+fi
 stage "bench linear" 180 "$out/linear.txt" "$bin/nibble" bench linear --json "$out/linear.json" \
   --plot "$out/linear.svg"
-cat "$out/gemm.txt"
+if [ "${PROFILE_QUANT:-0}" != 0 ]; then
+  stage "quant profile" 150 "$out/quant_ncu.txt" "$(dirname "$0")/gpu_quant_profile.sh" "$bin" \
+    "$out/quant_ncu.txt"
+fi
+[ -f "$out/gemm.txt" ] && cat "$out/gemm.txt"
 cat "$out/linear.txt"
 exit $status
