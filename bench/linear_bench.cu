@@ -388,6 +388,7 @@ int run_linear_bench(const LinearBenchOptions& opt) {
       bs.scale = split_scale.as<float>();
       bs.combined = comb.as<int8_t>();
       bs.combined_t = comb_t.as<int8_t>();
+      bs.col_partials = parts_db.as<double>();  // db's column sums ride on the first pass
       cuda::bitsplit(bs, stream);
     };
     const auto bwd_unpack = [&](int i) {
@@ -437,9 +438,9 @@ int run_linear_bench(const LinearBenchOptions& opt) {
       m.partials = parts_w.as<double>();
       cuda::linear_detail::lsq_mask_hadamard(m, stream);
     };
-    const auto bwd_db = [&](int i) {
-      cuda::linear_detail::column_sums(S[static_cast<size_t>(i)].dy.as<bf16_t>(), n, c,
-                                       parts_db.as<double>(), db.as<float>(), stream);
+    const auto bwd_db = [&](int) {  // the partials come from bwd_bitsplit's first pass
+      cuda::linear_detail::column_sums_finalize(parts_db.as<double>(), cuda::bitsplit_column_chunks(n),
+                                                c, db.as<float>(), stream);
     };
     // BF16 baseline, row-major tensors read column-major (cuBLAS):
     //   y  [N, C] = x·wᵀ      the TN GEMM of cublaslt_baselines.h

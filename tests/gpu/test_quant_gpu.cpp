@@ -769,6 +769,90 @@ TEST(BitSplitGpu, RejectsBadArgumentsAndReportsNonFinite) {
   EXPECT_EQ(read_status(st), cuda::status_code(cuda::StatusKind::nonfinite, 400));
 }
 
+// The first pass's optional column partials (the layer's db): every partial within the fp64
+// bound of a sum of fp32 values in another order, the same s and codes as without them, a
+// NaN reported at its index, and cols % 4 != 0 rejected. 600 rows: a partial 256-row chunk;
+// 260 columns: a partial 128-column tile.
+template <class T>
+void check_bitsplit_column_partials(int64_t rows, int64_t cols, uint64_t seed) {
+  SCOPED_TRACE(::testing::Message() << "rows " << rows << " cols " << cols
+                                    << (std::is_same_v<T, float> ? " f32" : " bf16"));
+  const int64_t n = rows * cols;
+  std::vector<float> g = random_gradient(rows, cols, seed);
+  std::vector<T> gt;
+  if constexpr (std::is_same_v<T, float>) {
+    gt = g;
+  } else {
+    gt = to_bf16(g);
+    g = widen(gt);
+  }
+  const PhiloxKey key{seed, 2, 5, RngRole::grad_output_rounding};
+  std::vector<int8_t> hi(static_cast<size_t>(n)), lo(hi.size()), comb(hi.size());
+  const float s_ref = ref::bitsplit(g.data(), rows, cols, key, hi.data(), lo.data(), comb.data());
+  const int64_t chunks = cuda::bitsplit_column_chunks(rows);
+  ASSERT_EQ(chunks, (rows + 255) / 256);
+  DeviceBuffer<T> dg(gt);
+  DeviceBuffer<float> dscale(2);
+  DeviceBuffer<int8_t> dcomb(n);
+  DeviceBuffer<double> dparts(chunks * cols);
+  DeviceBuffer<uint64_t> st(1);
+  cuda::status_clear(st.get(), nullptr);
+  cuda::BitSplitParams<T> p;
+  p.g = dg.get(), p.rows = rows, p.cols = cols, p.key = key, p.scale = dscale.get();
+  p.combined = dcomb.get(), p.col_partials = dparts.get(), p.status = st.get();
+  cuda::bitsplit(p, nullptr);
+  sync();
+  EXPECT_EQ(read_status(st), cuda::kStatusClear);
+  EXPECT_EQ(dscale.download()[0], s_ref);
+  EXPECT_SAME(dcomb.download(), comb, "combined");
+  const std::vector<double> parts = dparts.download();
+  int64_t bad = 0;
+  for (int64_t k = 0; k < chunks; ++k) {
+    for (int64_t c = 0; c < cols; ++c) {
+      double sum = 0.0, abs_sum = 0.0;
+      for (int64_t r = 256 * k; r < std::min(rows, 256 * (k + 1)); ++r) {
+        sum += g[static_cast<size_t>(r * cols + c)];
+        abs_sum += std::fabs(g[static_cast<size_t>(r * cols + c)]);
+      }
+      // two orders of ≤ 256 exact fp64 terms: each within 256·2^-53·Σ|g| of the exact sum
+      const double bound = 2.0 * 256.0 * std::ldexp(1.0, -53) * abs_sum;
+      const double got = parts[static_cast<size_t>(k * cols + c)];
+      if (!(std::fabs(got - sum) <= bound) && bad++ < 5)
+        ADD_FAILURE() << "partial [" << k << ", " << c << "] = " << got << ", expected " << sum;
+    }
+  }
+  EXPECT_EQ(bad, 0);
+
+  std::vector<float> g_bad = g;
+  g_bad[static_cast<size_t>(n - cols + 3)] = std::numeric_limits<float>::quiet_NaN();
+  g_bad[static_cast<size_t>(n - 1)] = std::numeric_limits<float>::infinity();
+  if constexpr (std::is_same_v<T, float>) dg.upload(g_bad);
+  else dg.upload(to_bf16(g_bad));
+  cuda::status_clear(st.get(), nullptr);
+  cuda::bitsplit(p, nullptr);
+  sync();
+  EXPECT_EQ(read_status(st), cuda::status_code(cuda::StatusKind::nonfinite, n - cols + 3));
+}
+
+TEST(BitSplitGpu, ColumnPartialsOfTheFirstPass) {
+  check_bitsplit_column_partials<float>(600, 260, 980);
+  check_bitsplit_column_partials<bf16_t>(600, 260, 981);
+  check_bitsplit_column_partials<bf16_t>(16, 4096, 982);
+  // cols % 4 != 0: the fused pass needs 4-element vectors
+  DeviceBuffer<float> dg(7 * 98), dscale(2);
+  DeviceBuffer<int8_t> dcomb(7 * 98);
+  DeviceBuffer<double> dparts(98);
+  cuda::BitSplitParams<float> p;
+  p.g = dg.get(), p.rows = 7, p.cols = 98, p.scale = dscale.get(), p.combined = dcomb.get();
+  p.col_partials = dparts.get();
+  try {
+    cuda::bitsplit(p, nullptr);
+    ADD_FAILURE() << "col_partials with cols = 98 accepted";
+  } catch (const Error& e) {
+    EXPECT_NE(std::string(e.what()).find("cols % 4 == 0"), std::string::npos) << e.what();
+  }
+}
+
 // ---- leverage scores and row selection ----------------------------------------------------
 
 struct SplitData {

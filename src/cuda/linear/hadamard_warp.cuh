@@ -17,6 +17,7 @@
 #endif
 
 #include <cstdint>
+#include <type_traits>
 
 #include "nibble/dtype.h"
 #include "nibble/rng.h"
@@ -99,6 +100,69 @@ __device__ __forceinline__ void load4(const bf16_t* p, float (&out)[4]) {
   out[2] = __uint_as_float(v.y << 16), out[3] = __uint_as_float(v.y & 0xffff0000u);
 }
 
+// ---- the E = 8 tiling of the fused passes (forward quantizer, backward mask pass) ----------
+// A thread block of 8 warps owns kTileRows8<J> rows × 256·J columns, J = max(1, block/256)
+// chunks per warp row; a warp transforms kRowsPerBatch8<J> rows at a time (16 elements per
+// lane at J ≤ 2, 32 at J = 4), walking 4 such batches (2 at J = 4), and shared tiles stay at
+// ~16 KB. Issue-bound passes gain from it (bench/README.md, "H200, 2026-12-03"): one lane's 8
+// side-channel uniforms are one whole Philox block, three butterfly stages run in registers,
+// loads and stores are 16 bytes, and the per-thread set-up is spread over 64 elements.
+constexpr int kLaneCols8 = 8;
+constexpr int kChunkCols8 = 32 * kLaneCols8;  // 256
+template <int J>
+constexpr int kRowsPerBatch8 = J == 1 ? 2 : 1;
+template <int J>
+constexpr int kTileRows8 = J == 1 ? 64 : (J == 2 ? 32 : 16);
+
+// Calls f(integral_constant<int, J>, integral_constant<int, B>) for a Hadamard block B (a
+// power of two in [1, 1024], checked by the caller) and its chunk count J: the butterfly's
+// stages are then unrolled for exactly B, with no runtime stage checks.
+template <class F>
+void dispatch_block8(int64_t block, F&& f) {
+  using std::integral_constant;
+  constexpr integral_constant<int, 1> one{};
+  switch (block) {
+    case 1: f(one, integral_constant<int, 1>{}); break;
+    case 2: f(one, integral_constant<int, 2>{}); break;
+    case 4: f(one, integral_constant<int, 4>{}); break;
+    case 8: f(one, integral_constant<int, 8>{}); break;
+    case 16: f(one, integral_constant<int, 16>{}); break;
+    case 32: f(one, integral_constant<int, 32>{}); break;
+    case 64: f(one, integral_constant<int, 64>{}); break;
+    case 128: f(one, integral_constant<int, 128>{}); break;
+    case 256: f(one, integral_constant<int, 256>{}); break;
+    case 512: f(integral_constant<int, 2>{}, integral_constant<int, 512>{}); break;
+    default: f(integral_constant<int, 4>{}, integral_constant<int, 1024>{}); break;
+  }
+}
+
+// 8 consecutive elements (the E = 8 layout) as raw words, one 16-byte read-only load per 16
+// bytes (the source is not written during the kernel; 8 | column and 16-byte aligned bases),
+// widened exactly to fp32 by widen8; store8 writes 8 fp32 values as bf16 (round to nearest
+// even) or f32, one 16-byte store per 16 bytes.
+template <class T>
+constexpr int kRawWords = 8 * static_cast<int>(sizeof(T)) / 4;  // 4 (bf16) or 8 (f32)
+
+template <class T>
+__device__ __forceinline__ void load_raw8(const T* p, uint32_t (&w)[kRawWords<T>]) {
+#pragma unroll
+  for (int h = 0; h < kRawWords<T> / 4; ++h) {
+    const uint4 v = __ldg(reinterpret_cast<const uint4*>(p) + h);
+    w[4 * h] = v.x, w[4 * h + 1] = v.y, w[4 * h + 2] = v.z, w[4 * h + 3] = v.w;
+  }
+}
+__device__ __forceinline__ void widen8(const uint32_t (&w)[4], float (&out)[8]) {  // bf16
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {  // little endian: the even element in the low half
+    out[2 * i] = __uint_as_float(w[i] << 16);
+    out[2 * i + 1] = __uint_as_float(w[i] & 0xffff0000u);
+  }
+}
+__device__ __forceinline__ void widen8(const uint32_t (&w)[8], float (&out)[8]) {  // f32
+#pragma unroll
+  for (int i = 0; i < 8; ++i) out[i] = __uint_as_float(w[i]);
+}
+
 // fp32 -> bf16 bits, round to nearest even (NaN stays a quiet NaN): nibble::f32_to_bf16's rule.
 __device__ __forceinline__ uint32_t bf16_bits_rne(float f) {
   const uint32_t u = __float_as_uint(f);
@@ -114,6 +178,19 @@ __device__ __forceinline__ void store4(bf16_t* p, const float (&v)[4]) {
   w.x = bf16_bits_rne(v[0]) | (bf16_bits_rne(v[1]) << 16);
   w.y = bf16_bits_rne(v[2]) | (bf16_bits_rne(v[3]) << 16);
   *reinterpret_cast<uint2*>(p) = w;
+}
+
+__device__ __forceinline__ void store8(float* p, const float (&v)[8]) {
+  reinterpret_cast<float4*>(p)[0] = make_float4(v[0], v[1], v[2], v[3]);
+  reinterpret_cast<float4*>(p)[1] = make_float4(v[4], v[5], v[6], v[7]);
+}
+__device__ __forceinline__ void store8(bf16_t* p, const float (&v)[8]) {
+  uint4 w;
+  w.x = bf16_bits_rne(v[0]) | (bf16_bits_rne(v[1]) << 16);
+  w.y = bf16_bits_rne(v[2]) | (bf16_bits_rne(v[3]) << 16);
+  w.z = bf16_bits_rne(v[4]) | (bf16_bits_rne(v[5]) << 16);
+  w.w = bf16_bits_rne(v[6]) | (bf16_bits_rne(v[7]) << 16);
+  *reinterpret_cast<uint4*>(p) = w;
 }
 
 // The helpers below replace rounding and int <-> float conversion instructions (FRND, F2I,

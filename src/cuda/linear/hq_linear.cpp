@@ -337,6 +337,8 @@ void backward_impl(const HqLinearBackwardParams<G>& p, const HqLinearConfig& cfg
   bs.key = with_role(key, RngRole::grad_output_rounding);
   bs.scale = ws.split_scale;
   bs.status = p.status;
+  // db = Σ_rows dy: column partials from the bit split's first pass, which reads dy anyway
+  if (p.db != nullptr) bs.col_partials = ws.part_db;
 
   if (cfg.lss == LssVariant::keep_all) {
     // 1. dy -> combined = 14·hi + lo [N, C] and its transpose [C, N], one shared scale s
@@ -444,8 +446,8 @@ void backward_impl(const HqLinearBackwardParams<G>& p, const HqLinearConfig& cfg
             stream);
   ld::lsq_finalize(ws.part_dx, parts_dx, n * d, p.dsx, ws.part_dw, parts_dw, c * d, p.dsw,
                    cfg.range.qmax, stream);
-  // db = Σ_rows dy
-  if (p.db != nullptr) ld::column_sums(p.dy, n, c, ws.part_db, p.db, stream);
+  // db = Σ_rows dy from the partials of step 1
+  if (p.db != nullptr) ld::column_sums_finalize(ws.part_db, bitsplit_column_chunks(n), c, p.db, stream);
   if (p.grad_scale != nullptr) {
     NB_CUDA_CHECK(cudaMemcpyAsync(p.grad_scale, s, sizeof(float), cudaMemcpyDeviceToDevice, stream));
   }

@@ -17,7 +17,8 @@
 //   dx_t = float(combined·w_q)·(s·sw), dw_t = float(combinedᵀ·x_q)·(s·sx)  (INT8 GEMMs, f32 out)
 //   one fused pass per output: side channel -> STE mask and δ̃, Σ grad·δ̃ (deterministic
 //   fp64 reduction) for dsx / dsw, mask, inverse block Hadamard, store dx (bf16 or f32), dw (f32)
-//   db = Σ_rows dy (deterministic fp64 sums)
+//   db = Σ_rows dy (deterministic fp64 sums; the column partials come from the bit split's
+//   first pass, which reads dy anyway)
 // Backward (sampled, LssVariant::sampled): leverage scores, p, Bernoulli rows on the device;
 //   dw over the kept rows' 1/p-weighted, re-quantized codes, dx with 1/p row scales (see there)
 //

@@ -10,6 +10,7 @@
 #include "cuda/common/check.h"
 #include "cuda/linear/hadamard_warp.cuh"
 #include "cuda/linear/hq_linear_kernels.h"
+#include "cuda/quant/bitsplit.h"
 #include "cuda/quant/device_util.h"
 #include "cuda/quant/launch_checks.h"
 #include "cuda/quant/philox16.cuh"
@@ -21,43 +22,43 @@ constexpr int kTileRows = 32;
 constexpr int kWarps = 8;
 constexpr int kThreads = kWarps * 32;
 
-template <int J>
-constexpr int kRowsPerBatch = J <= 2 ? 4 / J : 1;
-
-int chunks_for(int64_t block) { return block <= kChunk ? 1 : static_cast<int>(block / kChunk); }
-
-dim3 tile_grid(int64_t rows, int64_t cols, int chunks) {
-  return dim3(static_cast<unsigned>(detail::ceil_div(rows, kTileRows)),
-              static_cast<unsigned>(detail::ceil_div(cols, kChunk * static_cast<int64_t>(chunks))));
-}
-
-template <class F>
-void dispatch_chunks(int64_t block, F&& f) {
-  switch (chunks_for(block)) {
-    case 1: f(std::integral_constant<int, 1>{}); break;
-    case 2: f(std::integral_constant<int, 2>{}); break;
-    case 4: f(std::integral_constant<int, 4>{}); break;
-    default: f(std::integral_constant<int, 8>{}); break;
-  }
-}
-
 // ---- mask + δ̃ + Hadamard ----------------------------------------------------------------------
 
-// Thread blocks walk the 32-row × W-column tiles t = blockIdx.x, blockIdx.x + gridDim.x, ...
-// (row-major tile order): a fixed grid of at most kMaxMaskBlocks blocks, independent of the
-// device, so the partial sums (and dsx, dsw) are the same on every run and every GPU.
+// Thread blocks walk the tiles of the E = 8 tiling (hadamard_warp.cuh) t = blockIdx.x,
+// blockIdx.x + gridDim.x, ... (row-major tile order): a fixed grid of at most kMaxMaskBlocks
+// blocks, independent of the device, so the partial sums (and dsx, dsw) are the same on every
+// run and every GPU.
 constexpr int64_t kMaxMaskBlocks = 2048;
 
-int64_t mask_tiles(int64_t rows, int64_t cols, int chunks) {
-  const dim3 g = tile_grid(rows, cols, chunks);
-  return static_cast<int64_t>(g.x) * g.y;
+int chunks8_for(int64_t block) {
+  return block <= kChunkCols8 ? 1 : static_cast<int>(block / kChunkCols8);
 }
 
-template <class OutT, int J>
+int64_t mask_col_tiles(int64_t cols, int chunks) {
+  return detail::ceil_div(cols, static_cast<int64_t>(kChunkCols8) * chunks);
+}
+
+int64_t mask_tiles(int64_t rows, int64_t cols, int chunks) {
+  const int tile_rows = chunks == 1 ? kTileRows8<1> : (chunks == 2 ? kTileRows8<2> : kTileRows8<4>);
+  return detail::ceil_div(rows, static_cast<int64_t>(tile_rows)) * mask_col_tiles(cols, chunks);
+}
+
+// One batch of a warp: R rows × J chunks of 8 gradients and their 8 codes and side-channel
+// nibbles (one 32-bit word each).
+template <int R, int J>
+struct MaskBatch {
+  float g[R][J][kLaneCols8];
+  uint32_t qw[R][J], ew[R][J];
+};
+
+// Gathered: the sampled backward's source, g = hi row pos[r] + lo row pos[rows + r] of
+// `gathered` (absent rows read 0); otherwise the dense g_t. B: the Hadamard block.
+template <class OutT, int J, int B, bool kGathered>
 __global__ void __launch_bounds__(kThreads)
     lsq_mask_hadamard_kernel(LsqMaskHadamardParams<OutT> p, float norm, int64_t col_tiles,
                              int64_t tiles) {
-  constexpr int R = kRowsPerBatch<J>;
+  constexpr int R = kRowsPerBatch8<J>;
+  constexpr int TR = kTileRows8<J>;
   __shared__ double warp_part[kWarps];
   // δ̃ as fp64, by table (no division per element): entry e + 8 (e in [−7, 7]) holds
   // float(e) / 14 (one IEEE fp32 division, the reference's), entry 24 + q the clipped δ = q.
@@ -71,78 +72,93 @@ __global__ void __launch_bounds__(kThreads)
   __syncthreads();
   const int lane = threadIdx.x & 31;
   const int warp = threadIdx.x >> 5;
-  const int block = static_cast<int>(p.block);
   const int64_t half_cols = p.cols / 2;
   double acc = 0.0;  // Σ g·δ̃ of this thread's elements, in its fixed visiting order
 
   for (int64_t t = blockIdx.x; t < tiles; t += gridDim.x) {
-    const int64_t r0 = (t / col_tiles) * kTileRows;
-    const int64_t c0 = (t % col_tiles) * kChunk * J;
-    for (int rb = warp * R; rb < kTileRows; rb += kWarps * R) {
-      if (r0 + rb >= p.rows) break;  // rows % 16 == 0: the R rows are all in range
-      float v[R][J][4];
-      uint32_t qw[R][J], ew[R][J];
+    const int64_t r0 = (t / col_tiles) * TR;
+    const int64_t c0 = (t % col_tiles) * kChunkCols8 * J;
+    bool in_cols[J];  // chunk j of this lane lies inside the matrix (8 | c and 16 | cols)
+#pragma unroll
+    for (int j = 0; j < J; ++j) in_cols[j] = c0 + kChunkCols8 * j + kLaneCols8 * lane < p.cols;
+    // rows % 16 == 0 and R | 16: a batch whose first row is in range has all R rows in range
+    const auto batch_in_range = [&](int rb) { return rb < TR && r0 + rb < p.rows; };
+    const auto load_batch = [&](int rb, MaskBatch<R, J>& b) {
 #pragma unroll
       for (int i = 0; i < R; ++i) {
         const int64_t row = r0 + rb + i;
         int32_t pa = -1, pb = -1;
-        if (p.gathered != nullptr) {
+        if constexpr (kGathered) {
           pa = p.pos[row];
           pb = p.pos[p.rows + row];
         }
 #pragma unroll
         for (int j = 0; j < J; ++j) {
-          const int64_t c = c0 + kChunk * j + 4 * lane;
-          qw[i][j] = 0;
-          ew[i][j] = 0;
+          const int64_t c = c0 + kChunkCols8 * j + kLaneCols8 * lane;
+          b.qw[i][j] = 0;
+          b.ew[i][j] = 0;
 #pragma unroll
-          for (int k = 0; k < 4; ++k) v[i][j][k] = 0.0f;
-          if (c >= p.cols) continue;
-          if (p.gathered == nullptr) {
-            load4(p.g_t + row * p.cols + c, v[i][j]);
+          for (int k = 0; k < kLaneCols8; ++k) b.g[i][j][k] = 0.0f;
+          if (!in_cols[j]) continue;
+          if constexpr (!kGathered) {
+            uint32_t raw[kRawWords<float>];
+            load_raw8(p.g_t + row * p.cols + c, raw);
+            widen8(raw, b.g[i][j]);
           } else {
             // g_t = hi contribution + lo contribution (one fp32 addition; absent rows read 0)
-            float a[4] = {0.0f, 0.0f, 0.0f, 0.0f}, b[4] = {0.0f, 0.0f, 0.0f, 0.0f};
-            if (pa >= 0) load4(p.gathered + static_cast<int64_t>(pa) * p.cols + c, a);
-            if (pb >= 0) load4(p.gathered + static_cast<int64_t>(pb) * p.cols + c, b);
+            uint32_t ra[kRawWords<float>] = {}, rbw[kRawWords<float>] = {};
+            if (pa >= 0) load_raw8(p.gathered + static_cast<int64_t>(pa) * p.cols + c, ra);
+            if (pb >= 0) load_raw8(p.gathered + static_cast<int64_t>(pb) * p.cols + c, rbw);
 #pragma unroll
-            for (int k = 0; k < 4; ++k) v[i][j][k] = __fadd_rn(a[k], b[k]);
+            for (int k = 0; k < kLaneCols8; ++k)
+              b.g[i][j][k] = __fadd_rn(__uint_as_float(ra[k]), __uint_as_float(rbw[k]));
           }
           const int64_t pidx = row * half_cols + c / 2;
-          qw[i][j] = *reinterpret_cast<const uint16_t*>(p.q_packed + pidx);
-          ew[i][j] = *reinterpret_cast<const uint16_t*>(p.e_packed + pidx);
+          b.qw[i][j] = __ldg(reinterpret_cast<const uint32_t*>(p.q_packed + pidx));
+          b.ew[i][j] = __ldg(reinterpret_cast<const uint32_t*>(p.e_packed + pidx));
         }
       }
+    };
+
+    MaskBatch<R, J> cur;
+    int rb = warp * R;
+    if (batch_in_range(rb)) load_batch(rb, cur);
+#pragma unroll 1
+    for (; batch_in_range(rb); rb += kWarps * R) {
+      // the next batch's loads go out before this batch's arithmetic (the dense source; the
+      // gathered one adds its two rows at load time, so it loads in turn)
+      MaskBatch<R, J> next;
+      if (!kGathered && batch_in_range(rb + kWarps * R)) load_batch(rb + kWarps * R, next);
+      if (kGathered && rb != warp * R) load_batch(rb, cur);
 #pragma unroll
       for (int i = 0; i < R; ++i) {
         const int64_t row = r0 + rb + i;
 #pragma unroll
         for (int j = 0; j < J; ++j) {
-          const int64_t c = c0 + kChunk * j + 4 * lane;
-          if (c >= p.cols) continue;
+          if (!in_cols[j]) continue;
 #pragma unroll
-          for (int k = 0; k < 4; ++k) {
-            const int e = nibble_at(ew[i][j], k);
-            const float g = v[i][j][k];
+          for (int k = 0; k < kLaneCols8; ++k) {
+            const int e = nibble_at(cur.ew[i][j], k);
+            const float g = cur.g[i][j][k];
             const bool clipped = e == kLsqClipped;
             // Σ g·δ̃ in fp64 (the product of two fp32 values is exact in fp64)
-            const double delta = delta_tab[clipped ? 24 + nibble_at(qw[i][j], k) : e + 8];
+            const double delta = delta_tab[clipped ? 24 + nibble_at(cur.qw[i][j], k) : e + 8];
             acc = __dadd_rn(acc, __dmul_rn(static_cast<double>(g), delta));
             // STE: ∂v̂/∂v = 1[e ≠ −8]
-            v[i][j][k] = clipped ? 0.0f : g;
+            cur.g[i][j][k] = clipped ? 0.0f : g;
           }
         }
         // back to the original domain: ·Hᵀ = ·H (symmetric), then × 2^(−k/2)
-        hadamard_warp<J>(v[i], lane, block);
+        hadamard_warp<J, B>(cur.g[i], lane, B);
 #pragma unroll
         for (int j = 0; j < J; ++j) {
-          const int64_t c = c0 + kChunk * j + 4 * lane;
-          if (c >= p.cols) continue;
+          if (!in_cols[j]) continue;
 #pragma unroll
-          for (int k = 0; k < 4; ++k) v[i][j][k] = __fmul_rn(v[i][j][k], norm);
-          store4(p.out + row * p.cols + c, v[i][j]);
+          for (int k = 0; k < kLaneCols8; ++k) cur.g[i][j][k] = __fmul_rn(cur.g[i][j][k], norm);
+          store8(p.out + row * p.cols + c0 + kChunkCols8 * j + kLaneCols8 * lane, cur.g[i][j]);
         }
       }
+      if constexpr (!kGathered) cur = next;
     }
   }
   acc = detail::warp_sum(acc);
@@ -273,13 +289,29 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
-__global__ void column_finalize_kernel(const double* __restrict__ partials, int64_t chunks,
-                                       int64_t cols, float* __restrict__ out) {
-  const int64_t col = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
-  if (col >= cols) return;
+// out[c] = float(Σ_chunks partials[chunk, c]): a block finalises 32 columns; warp w adds the
+// chunks w, w + 8, ... of column 32·blockIdx.x + lane in order, then thread `lane` adds the 8
+// warp sums in order (a fixed order: deterministic). Before, one thread per column walked
+// all chunks in one dependent chain (16 blocks at C = 4096: 9.8 µs for a 2 MB read, ncu).
+__global__ void __launch_bounds__(kThreads)
+    column_finalize_kernel(const double* __restrict__ partials, int64_t chunks, int64_t cols,
+                           float* __restrict__ out) {
+  __shared__ double sh[kWarps][32];
+  const int lane = threadIdx.x & 31;
+  const int warp = threadIdx.x >> 5;
+  const int64_t col = static_cast<int64_t>(blockIdx.x) * 32 + lane;
   double total = 0.0;
-  for (int64_t ch = 0; ch < chunks; ++ch) total = __dadd_rn(total, partials[ch * cols + col]);
-  out[col] = __double2float_rn(total);
+  if (col < cols) {
+    for (int64_t ch = warp; ch < chunks; ch += kWarps)
+      total = __dadd_rn(total, partials[ch * cols + col]);
+  }
+  sh[warp][lane] = total;
+  __syncthreads();
+  if (warp == 0 && col < cols) {
+    double sum = 0.0;
+    for (int w = 0; w < kWarps; ++w) sum = __dadd_rn(sum, sh[w][lane]);
+    out[col] = __double2float_rn(sum);
+  }
 }
 
 // ---- sampled-LSS helpers ---------------------------------------------------------------------------
@@ -461,18 +493,25 @@ unsigned blocks_for(int64_t count, int threads) {
 }  // namespace
 
 int64_t lsq_partials_count(int64_t rows, int64_t cols, int64_t block) {
-  return std::min(mask_tiles(rows, cols, chunks_for(block)), kMaxMaskBlocks);
+  return std::min(mask_tiles(rows, cols, chunks8_for(block)), kMaxMaskBlocks);
 }
 
 template <class OutT>
 static void lsq_mask_hadamard_impl(const LsqMaskHadamardParams<OutT>& p, cudaStream_t stream) {
   const float norm = static_cast<float>(1.0 / std::sqrt(static_cast<double>(p.block)));
-  dispatch_chunks(p.block, [&](auto jc) {
+  dispatch_block8(p.block, [&](auto jc, auto bc) {
     constexpr int J = decltype(jc)::value;
-    const int64_t col_tiles = detail::ceil_div(p.cols, kChunk * J);
+    constexpr int B = decltype(bc)::value;
+    const int64_t col_tiles = mask_col_tiles(p.cols, J);
     const int64_t tiles = mask_tiles(p.rows, p.cols, J);
     const auto blocks = static_cast<unsigned>(std::min(tiles, kMaxMaskBlocks));
-    lsq_mask_hadamard_kernel<OutT, J><<<blocks, kThreads, 0, stream>>>(p, norm, col_tiles, tiles);
+    if (p.gathered != nullptr) {
+      lsq_mask_hadamard_kernel<OutT, J, B, true>
+          <<<blocks, kThreads, 0, stream>>>(p, norm, col_tiles, tiles);
+    } else {
+      lsq_mask_hadamard_kernel<OutT, J, B, false>
+          <<<blocks, kThreads, 0, stream>>>(p, norm, col_tiles, tiles);
+    }
   });
   NB_CUDA_CHECK_LAUNCH();
 }
@@ -499,6 +538,16 @@ void unpack_s4_transpose(const uint8_t* packed, int64_t rows, int64_t cols, int8
   NB_CUDA_CHECK_LAUNCH();
 }
 
+static_assert(kColumnChunkRows == kBitSplitColumnChunkRows,
+              "bitsplit's col_partials and column_sums share their row chunks");
+
+void column_sums_finalize(const double* partials, int64_t chunks, int64_t cols, float* out,
+                          cudaStream_t stream) {
+  column_finalize_kernel<<<static_cast<unsigned>(detail::ceil_div(cols, int64_t{32})), kThreads, 0,
+                           stream>>>(partials, chunks, cols, out);
+  NB_CUDA_CHECK_LAUNCH();
+}
+
 int64_t column_sum_partials(int64_t rows, int64_t cols) {
   return detail::ceil_div(rows, kColumnChunkRows) * cols;
 }
@@ -511,9 +560,7 @@ static void column_sums_impl(const G* g, int64_t rows, int64_t cols, double* par
                   static_cast<unsigned>(chunks));
   column_partials_kernel<G><<<grid, kThreads, 0, stream>>>(g, rows, cols, partials);
   NB_CUDA_CHECK_LAUNCH();
-  column_finalize_kernel<<<blocks_for(cols, kThreads), kThreads, 0, stream>>>(partials, chunks,
-                                                                              cols, out);
-  NB_CUDA_CHECK_LAUNCH();
+  column_sums_finalize(partials, chunks, cols, out, stream);
 }
 void column_sums(const float* g, int64_t rows, int64_t cols, double* partials, float* out,
                  cudaStream_t stream) {

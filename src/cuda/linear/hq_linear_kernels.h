@@ -50,6 +50,11 @@ void column_sums(const float* g, int64_t rows, int64_t cols, double* partials, f
                  cudaStream_t stream);
 void column_sums(const bf16_t* g, int64_t rows, int64_t cols, double* partials, float* out,
                  cudaStream_t stream);
+// out[c] = float(Σ_k partials[k, c]) over partials [chunks, cols] in a fixed order: column_sums'
+// second kernel, alone, for partials that another pass wrote (bitsplit's col_partials, whose
+// row chunks equal column_sums' ones: 256 rows).
+void column_sums_finalize(const double* partials, int64_t chunks, int64_t cols, float* out,
+                          cudaStream_t stream);
 
 // ---- sampled-LSS helpers ---------------------------------------------------------------------
 // norms[r] = float(sqrt(Σ_k q[r, k]²)) · scale[0] from packed s4 codes (ref::row_norms_s8 ·sx).

@@ -1,11 +1,9 @@
 // The linear layer's fused forward quantizer: block Hadamard + LSQ codes + the LSQ residual
 // side channel in one pass over x (hq_linear.h, hq_lsq_quantize).
 //
-// Work split: a thread block of 8 warps owns TR rows × W columns, W = 256·J, J = max(1,
-// block/256) (hadamard_warp.cuh with E = 8: lane l holds the 8 consecutive columns 256j + 8l
-// + k of chunk j). A warp transforms R rows at a time (16 elements per lane at J ≤ 2, 32 at
-// J = 4) and walks TR/(8·R) such batches, each batch's loads issued before the previous batch
-// is computed. Per lane and row chunk, 8 codes leave as one 8-byte word (q), two 32-bit words
+// Work split: the E = 8 tiling of hadamard_warp.cuh (lane l holds the 8 consecutive columns
+// 256j + 8l + k of chunk j; a block owns TR rows × W = 256·J columns; a warp walks batches of
+// R rows), each batch's loads issued before the previous batch is computed. Per lane and row chunk, 8 codes leave as one 8-byte word (q), two 32-bit words
 // of packed nibbles (q and e), and (with q_t) two words in the shared tile from which the
 // transposed codes are stored as 4-row column segments.
 // The kernel is issue-bound (ncu), so the code counts instructions: 8 elements per lane make
@@ -32,17 +30,10 @@
 namespace nibble::cuda {
 namespace {
 
-constexpr int kLaneCols = 8;                  // E: consecutive columns per lane
-constexpr int kChunkCols = 32 * kLaneCols;    // 256 columns per warp-wide chunk
+using linear_detail::kChunkCols8;
+using linear_detail::kLaneCols8;
 constexpr int kWarps = 8;
 constexpr int kThreads = kWarps * 32;
-
-// Rows per batch (R) and per tile (TR) for J chunks per warp row: 16 (J ≤ 2) or 32 (J = 4)
-// elements per lane and batch, 4 batches per warp (2 at J = 4), and a shared tile of ~16 KB.
-template <int J>
-constexpr int kRowsPerBatch = J == 1 ? 2 : 1;
-template <int J>
-constexpr int kTileRows = J == 1 ? 64 : (J == 2 ? 32 : 16);
 
 // The side-channel nibble of r whose code is already known (ref::lsq_residual_encode):
 //   −8 when !(qmin ≤ r ≤ qmax) (±Inf and NaN included), else
@@ -78,40 +69,15 @@ __device__ __forceinline__ void gather_even_odd(const uint32_t (&x)[8], uint32_t
   odd = __byte_perm(__byte_perm(x[1], x[3], kPair), __byte_perm(x[5], x[7], kPair), kMerge);
 }
 
-// 8 consecutive elements of x as raw words (one 16-byte read-only load per 16 bytes: x is not
-// written during the kernel), widened exactly to fp32 by widen8.
-template <class T>
-constexpr int kRawWords = kLaneCols * static_cast<int>(sizeof(T)) / 4;  // 4 (bf16) or 8 (f32)
-
-template <class T>
-__device__ __forceinline__ void load_raw8(const T* p, uint32_t (&w)[kRawWords<T>]) {
-#pragma unroll
-  for (int h = 0; h < kRawWords<T> / 4; ++h) {
-    const uint4 v = __ldg(reinterpret_cast<const uint4*>(p) + h);
-    w[4 * h] = v.x, w[4 * h + 1] = v.y, w[4 * h + 2] = v.z, w[4 * h + 3] = v.w;
-  }
-}
-__device__ __forceinline__ void widen8(const uint32_t (&w)[4], float (&out)[8]) {  // bf16
-#pragma unroll
-  for (int i = 0; i < 4; ++i) {  // little endian: the even element in the low half
-    out[2 * i] = __uint_as_float(w[i] << 16);
-    out[2 * i + 1] = __uint_as_float(w[i] & 0xffff0000u);
-  }
-}
-__device__ __forceinline__ void widen8(const uint32_t (&w)[8], float (&out)[8]) {  // f32
-#pragma unroll
-  for (int i = 0; i < 8; ++i) out[i] = __uint_as_float(w[i]);
-}
-
 // B: the Hadamard block at compile time (hadamard_warp's B; 256·J when J > 1).
 template <class T, int J, int B>
 __global__ void __launch_bounds__(kThreads)
     hq_lsq_quantize_kernel(HqLsqQuantizeParams<T> p, float norm, int64_t col_tiles,
                            int64_t tiles) {
-  constexpr int W = kChunkCols * J;
-  constexpr int R = kRowsPerBatch<J>;
-  constexpr int TR = kTileRows<J>;
-  constexpr int kWords = kRawWords<T>;
+  constexpr int W = kChunkCols8 * J;
+  constexpr int R = linear_detail::kRowsPerBatch8<J>;
+  constexpr int TR = linear_detail::kTileRows8<J>;
+  constexpr int kWords = linear_detail::kRawWords<T>;
   // +4 bytes per row: the column reads of the transpose spread over the banks.
   __shared__ __align__(16) int8_t tile[TR][W + 4];
   const int lane = threadIdx.x & 31;
@@ -134,7 +100,7 @@ __global__ void __launch_bounds__(kThreads)
     const int64_t c0 = (t % col_tiles) * W;
     bool in_cols[J];  // chunk j of this lane lies inside the matrix (8 | c and 16 | cols)
 #pragma unroll
-    for (int j = 0; j < J; ++j) in_cols[j] = c0 + kChunkCols * j + kLaneCols * lane < p.cols;
+    for (int j = 0; j < J; ++j) in_cols[j] = c0 + kChunkCols8 * j + kLaneCols8 * lane < p.cols;
     // rows % 16 == 0 and R | 16: a batch whose first row is in range has all R rows in range
     const auto batch_in_range = [&](int rb) { return rb < TR && r0 + rb < p.rows; };
     const auto load_batch = [&](int rb, uint32_t (&raw)[R][J][kWords]) {
@@ -144,7 +110,7 @@ __global__ void __launch_bounds__(kThreads)
 #pragma unroll
         for (int j = 0; j < J; ++j) {
           if (in_cols[j]) {
-            load_raw8(p.x + row * p.cols + c0 + kChunkCols * j + kLaneCols * lane, raw[i][j]);
+            linear_detail::load_raw8(p.x + row * p.cols + c0 + kChunkCols8 * j + kLaneCols8 * lane, raw[i][j]);
           } else {
             // a whole Hadamard block past the end (block | cols): never mixes with real columns
 #pragma unroll
@@ -164,17 +130,17 @@ __global__ void __launch_bounds__(kThreads)
       if (batch_in_range(rb + kWarps * R)) load_batch(rb + kWarps * R, next);
 
       // v = (x·H_k)·2^(−k/2), tested for NaN/Inf once per batch
-      float v[R][J][kLaneCols];
+      float v[R][J][kLaneCols8];
       bool finite = true;
 #pragma unroll
       for (int i = 0; i < R; ++i) {
 #pragma unroll
-        for (int j = 0; j < J; ++j) widen8(raw[i][j], v[i][j]);
+        for (int j = 0; j < J; ++j) linear_detail::widen8(raw[i][j], v[i][j]);
         linear_detail::hadamard_warp<J, B>(v[i], lane, block);
 #pragma unroll
         for (int j = 0; j < J; ++j)
 #pragma unroll
-          for (int k = 0; k < kLaneCols; ++k) {
+          for (int k = 0; k < kLaneCols8; ++k) {
             v[i][j][k] = __fmul_rn(v[i][j][k], norm);
             finite &= detail::is_finite(v[i][j][k]);
           }
@@ -187,9 +153,9 @@ __global__ void __launch_bounds__(kThreads)
         for (int i = 0; i < R; ++i)
 #pragma unroll
           for (int j = 0; j < J; ++j) {
-            const int64_t idx = (r0 + rb + i) * p.cols + c0 + kChunkCols * j + kLaneCols * lane;
+            const int64_t idx = (r0 + rb + i) * p.cols + c0 + kChunkCols8 * j + kLaneCols8 * lane;
 #pragma unroll
-            for (int k = 0; k < kLaneCols; ++k) {
+            for (int k = 0; k < kLaneCols8; ++k) {
               if (!in_cols[j]) continue;
               if (!detail::is_finite(detail::to_f32(p.x[idx + k])))
                 detail::report(p.status, StatusKind::nonfinite, static_cast<uint64_t>(idx + k));
@@ -205,16 +171,16 @@ __global__ void __launch_bounds__(kThreads)
 #pragma unroll
         for (int j = 0; j < J; ++j) {
           if (!in_cols[j]) continue;
-          const int64_t c = c0 + kChunkCols * j + kLaneCols * lane;
+          const int64_t c = c0 + kChunkCols8 * j + kLaneCols8 * lane;
           const int64_t idx = row * p.cols + c;
           const int64_t pidx = row * half_cols + c / 2;
           // r = v·inv_s;  q = clamp(rint(r), qmin, qmax) = rint(clamp(r, qmin, qmax)) (qmin,
           // qmax integers; NaN → qmin either way, fmaxf drops it): one magic add, no
           // rint/convert; the low byte of the sum's bit pattern is the code.
-          float r[kLaneCols], clamped[kLaneCols], mq[kLaneCols];
-          uint32_t mb[kLaneCols];
+          float r[kLaneCols8], clamped[kLaneCols8], mq[kLaneCols8];
+          uint32_t mb[kLaneCols8];
 #pragma unroll
-          for (int k = 0; k < kLaneCols; ++k) {
+          for (int k = 0; k < kLaneCols8; ++k) {
             r[k] = __fmul_rn(v[i][j][k], inv_s);
             clamped[k] = fminf(fmaxf(r[k], qmin), qmax);
             mq[k] = __fadd_rn(clamped[k], linear_detail::kRoundMagic);
@@ -223,12 +189,12 @@ __global__ void __launch_bounds__(kThreads)
           if (p.e_packed != nullptr) {  // uniform
             // u_k = philox_uniform16(index_base + idx + k): idx + index_base is a multiple of
             // 8 (8 | c, 16 | cols, 8 | index_base), so the 8 uniforms are one whole block
-            float U[kLaneCols];
+            float U[kLaneCols8];
             philox16::magic_uniforms8(
                 philox16::block(p.key, (p.index_base + static_cast<uint64_t>(idx)) >> 3), U);
-            uint32_t y[kLaneCols];
+            uint32_t y[kLaneCols8];
 #pragma unroll
-            for (int k = 0; k < kLaneCols; ++k) {
+            for (int k = 0; k < kLaneCols8; ++k) {
               const float rint_r = __fsub_rn(mq[k], linear_detail::kRoundMagic);
               y[k] = residual_word(r[k], clamped[k], rint_r, U[k]);
             }
@@ -243,7 +209,7 @@ __global__ void __launch_bounds__(kThreads)
           const uint32_t lo = __byte_perm(even, odd, 0x5140);  // codes 0..3
           const uint32_t hi = __byte_perm(even, odd, 0x7362);  // codes 4..7
           if (p.q_t != nullptr) {  // uniform across the block
-            auto* dst = reinterpret_cast<uint32_t*>(&tile[rb + i][kChunkCols * j + kLaneCols * lane]);
+            auto* dst = reinterpret_cast<uint32_t*>(&tile[rb + i][kChunkCols8 * j + kLaneCols8 * lane]);
             dst[0] = lo;
             dst[1] = hi;
           }
@@ -328,8 +294,8 @@ void hq_lsq_quantize_impl(const HqLsqQuantizeParams<T>& p, cudaStream_t stream) 
   const auto launch = [&](auto jc, auto bc) {
     constexpr int J = decltype(jc)::value;
     constexpr int B = decltype(bc)::value;
-    const int64_t col_tiles = detail::ceil_div(p.cols, kChunkCols * J);
-    const int64_t tiles = detail::ceil_div(p.rows, kTileRows<J>) * col_tiles;
+    const int64_t col_tiles = detail::ceil_div(p.cols, kChunkCols8 * J);
+    const int64_t tiles = detail::ceil_div(p.rows, linear_detail::kTileRows8<J>) * col_tiles;
     // One tile per block (each warp walks the tile's batches): an earlier version measured
     // 10% slower with one wave of blocks walking several tiles each (bench/README.md); the
     // tile loop stays for grids capped by the CUDA limit.
@@ -338,21 +304,7 @@ void hq_lsq_quantize_impl(const HqLsqQuantizeParams<T>& p, cudaStream_t stream) 
     hq_lsq_quantize_kernel<T, J, B><<<static_cast<unsigned>(blocks), kThreads, 0, stream>>>(
         q, norm, col_tiles, tiles);
   };
-  using std::integral_constant;
-  constexpr integral_constant<int, 1> one{};
-  switch (p.block) {  // a power of two in [1, 1024] (checked above)
-    case 1: launch(one, integral_constant<int, 1>{}); break;
-    case 2: launch(one, integral_constant<int, 2>{}); break;
-    case 4: launch(one, integral_constant<int, 4>{}); break;
-    case 8: launch(one, integral_constant<int, 8>{}); break;
-    case 16: launch(one, integral_constant<int, 16>{}); break;
-    case 32: launch(one, integral_constant<int, 32>{}); break;
-    case 64: launch(one, integral_constant<int, 64>{}); break;
-    case 128: launch(one, integral_constant<int, 128>{}); break;
-    case 256: launch(one, integral_constant<int, 256>{}); break;
-    case 512: launch(integral_constant<int, 2>{}, integral_constant<int, 512>{}); break;
-    default: launch(integral_constant<int, 4>{}, integral_constant<int, 1024>{}); break;
-  }
+  linear_detail::dispatch_block8(p.block, launch);  // a power of two in [1, 1024] (checked above)
   NB_CUDA_CHECK_LAUNCH();
 }
 

@@ -101,6 +101,68 @@ __global__ void __launch_bounds__(kThreads) absmax_kernel(BitSplitParams<T> p, b
   }
 }
 
+// The first pass with column sums (col_partials set): block (x, y) reads rows
+// [256·y, 256·y + 256) of columns [128·x, 128·x + 128); lane l holds columns 4l .. 4l + 3 and
+// warp w adds rows w, w + 8, ... in fp64 (exact widening of each g), then the 8 warp sums are
+// added in order: partials[y, c]. The max|g| bit pattern and the NaN/Inf reports are those of
+// absmax_kernel (a 4-element vector with a non-finite pattern is re-read element by element).
+template <class T>
+__global__ void __launch_bounds__(kThreads) absmax_colsum_kernel(BitSplitParams<T> p) {
+  __shared__ double sh[kWarps][kTileCols];
+  __shared__ float warp_max[kWarps];
+  const int lane = threadIdx.x & 31;
+  const int warp = threadIdx.x >> 5;
+  const int64_t c = static_cast<int64_t>(blockIdx.x) * kTileCols + 4 * lane;
+  const int64_t rbeg = static_cast<int64_t>(blockIdx.y) * kBitSplitColumnChunkRows;
+  const int64_t rend =
+      rbeg + kBitSplitColumnChunkRows < p.rows ? rbeg + kBitSplitColumnChunkRows : p.rows;
+  double acc[4] = {0.0, 0.0, 0.0, 0.0};
+  uint32_t mb = 0;
+  if (c < p.cols) {
+    for (int64_t r = rbeg + warp; r < rend; r += kWarps) {
+      const T* src = p.g + r * p.cols + c;
+      float v[4];
+      uint32_t b;
+      if constexpr (sizeof(T) == 4) {
+        const float4 w = *reinterpret_cast<const float4*>(src);
+        v[0] = w.x, v[1] = w.y, v[2] = w.z, v[3] = w.w;
+        b = max(max(__float_as_uint(w.x) & 0x7fffffffu, __float_as_uint(w.y) & 0x7fffffffu),
+                max(__float_as_uint(w.z) & 0x7fffffffu, __float_as_uint(w.w) & 0x7fffffffu));
+      } else {
+        const uint2 w = *reinterpret_cast<const uint2*>(src);  // element 0 low
+        v[0] = __uint_as_float(w.x << 16), v[1] = __uint_as_float(w.x & 0xffff0000u);
+        v[2] = __uint_as_float(w.y << 16), v[3] = __uint_as_float(w.y & 0xffff0000u);
+        const uint32_t m2 = __vmaxu2(w.x & 0x7fff7fffu, w.y & 0x7fff7fffu);
+        b = max(m2 & 0xffffu, m2 >> 16) << 16;
+      }
+      if (b < 0x7f800000u) {
+        mb = max(mb, b);
+      } else {
+        for (int k = 0; k < 4; ++k) absmax_scalar(p, r * p.cols + c + k, mb);
+      }
+#pragma unroll
+      for (int k = 0; k < 4; ++k) acc[k] = __dadd_rn(acc[k], static_cast<double>(v[k]));
+    }
+  }
+#pragma unroll
+  for (int k = 0; k < 4; ++k) sh[warp][4 * lane + k] = acc[k];
+  float m = detail::warp_max(__uint_as_float(mb));  // finite and ≥ 0: fmaxf is exact
+  if (lane == 0) warp_max[warp] = m;
+  __syncthreads();
+  if (threadIdx.x < kTileCols) {
+    const int64_t col = static_cast<int64_t>(blockIdx.x) * kTileCols + threadIdx.x;
+    if (col < p.cols) {
+      double total = 0.0;
+      for (int w = 0; w < kWarps; ++w) total = __dadd_rn(total, sh[w][threadIdx.x]);
+      p.col_partials[static_cast<int64_t>(blockIdx.y) * p.cols + col] = total;
+    }
+  }
+  if (threadIdx.x == 0) {
+    for (int w = 1; w < kWarps; ++w) m = fmaxf(m, warp_max[w]);
+    atomicMax(reinterpret_cast<unsigned int*>(p.scale + 1), __float_as_uint(m));
+  }
+}
+
 // The splitting arithmetic replaces rounding and int <-> float conversion instructions (FRND,
 // F2I, I2F) by adds and bit operations (the pass is issue-bound); each replacement is exact.
 // hi's magic: 1.5·2^23 + 32 (even, ulp 1 in [2^23, 2^24)): v + kHiMagic = rint(v) + kHiMagic
@@ -635,7 +697,23 @@ void bitsplit_impl(const BitSplitParams<T>& p, cudaStream_t stream) {
   auto aligned4 = [](const void* ptr, size_t bytes) {
     return ptr == nullptr || reinterpret_cast<uintptr_t>(ptr) % bytes == 0;
   };
-  absmax_kernel<T><<<grid_stride_blocks(n), kThreads, 0, stream>>>(p, aligned4(p.g, 16));
+  if (p.col_partials != nullptr) {
+    const int64_t chunks = bitsplit_column_chunks(p.rows);
+    detail::check_device_pointer(p.col_partials, chunks * p.cols, fn,
+                                 "col_partials [bitsplit_column_chunks(rows), cols]");
+    NB_CHECK(p.cols % 4 == 0 && aligned4(p.g, 4 * sizeof(T)),
+             fn << ": col_partials needs cols % 4 == 0 (got " << p.cols
+                << ") and g aligned to 4 elements; sum the columns separately otherwise");
+    const int64_t col_blocks = detail::ceil_div(p.cols, static_cast<int64_t>(kTileCols));
+    detail::check_grid_extent(col_blocks, fn, "the column tiling");
+    NB_CHECK(chunks <= 65535, fn << ": " << p.rows << " rows need " << chunks
+                                 << " row chunks, above the grid's 65535 in y");
+    absmax_colsum_kernel<T><<<dim3(static_cast<unsigned>(col_blocks),
+                                   static_cast<unsigned>(chunks)),
+                              kThreads, 0, stream>>>(p);
+  } else {
+    absmax_kernel<T><<<grid_stride_blocks(n), kThreads, 0, stream>>>(p, aligned4(p.g, 16));
+  }
   NB_CUDA_CHECK_LAUNCH();
   const bool vec = p.cols % 4 == 0 && aligned4(p.g, 4 * sizeof(T)) && aligned4(p.hi, 4) &&
                    aligned4(p.lo, 4) && aligned4(p.combined, 4);
@@ -648,6 +726,10 @@ void bitsplit_impl(const BitSplitParams<T>& p, cudaStream_t stream) {
 }
 
 }  // namespace
+
+int64_t bitsplit_column_chunks(int64_t rows) {
+  return detail::ceil_div(rows, kBitSplitColumnChunkRows);
+}
 
 void bitsplit(const BitSplitParams<float>& p, cudaStream_t stream) { bitsplit_impl(p, stream); }
 void bitsplit(const BitSplitParams<bf16_t>& p, cudaStream_t stream) { bitsplit_impl(p, stream); }

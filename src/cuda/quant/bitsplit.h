@@ -44,8 +44,15 @@ struct BitSplitParams {
   int8_t* combined_t = nullptr;    // optional [cols, rows] its transpose: dw = dyᵀ·x's A operand
   int64_t* row_sumsq = nullptr;    // optional [2·rows]: Σ_c hi[r,c]² at r, Σ_c lo[r,c]² at rows + r
                                    // (the leverage scores' row norms without re-reading codes)
+  // optional [bitsplit_column_chunks(rows), cols]: fp64 column sums of g over chunks of
+  // kBitSplitColumnChunkRows rows, partials[k, c] = Σ_{r in chunk k} g[r, c] in a fixed order
+  // (deterministic), computed by the first pass, which reads g anyway (the layer's db).
+  // Needs cols % 4 == 0 and g aligned to 4 elements.
+  double* col_partials = nullptr;
   uint64_t* status = nullptr;      // optional (status.h): first NaN/Inf of g
 };
+constexpr int64_t kBitSplitColumnChunkRows = 256;
+int64_t bitsplit_column_chunks(int64_t rows);
 void bitsplit(const BitSplitParams<float>& p, cudaStream_t stream);
 void bitsplit(const BitSplitParams<bf16_t>& p, cudaStream_t stream);
 
