@@ -209,6 +209,16 @@ __device__ __forceinline__ uint32_t floor_bits(float v) {
   return __float_as_uint(__fadd_rd(v, kRoundMagic));
 }
 
+// The 4 sign-extended codes of a 16-bit word of packed s4 (element 2i low, 2i+1 high) as one
+// word, element k in byte k: the nibbles spread to bytes (a mask, a shift and a byte permute),
+// then each byte's sign bit 3 times 0x1e (= 0xf0, no carry between bytes) fills its top nibble.
+__device__ __forceinline__ uint32_t unpack_s4x4(uint32_t word16) {
+  const uint32_t even = word16 & 0x0f0fu;         // bytes 0, 1: elements 0, 2
+  const uint32_t odd = (word16 >> 4) & 0x0f0fu;   // bytes 0, 1: elements 1, 3
+  const uint32_t codes = __byte_perm(even, odd, 0x5140);
+  return codes | ((codes & 0x08080808u) * 0x1eu);
+}
+
 // Sign-extended nibble k (0..3) of a 16-bit word of packed s4 (element 2i low, 2i+1 high).
 __device__ __forceinline__ int nibble_at(uint32_t word16, int k) {
   return static_cast<int>(static_cast<int32_t>(word16 << (28 - 4 * k))) >> 28;

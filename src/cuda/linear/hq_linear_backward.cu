@@ -201,27 +201,33 @@ __global__ void __launch_bounds__(kThreads)
 constexpr int kTileCols = 128;
 
 // The second half of the transposing kernels below: out[c0 + cc, r0 + 4m .. 4m+3] =
-// tile[4m .. 4m+3][cc] as one 32-bit word per lane (lane = 8·(column within a group of 4) + m),
-// for the tile's columns < cols and rows < rows; out is [cols, rows], rows % 4 == 0. The byte
-// reads of a warp hit distinct banks (the tile rows are padded by 4 bytes).
+// tile[4m .. 4m+3][cc] for the tile's columns < cols and rows < rows; out is [cols, rows],
+// rows % 4 == 0 and cols % 4 == 0. Thread t = 8·q + m transposes the 4 × 4 bytes of rows
+// 4m .. 4m+3, columns 4q .. 4q+3 in registers (4 word reads, 8 byte permutes) and stores the 4
+// column words: consecutive threads write consecutive words of a column. The word reads of a
+// warp hit distinct banks (tile rows are 33 words apart).
 __device__ __forceinline__ void store_tile_transposed(const int8_t (&tile)[kTileRows][kTileCols + 4],
                                                       int64_t r0, int64_t c0, int64_t rows,
                                                       int64_t cols, int8_t* __restrict__ out,
                                                       int lane, int warp) {
-  const int m = lane & 7;
+  static_assert(kTileRows * kTileCols == 16 * kThreads, "one 4 x 4 block per thread");
+  const int t = warp * 32 + lane;
+  const int m = t % (kTileRows / 4);
+  const int q = t / (kTileRows / 4);
   const int64_t row = r0 + 4 * m;
-  for (int cb = warp * 4; cb < kTileCols; cb += kWarps * 4) {
-    const int cc = cb + (lane >> 3);
-    const int64_t col = c0 + cc;
-    if (col < cols && row < rows) {
-      const uint32_t word =
-          static_cast<uint8_t>(tile[4 * m][cc]) |
-          (static_cast<uint32_t>(static_cast<uint8_t>(tile[4 * m + 1][cc])) << 8) |
-          (static_cast<uint32_t>(static_cast<uint8_t>(tile[4 * m + 2][cc])) << 16) |
-          (static_cast<uint32_t>(static_cast<uint8_t>(tile[4 * m + 3][cc])) << 24);
-      *reinterpret_cast<uint32_t*>(out + col * rows + row) = word;
-    }
-  }
+  const int64_t col = c0 + 4 * q;
+  if (row >= rows || col >= cols) return;
+  uint32_t a[4];
+#pragma unroll
+  for (int j = 0; j < 4; ++j) a[j] = *reinterpret_cast<const uint32_t*>(&tile[4 * m + j][4 * q]);
+  const uint32_t t0 = __byte_perm(a[0], a[1], 0x5140);  // a0.b0 a1.b0 a0.b1 a1.b1
+  const uint32_t t1 = __byte_perm(a[0], a[1], 0x7362);  // a0.b2 a1.b2 a0.b3 a1.b3
+  const uint32_t t2 = __byte_perm(a[2], a[3], 0x5140);
+  const uint32_t t3 = __byte_perm(a[2], a[3], 0x7362);
+  const uint32_t w[4] = {__byte_perm(t0, t2, 0x5410), __byte_perm(t0, t2, 0x7632),
+                         __byte_perm(t1, t3, 0x5410), __byte_perm(t1, t3, 0x7632)};
+#pragma unroll
+  for (int k = 0; k < 4; ++k) *reinterpret_cast<uint32_t*>(out + (col + k) * rows + row) = w[k];
 }
 
 // out_t[c, r] from packed[r, c/2]: a warp unpacks 4 rows of a 32 × 128 tile (each lane one
@@ -239,12 +245,8 @@ __global__ void __launch_bounds__(kThreads)
     const int64_t row = r0 + rr;
     if (row >= rows) break;
     uint32_t word = 0;
-    if (c < cols) {
-      const uint32_t w16 = *reinterpret_cast<const uint16_t*>(packed + row * (cols / 2) + c / 2);
-#pragma unroll
-      for (int k = 0; k < 4; ++k)
-        word |= (static_cast<uint32_t>(nibble_at(w16, k)) & 0xffu) << (8 * k);
-    }
+    if (c < cols)
+      word = unpack_s4x4(*reinterpret_cast<const uint16_t*>(packed + row * (cols / 2) + c / 2));
     *reinterpret_cast<uint32_t*>(&tile[rr][4 * lane]) = word;
   }
   __syncthreads();
@@ -433,10 +435,7 @@ __global__ void __launch_bounds__(kThreads)
         }
       } else {
         const int64_t r = src < n ? src : src - n;
-        const uint32_t w16 = *reinterpret_cast<const uint16_t*>(x_packed + r * (cols / 2) + c / 2);
-#pragma unroll
-        for (int e = 0; e < 4; ++e)
-          word |= (static_cast<uint32_t>(nibble_at(w16, e)) & 0xffu) << (8 * e);
+        word = unpack_s4x4(*reinterpret_cast<const uint16_t*>(x_packed + r * (cols / 2) + c / 2));
       }
     }
     *reinterpret_cast<uint32_t*>(&tile[jj][4 * lane]) = word;
