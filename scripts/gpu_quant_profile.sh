@@ -9,7 +9,7 @@
 set -uo pipefail
 bin="${1:-build-gpu}"
 out="${2:-${OUT:-out/gpu}/quant_ncu.txt}"
-kernels="hq_lsq_quantize_kernel|bitsplit_kernel|absmax_kernel|column_partials|column_finalize|lsq_mask_hadamard|unpack_s4_transpose"
+kernels="hq_lsq_quantize_kernel|bitsplit|absmax|column_partials|column_finalize|lsq_mask_hadamard|unpack_s4_transpose"
 metrics="gpu__time_duration.sum,smsp__thread_inst_executed.sum,smsp__issue_active.avg.pct_of_peak_sustained_active,dram__throughput.avg.pct_of_peak_sustained_elapsed,launch__registers_per_thread,sm__warps_active.avg.pct_of_peak_sustained_active,launch__grid_size"
 timeout 140 ncu --clock-control none -k regex:"$kernels" --launch-count 40 --metrics "$metrics" \
   --csv --page raw "$bin/nibble" bench linear --shapes 16384x4096x4096 --runs 10 --warmup 0 \

@@ -681,6 +681,17 @@ void check_bitsplit(int64_t rows, int64_t cols, uint64_t seed) {
   cuda::bitsplit(p2, nullptr);
   sync();
   EXPECT_SAME(dcomb_t.download(), transpose(comb, rows, cols), "combined_t alone");
+
+  // combined and combined_t only (the layer's keep-all request): with rows, cols % 16 == 0 the
+  // 8-column kernel (bitsplit_combined_kernel), otherwise bitsplit_kernel; the same codes
+  dcomb.poison();
+  dcomb_t.poison();
+  p2.combined = dcomb.get();
+  cuda::bitsplit(p2, nullptr);
+  sync();
+  EXPECT_EQ(dscale.download()[0], s_ref);
+  EXPECT_SAME(dcomb.download(), comb, "combined (with combined_t only)");
+  EXPECT_SAME(dcomb_t.download(), transpose(comb, rows, cols), "combined_t (with combined only)");
 }
 
 TEST(BitSplitGpu, MatchesRef) {
@@ -695,12 +706,19 @@ TEST(BitSplitGpu, MatchesRef) {
   // so each lane draws its own block (philox16::own) instead of sharing one per two rows
   check_bitsplit<float>(37, 100, ++seed);
   check_bitsplit<float>(64, 36, ++seed);
+  // rows, cols % 16 == 0: the 8-column kernel for combined / combined_t; a partial 64-row tile
+  // (1008, 48 rows) and a partial 256-column tile (272, 768 columns)
+  check_bitsplit<float>(1008, 768, ++seed);
+  check_bitsplit<float>(48, 272, ++seed);
+  check_bitsplit<float>(16, 16, ++seed);
 }
 
 TEST(BitSplitGpu, Bf16InputMatchesRefOfWidenedInput) {
   uint64_t seed = 950;
   check_bitsplit<bf16_t>(7, 768, ++seed);
   check_bitsplit<bf16_t>(1000, 96, ++seed);
+  check_bitsplit<bf16_t>(64, 4096, ++seed);
+  check_bitsplit<bf16_t>(208, 528, ++seed);
 }
 
 // g and the outputs one element past an aligned base: scalar accesses, per-element Philox.

@@ -19,6 +19,7 @@
 #include <cstdint>
 #include <type_traits>
 
+#include "cuda/quant/device_util.h"
 #include "nibble/dtype.h"
 #include "nibble/rng.h"
 
@@ -136,32 +137,11 @@ void dispatch_block8(int64_t block, F&& f) {
   }
 }
 
-// 8 consecutive elements (the E = 8 layout) as raw words, one 16-byte read-only load per 16
-// bytes (the source is not written during the kernel; 8 | column and 16-byte aligned bases),
-// widened exactly to fp32 by widen8; store8 writes 8 fp32 values as bf16 (round to nearest
-// even) or f32, one 16-byte store per 16 bytes.
-template <class T>
-constexpr int kRawWords = 8 * static_cast<int>(sizeof(T)) / 4;  // 4 (bf16) or 8 (f32)
-
-template <class T>
-__device__ __forceinline__ void load_raw8(const T* p, uint32_t (&w)[kRawWords<T>]) {
-#pragma unroll
-  for (int h = 0; h < kRawWords<T> / 4; ++h) {
-    const uint4 v = __ldg(reinterpret_cast<const uint4*>(p) + h);
-    w[4 * h] = v.x, w[4 * h + 1] = v.y, w[4 * h + 2] = v.z, w[4 * h + 3] = v.w;
-  }
-}
-__device__ __forceinline__ void widen8(const uint32_t (&w)[4], float (&out)[8]) {  // bf16
-#pragma unroll
-  for (int i = 0; i < 4; ++i) {  // little endian: the even element in the low half
-    out[2 * i] = __uint_as_float(w[i] << 16);
-    out[2 * i + 1] = __uint_as_float(w[i] & 0xffff0000u);
-  }
-}
-__device__ __forceinline__ void widen8(const uint32_t (&w)[8], float (&out)[8]) {  // f32
-#pragma unroll
-  for (int i = 0; i < 8; ++i) out[i] = __uint_as_float(w[i]);
-}
+// load_raw8 / widen8 (8 consecutive elements as 16-byte loads, widened exactly): see
+// cuda/quant/device_util.h; store8 below writes them back.
+using detail::kRawWords;
+using detail::load_raw8;
+using detail::widen8;
 
 // fp32 -> bf16 bits, round to nearest even (NaN stays a quiet NaN): nibble::f32_to_bf16's rule.
 __device__ __forceinline__ uint32_t bf16_bits_rne(float f) {

@@ -51,24 +51,6 @@ __device__ __forceinline__ uint32_t residual_word(float r, float clamped, float 
   return clamped == r ? y : (static_cast<uint32_t>(kLsqClipped) & 0xfu) << 16;
 }
 
-// Packed s4 of 8 elements (element 2i in the low nibble of byte i, 2i + 1 in the high one)
-// from the words even = (elements 0, 2, 4, 6) and odd = (1, 3, 5, 7), one element per byte,
-// each element's nibble in its byte's low 4 bits.
-__device__ __forceinline__ uint32_t pack_nibbles8(uint32_t even, uint32_t odd) {
-  return (even & 0x0f0f0f0fu) | ((odd << 4) & 0xf0f0f0f0u);
-}
-
-// Bytes `sel` (a __byte_perm index, 0..3) of x[0], x[2], x[4], x[6] and of x[1], x[3], ...
-// as the words even, odd of pack_nibbles8.
-template <int kSel>
-__device__ __forceinline__ void gather_even_odd(const uint32_t (&x)[8], uint32_t& even,
-                                                uint32_t& odd) {
-  constexpr int kPair = kSel | ((kSel + 4) << 4);  // byte 0: x_a.b[sel], byte 1: x_b.b[sel]
-  constexpr int kMerge = 0x5410;                   // bytes 0, 1 of a, then bytes 0, 1 of b
-  even = __byte_perm(__byte_perm(x[0], x[2], kPair), __byte_perm(x[4], x[6], kPair), kMerge);
-  odd = __byte_perm(__byte_perm(x[1], x[3], kPair), __byte_perm(x[5], x[7], kPair), kMerge);
-}
-
 // B: the Hadamard block at compile time (hadamard_warp's B; 256·J when J > 1).
 template <class T, int J, int B>
 __global__ void __launch_bounds__(kThreads)
@@ -199,13 +181,13 @@ __global__ void __launch_bounds__(kThreads)
               y[k] = residual_word(r[k], clamped[k], rint_r, U[k]);
             }
             uint32_t even, odd;
-            gather_even_odd<2>(y, even, odd);  // the nibbles sit in byte 2
-            *reinterpret_cast<uint32_t*>(p.e_packed + pidx) = pack_nibbles8(even, odd);
+            detail::gather_even_odd<2>(y, even, odd);  // the nibbles sit in byte 2
+            *reinterpret_cast<uint32_t*>(p.e_packed + pidx) = detail::pack_nibbles8(even, odd);
           }
           // the 8 code bytes as two words (element k in byte k % 4 of word k / 4) and as 8
           // nibbles, from the same gathers
           uint32_t even, odd;  // codes (0, 2, 4, 6), (1, 3, 5, 7)
-          gather_even_odd<0>(mb, even, odd);
+          detail::gather_even_odd<0>(mb, even, odd);
           const uint32_t lo = __byte_perm(even, odd, 0x5140);  // codes 0..3
           const uint32_t hi = __byte_perm(even, odd, 0x7362);  // codes 4..7
           if (p.q_t != nullptr) {  // uniform across the block
@@ -215,7 +197,7 @@ __global__ void __launch_bounds__(kThreads)
           }
           if (p.q != nullptr) *reinterpret_cast<uint2*>(p.q + idx) = make_uint2(lo, hi);
           if (p.q_packed != nullptr)
-            *reinterpret_cast<uint32_t*>(p.q_packed + pidx) = pack_nibbles8(even, odd);
+            *reinterpret_cast<uint32_t*>(p.q_packed + pidx) = detail::pack_nibbles8(even, odd);
         }
       }
 #pragma unroll
@@ -227,24 +209,7 @@ __global__ void __launch_bounds__(kThreads)
     }
     if (p.q_t == nullptr) continue;  // uniform across the block
     __syncthreads();
-    // q_t[c, r0 + 4m .. 4m + 3] = tile[4m .. 4m + 3][cc], m < TR/4: thread u of the block
-    // takes segment u % (TR/4) of column u / (TR/4), so consecutive threads write consecutive
-    // words of one q_t row
-    constexpr int kSegs = TR / 4;
-    for (int u = threadIdx.x; u < kSegs * W; u += kThreads) {
-      const int m = u % kSegs;
-      const int cc = u / kSegs;
-      const int64_t c = c0 + cc;
-      const int64_t row = r0 + 4 * m;
-      if (c < p.cols && row < p.rows) {
-        const uint32_t word =
-            static_cast<uint8_t>(tile[4 * m][cc]) |
-            (static_cast<uint32_t>(static_cast<uint8_t>(tile[4 * m + 1][cc])) << 8) |
-            (static_cast<uint32_t>(static_cast<uint8_t>(tile[4 * m + 2][cc])) << 16) |
-            (static_cast<uint32_t>(static_cast<uint8_t>(tile[4 * m + 3][cc])) << 24);
-        *reinterpret_cast<uint32_t*>(p.q_t + c * p.rows + row) = word;
-      }
-    }
+    detail::store_tile_transposed<TR, W, kThreads>(tile, r0, c0, p.rows, p.cols, p.q_t);
     __syncthreads();  // the next tile rewrites `tile`
   }
 }

@@ -379,6 +379,94 @@ __global__ void __launch_bounds__(kThreads) bitsplit_kernel(BitSplitParams<T> p,
   }
 }
 
+// The second pass of the layer's keep-all backward (combined and/or combined_t only; rows and
+// cols multiples of 16, g 16-byte and combined 8-byte aligned): bitsplit_kernel's arithmetic on
+// the 8-column lanes of the forward quantizer (hq_linear_quant.cu), because the pass is
+// issue-bound (ncu: 46 instructions per element in bitsplit_kernel). A block owns 64 rows ×
+// 256 columns; lane l holds columns 8l .. 8l + 7, so its 8 uniforms are one whole Philox block
+// (index r·cols + c, a multiple of 8); a warp walks 4 batches of 2 rows, each batch's loads
+// issued before the previous batch is computed; the per-thread set-up (two IEEE divisions) is
+// spread over 64 elements; codes leave as 8-byte words and the transpose as 4 × 4 byte blocks.
+constexpr int kSplitTileRows = 64;
+constexpr int kSplitTileCols = 256;
+constexpr int kSplitBatchRows = 2;
+
+template <class T>
+__global__ void __launch_bounds__(kThreads)
+    bitsplit_combined_kernel(BitSplitParams<T> p, int64_t col_tiles) {
+  constexpr int R = kSplitBatchRows;
+  constexpr int kWords = detail::kRawWords<T>;
+  __shared__ __align__(16) int8_t tile[kSplitTileRows][kSplitTileCols + 4];
+  const int lane = threadIdx.x & 31;
+  const int warp = threadIdx.x >> 5;
+  const float m = __fadd_rn(p.scale[1], 1e-8f);
+  const float m2 = __fmul_rn(2.0f, m);
+  const float scale1 = __fdiv_rn(static_cast<float>(kBitSplitLevels), m2);
+  if (blockIdx.x == 0 && threadIdx.x == 0)
+    p.scale[0] = __fdiv_rn(m2, static_cast<float>(kBitSplitLevels));  // s, for dequantization
+  const float half = static_cast<float>(kBitSplitHalf);
+  const int64_t r0 = (static_cast<int64_t>(blockIdx.x) / col_tiles) * kSplitTileRows;
+  const int64_t c0 = (static_cast<int64_t>(blockIdx.x) % col_tiles) * kSplitTileCols;
+  const int64_t c = c0 + 8 * lane;
+  const bool in_cols = c < p.cols;  // 8 | c and 16 | cols: all 8 columns or none
+  // rows % 16 == 0: a batch whose first row is in range has both rows in range
+  const auto batch_in_range = [&](int rb) { return rb < kSplitTileRows && r0 + rb < p.rows; };
+  const auto load_batch = [&](int rb, uint32_t (&raw)[R][kWords]) {
+#pragma unroll
+    for (int i = 0; i < R; ++i) {
+      if (in_cols) detail::load_raw8(p.g + (r0 + rb + i) * p.cols + c, raw[i]);
+    }
+  };
+
+  uint32_t raw[R][kWords];
+  int rb = warp * R;
+  if (batch_in_range(rb)) load_batch(rb, raw);
+#pragma unroll 1
+  for (; batch_in_range(rb); rb += kWarps * R) {
+    uint32_t next[R][kWords];
+    if (batch_in_range(rb + kWarps * R)) load_batch(rb + kWarps * R, next);
+#pragma unroll
+    for (int i = 0; i < R; ++i) {
+      if (!in_cols) continue;
+      const int64_t idx = (r0 + rb + i) * p.cols + c;
+      float g[8], U[8];
+      detail::widen8(raw[i], g);
+      philox16::magic_uniforms8(philox16::block(p.key, static_cast<uint64_t>(idx) >> 3), U);
+      uint32_t comb[8];
+#pragma unroll
+      for (int k = 0; k < 8; ++k) {
+        // the arithmetic of bitsplit_kernel, where each step is explained
+        const float t = __fmul_rn(g[k], scale1);
+        const float hm =
+            __fadd_rn(fminf(fmaxf(__fmul_rn(t, kBitSplitInvBase), -half), half), kHiMagic);
+        const float h = __fsub_rn(hm, kHiMagic);
+        const float rho = __fmaf_rn(-static_cast<float>(kBitSplitBase), h, t);
+        const float y = fminf(fmaxf(__fadd_rd(rho, U[k]), 186.0f), 198.0f);
+        comb[k] = __float_as_uint(y) +
+                  (__float_as_uint(hm) * static_cast<uint32_t>(kBitSplitBase) << 16);
+      }
+      uint32_t even, odd;  // the codes sit in byte 2
+      detail::gather_even_odd<2>(comb, even, odd);
+      const uint32_t lo = __byte_perm(even, odd, 0x5140);  // codes 0..3
+      const uint32_t hi = __byte_perm(even, odd, 0x7362);  // codes 4..7
+      if (p.combined != nullptr) *reinterpret_cast<uint2*>(p.combined + idx) = make_uint2(lo, hi);
+      if (p.combined_t != nullptr) {
+        auto* dst = reinterpret_cast<uint32_t*>(&tile[rb + i][8 * lane]);
+        dst[0] = lo;
+        dst[1] = hi;
+      }
+    }
+#pragma unroll
+    for (int i = 0; i < R; ++i)
+#pragma unroll
+      for (int w = 0; w < kWords; ++w) raw[i][w] = next[i][w];
+  }
+  if (p.combined_t == nullptr) return;  // uniform across the block
+  __syncthreads();
+  detail::store_tile_transposed<kSplitTileRows, kSplitTileCols, kThreads>(tile, r0, c0, p.rows,
+                                                                          p.cols, p.combined_t);
+}
+
 // ---- row norms and leverage scores --------------------------------------------------------------
 
 // Σ_c q[r, c]² of one row by one warp (exact integer sum).
@@ -720,8 +808,18 @@ void bitsplit_impl(const BitSplitParams<T>& p, cudaStream_t stream) {
   const bool pair16 = vec && p.cols % 8 == 0;  // lane pairs start at multiples of 8
   const bool vec_t = p.rows % 4 == 0 && aligned4(p.combined_t, 4);
   const bool vec16_t = p.rows % 16 == 0 && aligned4(p.combined_t, 16);
-  bitsplit_kernel<T><<<tile_grid(p.rows, p.cols), kThreads, 0, stream>>>(p, vec, pair16, vec_t,
-                                                                          vec16_t);
+  const bool combined_only = p.hi == nullptr && p.lo == nullptr && p.row_sumsq == nullptr;
+  if (combined_only && p.rows % 16 == 0 && p.cols % 16 == 0 && aligned4(p.g, 16) &&
+      aligned4(p.combined, 8) && aligned4(p.combined_t, 4)) {
+    const int64_t col_tiles = detail::ceil_div(p.cols, static_cast<int64_t>(kSplitTileCols));
+    const int64_t tiles =
+        detail::ceil_div(p.rows, static_cast<int64_t>(kSplitTileRows)) * col_tiles;
+    detail::check_grid_extent(tiles, fn, "the tiling");
+    bitsplit_combined_kernel<T><<<static_cast<unsigned>(tiles), kThreads, 0, stream>>>(p, col_tiles);
+  } else {
+    bitsplit_kernel<T><<<tile_grid(p.rows, p.cols), kThreads, 0, stream>>>(p, vec, pair16, vec_t,
+                                                                            vec16_t);
+  }
   NB_CUDA_CHECK_LAUNCH();
 }
 

@@ -83,4 +83,84 @@ __device__ __forceinline__ int8_t quantize_code(float x, float s, int32_t zp, QR
   return static_cast<int8_t>(code);
 }
 
+// 8 consecutive elements as raw words, one 16-byte read-only load per 16 bytes (the source is
+// not written during the kernel; the caller guarantees 16-byte alignment), widened exactly to
+// fp32 by widen8 (the 8-column lanes of the fused passes).
+template <class T>
+constexpr int kRawWords = 8 * static_cast<int>(sizeof(T)) / 4;  // 4 (bf16) or 8 (f32)
+
+template <class T>
+__device__ __forceinline__ void load_raw8(const T* p, uint32_t (&w)[kRawWords<T>]) {
+#pragma unroll
+  for (int h = 0; h < kRawWords<T> / 4; ++h) {
+    const uint4 v = __ldg(reinterpret_cast<const uint4*>(p) + h);
+    w[4 * h] = v.x, w[4 * h + 1] = v.y, w[4 * h + 2] = v.z, w[4 * h + 3] = v.w;
+  }
+}
+__device__ __forceinline__ void widen8(const uint32_t (&w)[4], float (&out)[8]) {  // bf16
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {  // little endian: the even element in the low half
+    out[2 * i] = __uint_as_float(w[i] << 16);
+    out[2 * i + 1] = __uint_as_float(w[i] & 0xffff0000u);
+  }
+}
+__device__ __forceinline__ void widen8(const uint32_t (&w)[8], float (&out)[8]) {  // f32
+#pragma unroll
+  for (int i = 0; i < 8; ++i) out[i] = __uint_as_float(w[i]);
+}
+
+// Packed s4 of 8 elements (element 2i in the low nibble of byte i, 2i + 1 in the high one)
+// from the words even = (elements 0, 2, 4, 6) and odd = (1, 3, 5, 7), one element per byte,
+// each element's nibble in its byte's low 4 bits.
+__device__ __forceinline__ uint32_t pack_nibbles8(uint32_t even, uint32_t odd) {
+  return (even & 0x0f0f0f0fu) | ((odd << 4) & 0xf0f0f0f0u);
+}
+
+// Bytes `sel` (a __byte_perm index, 0..3) of x[0], x[2], x[4], x[6] and of x[1], x[3], ...
+// as the words even, odd of pack_nibbles8.
+template <int kSel>
+__device__ __forceinline__ void gather_even_odd(const uint32_t (&x)[8], uint32_t& even,
+                                                uint32_t& odd) {
+  constexpr int kPair = kSel | ((kSel + 4) << 4);  // byte 0: x_a.b[sel], byte 1: x_b.b[sel]
+  constexpr int kMerge = 0x5410;                   // bytes 0, 1 of a, then bytes 0, 1 of b
+  even = __byte_perm(__byte_perm(x[0], x[2], kPair), __byte_perm(x[4], x[6], kPair), kMerge);
+  odd = __byte_perm(__byte_perm(x[1], x[3], kPair), __byte_perm(x[5], x[7], kPair), kMerge);
+}
+
+// The transposed store of a byte tile (the second half of the transposing kernels):
+//   out[c0 + cc, r0 + r] = tile[r][cc]   for r < TR, cc < TC, r0 + r < rows, c0 + cc < cols,
+// out [cols, rows], rows % 4 == 0 and cols % 4 == 0; tile rows padded to TC + 4 bytes. The
+// block's threads take the 4 × 4 byte blocks (rows 4m .. 4m+3, columns 4q .. 4q+3) in turn and
+// transpose each in registers (4 word reads, 8 byte permutes) into 4 column words. Block u:
+// m = u % kM + kM·(u / (kM·TC/4)), q = (u / kM) % (TC/4), kM = min(8, TR/4), so a warp
+// writes kM consecutive words of each of its columns and reads distinct banks (tile rows are
+// (TC + 4)/4 ≡ 1 words apart modulo 32 for TC ≥ 128).
+template <int TR, int TC, int kBlockThreads>
+__device__ __forceinline__ void store_tile_transposed(const int8_t (&tile)[TR][TC + 4], int64_t r0,
+                                                      int64_t c0, int64_t rows, int64_t cols,
+                                                      int8_t* __restrict__ out) {
+  static_assert(TR % 4 == 0 && TC % 4 == 0, "whole 4 x 4 byte blocks");
+  constexpr int kQuads = TC / 4;
+  constexpr int kM = TR / 4 < 8 ? TR / 4 : 8;
+  constexpr int kBlocks = (TR / 4) * kQuads;
+  for (int u = static_cast<int>(threadIdx.x); u < kBlocks; u += kBlockThreads) {
+    const int q = (u / kM) % kQuads;
+    const int m = u % kM + kM * (u / (kM * kQuads));
+    const int64_t row = r0 + 4 * m;
+    const int64_t col = c0 + 4 * q;
+    if (row >= rows || col >= cols) continue;
+    uint32_t a[4];
+#pragma unroll
+    for (int j = 0; j < 4; ++j) a[j] = *reinterpret_cast<const uint32_t*>(&tile[4 * m + j][4 * q]);
+    const uint32_t t0 = __byte_perm(a[0], a[1], 0x5140);  // a0.b0 a1.b0 a0.b1 a1.b1
+    const uint32_t t1 = __byte_perm(a[0], a[1], 0x7362);  // a0.b2 a1.b2 a0.b3 a1.b3
+    const uint32_t t2 = __byte_perm(a[2], a[3], 0x5140);
+    const uint32_t t3 = __byte_perm(a[2], a[3], 0x7362);
+    const uint32_t w[4] = {__byte_perm(t0, t2, 0x5410), __byte_perm(t0, t2, 0x7632),
+                           __byte_perm(t1, t3, 0x5410), __byte_perm(t1, t3, 0x7632)};
+#pragma unroll
+    for (int k = 0; k < 4; ++k) *reinterpret_cast<uint32_t*>(out + (col + k) * rows + row) = w[k];
+  }
+}
+
 }  // namespace nibble::cuda::detail
