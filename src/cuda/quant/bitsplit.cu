@@ -1,7 +1,6 @@
 // Bit splitting, leverage scores and row selection on the GPU (twins of ref/bitsplit.cpp).
 #include <cmath>
 #include <cstdint>
-#include <type_traits>
 
 #include "cuda/common/check.h"
 #include "cuda/quant/bitsplit.h"
@@ -119,42 +118,30 @@ __global__ void __launch_bounds__(kThreads) absmax_colsum_kernel(BitSplitParams<
       rbeg + kBitSplitColumnChunkRows < p.rows ? rbeg + kBitSplitColumnChunkRows : p.rows;
   double acc[4] = {0.0, 0.0, 0.0, 0.0};
   uint32_t mb = 0;
-  // Rows in groups of kInFlight: all loads of a group first, then the arithmetic (the report
-  // atomics of a NaN/Inf could alias g for the compiler, so a load placed after one would wait).
-  constexpr int kInFlight = 4;
-  using Vec = std::conditional_t<sizeof(T) == 4, float4, uint2>;
   if (c < p.cols) {
-    for (int64_t r = rbeg + warp; r < rend; r += kInFlight * kWarps) {
-      Vec w[kInFlight];
-#pragma unroll
-      for (int u = 0; u < kInFlight; ++u) {
-        const int64_t ru = r + u * kWarps;
-        if (ru < rend) w[u] = *reinterpret_cast<const Vec*>(p.g + ru * p.cols + c);
+    for (int64_t r = rbeg + warp; r < rend; r += kWarps) {
+      const T* src = p.g + r * p.cols + c;
+      float v[4];
+      uint32_t b;
+      if constexpr (sizeof(T) == 4) {
+        const float4 w = *reinterpret_cast<const float4*>(src);
+        v[0] = w.x, v[1] = w.y, v[2] = w.z, v[3] = w.w;
+        b = max(max(__float_as_uint(w.x) & 0x7fffffffu, __float_as_uint(w.y) & 0x7fffffffu),
+                max(__float_as_uint(w.z) & 0x7fffffffu, __float_as_uint(w.w) & 0x7fffffffu));
+      } else {
+        const uint2 w = *reinterpret_cast<const uint2*>(src);  // element 0 low
+        v[0] = __uint_as_float(w.x << 16), v[1] = __uint_as_float(w.x & 0xffff0000u);
+        v[2] = __uint_as_float(w.y << 16), v[3] = __uint_as_float(w.y & 0xffff0000u);
+        const uint32_t m2 = __vmaxu2(w.x & 0x7fff7fffu, w.y & 0x7fff7fffu);
+        b = max(m2 & 0xffffu, m2 >> 16) << 16;
+      }
+      if (b < 0x7f800000u) {
+        mb = max(mb, b);
+      } else {
+        for (int k = 0; k < 4; ++k) absmax_scalar(p, r * p.cols + c + k, mb);
       }
 #pragma unroll
-      for (int u = 0; u < kInFlight; ++u) {
-        const int64_t ru = r + u * kWarps;
-        if (ru >= rend) break;
-        float v[4];
-        uint32_t b;
-        if constexpr (sizeof(T) == 4) {
-          v[0] = w[u].x, v[1] = w[u].y, v[2] = w[u].z, v[3] = w[u].w;
-          b = max(max(__float_as_uint(v[0]) & 0x7fffffffu, __float_as_uint(v[1]) & 0x7fffffffu),
-                  max(__float_as_uint(v[2]) & 0x7fffffffu, __float_as_uint(v[3]) & 0x7fffffffu));
-        } else {  // 4 bf16, element 0 low
-          v[0] = __uint_as_float(w[u].x << 16), v[1] = __uint_as_float(w[u].x & 0xffff0000u);
-          v[2] = __uint_as_float(w[u].y << 16), v[3] = __uint_as_float(w[u].y & 0xffff0000u);
-          const uint32_t m2 = __vmaxu2(w[u].x & 0x7fff7fffu, w[u].y & 0x7fff7fffu);
-          b = max(m2 & 0xffffu, m2 >> 16) << 16;
-        }
-        if (b < 0x7f800000u) {
-          mb = max(mb, b);
-        } else {
-          for (int k = 0; k < 4; ++k) absmax_scalar(p, ru * p.cols + c + k, mb);
-        }
-#pragma unroll
-        for (int k = 0; k < 4; ++k) acc[k] = __dadd_rn(acc[k], static_cast<double>(v[k]));
-      }
+      for (int k = 0; k < 4; ++k) acc[k] = __dadd_rn(acc[k], static_cast<double>(v[k]));
     }
   }
 #pragma unroll
