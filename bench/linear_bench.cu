@@ -295,7 +295,9 @@ int run_linear_bench(const LinearBenchOptions& opt) {
       p.status = status.as<uint64_t>();
       cuda::hq_linear_quantize_weight(p, cfg, key, stream);
     };
-    const auto forward = [&](int i) {
+    // saved: the training forward (codes and side channel of x kept for the backward);
+    // otherwise the inference forward (the quantizer writes the GEMM operand x_q only)
+    const auto forward = [&](int i, bool saved) {
       LayerSet& L = S[static_cast<size_t>(i)];
       cuda::HqLinearForwardParams<bf16_t> p;
       p.x = L.x.as<bf16_t>();
@@ -305,22 +307,10 @@ int run_linear_bench(const LinearBenchOptions& opt) {
       p.bias = L.bias.as<float>();
       p.w_q = L.w_q.as<int8_t>();
       p.x_q = L.x_q.as<int8_t>();
-      p.x_q_packed = L.x_qp.as<uint8_t>();
-      p.x_e_packed = L.x_ep.as<uint8_t>();
-      p.y = L.y.as<bf16_t>();
-      p.status = status.as<uint64_t>();
-      cuda::hq_linear_forward(p, cfg, key, stream);
-    };
-    const auto forward_inference = [&](int i) {
-      LayerSet& L = S[static_cast<size_t>(i)];
-      cuda::HqLinearForwardParams<bf16_t> p;
-      p.x = L.x.as<bf16_t>();
-      p.n = n, p.d = d, p.c = c;
-      p.sx = sx;
-      p.sw = sw;
-      p.bias = L.bias.as<float>();
-      p.w_q = L.w_q.as<int8_t>();
-      p.x_q = L.x_q.as<int8_t>();
+      if (saved) {
+        p.x_q_packed = L.x_qp.as<uint8_t>();
+        p.x_e_packed = L.x_ep.as<uint8_t>();
+      }
       p.y = L.y.as<bf16_t>();
       p.status = status.as<uint64_t>();
       cuda::hq_linear_forward(p, cfg, key, stream);
@@ -465,7 +455,7 @@ int run_linear_bench(const LinearBenchOptions& opt) {
         "fwd_quant_x_inference"};
     std::vector<std::function<void(int)>> launches = {
         weight_quant,
-        forward,
+        [&](int i) { forward(i, true); },
         [&](int i) { backward(i, cfg, ws_keep, ws_keep_bytes); },
         bf16_forward,
         bf16_backward,
@@ -478,12 +468,12 @@ int run_linear_bench(const LinearBenchOptions& opt) {
         bwd_mask_dx,
         bwd_mask_dw,
         bwd_db,
-        forward_inference,
+        [&](int i) { forward(i, false); },
         [&](int i) { forward_quant(i, false); }};
     // The forward state of every set must exist before a backward reads it.
     for (int i = 0; i < sets; ++i) {
       weight_quant(i);
-      forward(i);
+      forward(i, true);
     }
     // The sampled variant never waits for the GPU either, so it joins the interleaved group.
     if (opt.sampled) {

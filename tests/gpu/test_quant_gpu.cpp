@@ -628,19 +628,27 @@ TEST(QuantGpu, LaunchersRejectBadArguments) {
 
 // ---- bit splitting ------------------------------------------------------------------------
 
+// A random gradient [rows, cols] as T; g receives the values T holds (bf16 widened exactly),
+// the reference's input.
+template <class T>
+std::vector<T> gradient_as(int64_t rows, int64_t cols, uint64_t seed, std::vector<float>& g) {
+  g = random_gradient(rows, cols, seed);
+  if constexpr (std::is_same_v<T, float>) {
+    return g;
+  } else {
+    std::vector<T> t = to_bf16(g);
+    g = widen(t);
+    return t;
+  }
+}
+
 template <class T>
 void check_bitsplit(int64_t rows, int64_t cols, uint64_t seed) {
   SCOPED_TRACE(::testing::Message() << "rows " << rows << " cols " << cols
                                     << (std::is_same_v<T, float> ? " f32" : " bf16"));
   const int64_t n = rows * cols;
-  std::vector<float> g = random_gradient(rows, cols, seed);
-  std::vector<T> gt;
-  if constexpr (std::is_same_v<T, float>) {
-    gt = g;
-  } else {
-    gt = to_bf16(g);
-    g = widen(gt);
-  }
+  std::vector<float> g;
+  const std::vector<T> gt = gradient_as<T>(rows, cols, seed, g);
   const PhiloxKey key{seed ^ 0x5bd1e995ull, 11, 3, RngRole::grad_output_rounding};
   std::vector<int8_t> hi(static_cast<size_t>(n)), lo(hi.size()), comb(hi.size());
   const float s_ref = ref::bitsplit(g.data(), rows, cols, key, hi.data(), lo.data(), comb.data());
@@ -796,14 +804,8 @@ void check_bitsplit_column_partials(int64_t rows, int64_t cols, uint64_t seed) {
   SCOPED_TRACE(::testing::Message() << "rows " << rows << " cols " << cols
                                     << (std::is_same_v<T, float> ? " f32" : " bf16"));
   const int64_t n = rows * cols;
-  std::vector<float> g = random_gradient(rows, cols, seed);
-  std::vector<T> gt;
-  if constexpr (std::is_same_v<T, float>) {
-    gt = g;
-  } else {
-    gt = to_bf16(g);
-    g = widen(gt);
-  }
+  std::vector<float> g;
+  const std::vector<T> gt = gradient_as<T>(rows, cols, seed, g);
   const PhiloxKey key{seed, 2, 5, RngRole::grad_output_rounding};
   std::vector<int8_t> hi(static_cast<size_t>(n)), lo(hi.size()), comb(hi.size());
   const float s_ref = ref::bitsplit(g.data(), rows, cols, key, hi.data(), lo.data(), comb.data());
