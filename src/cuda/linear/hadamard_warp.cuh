@@ -105,9 +105,11 @@ __device__ __forceinline__ void load4(const bf16_t* p, float (&out)[4]) {
 // A thread block of 8 warps owns kTileRows8<J> rows × 256·J columns, J = max(1, block/256)
 // chunks per warp row; a warp transforms kRowsPerBatch8<J> rows at a time (16 elements per
 // lane at J ≤ 2, 32 at J = 4), walking 4 such batches (2 at J = 4), and shared tiles stay at
-// ~16 KB. Issue-bound passes gain from it (bench/README.md, "H200, 2026-12-03"): one lane's 8
-// side-channel uniforms are one whole Philox block, three butterfly stages run in registers,
-// loads and stores are 16 bytes, and the per-thread set-up is spread over 64 elements.
+// ~16 KB. Issue-bound passes gain from it (bench/README.md, "H200, 2026-12-03, runs
+// S1–S5"): one lane's 8 side-channel uniforms are one whole Philox block, three butterfly
+// stages run in registers, loads and stores are 16 bytes, and the per-thread set-up is spread
+// over 64 elements. (The bit split's 8-column pass, cuda/quant/bitsplit.cu, is the same
+// tiling at J = 1 with its own constants: the quant layer does not include this header.)
 constexpr int kLaneCols8 = 8;
 constexpr int kChunkCols8 = 32 * kLaneCols8;  // 256
 template <int J>
