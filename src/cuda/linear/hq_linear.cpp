@@ -447,7 +447,8 @@ void backward_impl(const HqLinearBackwardParams<G>& p, const HqLinearConfig& cfg
   ld::lsq_finalize(ws.part_dx, parts_dx, n * d, p.dsx, ws.part_dw, parts_dw, c * d, p.dsw,
                    cfg.range.qmax, stream);
   // db = Σ_rows dy from the partials of step 1
-  if (p.db != nullptr) ld::column_sums_finalize(ws.part_db, bitsplit_column_chunks(n), c, p.db, stream);
+  if (p.db != nullptr)
+    ld::column_sums_finalize(ws.part_db, bitsplit_column_chunks(n), c, p.db, stream);
   if (p.grad_scale != nullptr) {
     NB_CUDA_CHECK(cudaMemcpyAsync(p.grad_scale, s, sizeof(float), cudaMemcpyDeviceToDevice, stream));
   }

@@ -221,7 +221,8 @@ __global__ void __launch_bounds__(kThreads)
     const int64_t row = r0 + rr;
     uint32_t lo = 0, hi = 0;
     if (row < rows && c < cols) {
-      const uint32_t w = __ldg(reinterpret_cast<const uint32_t*>(packed + row * (cols / 2) + c / 2));
+      const uint32_t w =
+          __ldg(reinterpret_cast<const uint32_t*>(packed + row * (cols / 2) + c / 2));
       lo = unpack_s4x4(w & 0xffffu);
       hi = unpack_s4x4(w >> 16);
     }
@@ -230,7 +231,8 @@ __global__ void __launch_bounds__(kThreads)
     dst[1] = hi;
   }
   __syncthreads();
-  detail::store_tile_transposed<kUnpackRows, kUnpackCols, kThreads>(tile, r0, c0, rows, cols, out_t);
+  detail::store_tile_transposed<kUnpackRows, kUnpackCols, kThreads>(tile, r0, c0, rows, cols,
+                                                                    out_t);
 }
 
 // ---- column sums --------------------------------------------------------------------------------
@@ -514,7 +516,7 @@ void unpack_s4_transpose(const uint8_t* packed, int64_t rows, int64_t cols, int8
                          cudaStream_t stream) {
   NB_CHECK(rows > 0 && cols > 0 && rows % 4 == 0 && cols % 16 == 0,
            "linear_detail::unpack_s4_transpose: shape [" << rows << ", " << cols
-                                                         << "] needs rows % 4 == 0 and cols % 16 == 0");
+               << "] needs rows % 4 == 0 and cols % 16 == 0");
   const int64_t row_tiles = detail::ceil_div(rows, static_cast<int64_t>(kUnpackRows));
   const int64_t col_tiles = detail::ceil_div(cols, static_cast<int64_t>(kUnpackCols));
   NB_CHECK(row_tiles <= 2147483647 && col_tiles <= 65535,

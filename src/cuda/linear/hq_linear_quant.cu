@@ -3,9 +3,10 @@
 //
 // Work split: the E = 8 tiling of hadamard_warp.cuh (lane l holds the 8 consecutive columns
 // 256j + 8l + k of chunk j; a block owns TR rows × W = 256·J columns; a warp walks batches of
-// R rows), each batch's loads issued before the previous batch is computed. Per lane and row chunk, 8 codes leave as one 8-byte word (q), two 32-bit words
-// of packed nibbles (q and e), and (with q_t) two words in the shared tile from which the
-// transposed codes are stored as 4-row column segments.
+// R rows), each batch's loads issued before the previous batch is computed. Per lane and row
+// chunk, 8 codes leave as one 8-byte word (q), two 32-bit words of packed nibbles (q and e),
+// and (with q_t) two words in the shared tile, which leaves transposed as 4 × 4 byte blocks
+// (detail::store_tile_transposed).
 // The kernel is issue-bound (ncu), so the code counts instructions: 8 elements per lane make
 // the lane's 8 side-channel uniforms exactly one Philox block (no exchange between lanes), put
 // three butterfly stages in registers, and halve the load and store instructions; a warp
@@ -92,7 +93,8 @@ __global__ void __launch_bounds__(kThreads)
 #pragma unroll
         for (int j = 0; j < J; ++j) {
           if (in_cols[j]) {
-            linear_detail::load_raw8(p.x + row * p.cols + c0 + kChunkCols8 * j + kLaneCols8 * lane, raw[i][j]);
+            const int64_t c = c0 + kChunkCols8 * j + kLaneCols8 * lane;
+            linear_detail::load_raw8(p.x + row * p.cols + c, raw[i][j]);
           } else {
             // a whole Hadamard block past the end (block | cols): never mixes with real columns
 #pragma unroll
@@ -191,7 +193,8 @@ __global__ void __launch_bounds__(kThreads)
           const uint32_t lo = __byte_perm(even, odd, 0x5140);  // codes 0..3
           const uint32_t hi = __byte_perm(even, odd, 0x7362);  // codes 4..7
           if (p.q_t != nullptr) {  // uniform across the block
-            auto* dst = reinterpret_cast<uint32_t*>(&tile[rb + i][kChunkCols8 * j + kLaneCols8 * lane]);
+            auto* dst =
+                reinterpret_cast<uint32_t*>(&tile[rb + i][kChunkCols8 * j + kLaneCols8 * lane]);
             dst[0] = lo;
             dst[1] = hi;
           }

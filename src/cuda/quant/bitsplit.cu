@@ -815,7 +815,8 @@ void bitsplit_impl(const BitSplitParams<T>& p, cudaStream_t stream) {
     const int64_t tiles =
         detail::ceil_div(p.rows, static_cast<int64_t>(kSplitTileRows)) * col_tiles;
     detail::check_grid_extent(tiles, fn, "the tiling");
-    bitsplit_combined_kernel<T><<<static_cast<unsigned>(tiles), kThreads, 0, stream>>>(p, col_tiles);
+    bitsplit_combined_kernel<T>
+        <<<static_cast<unsigned>(tiles), kThreads, 0, stream>>>(p, col_tiles);
   } else {
     bitsplit_kernel<T><<<tile_grid(p.rows, p.cols), kThreads, 0, stream>>>(p, vec, pair16, vec_t,
                                                                             vec16_t);
