@@ -690,8 +690,8 @@ void check_bitsplit(int64_t rows, int64_t cols, uint64_t seed) {
   sync();
   EXPECT_SAME(dcomb_t.download(), transpose(comb, rows, cols), "combined_t alone");
 
-  // combined and combined_t only (the layer's keep-all request): with rows, cols % 16 == 0 the
-  // 8-column kernel (bitsplit_combined_kernel), otherwise bitsplit_kernel; the same codes
+  // combined and combined_t only (the layer's keep-all request); with rows, cols % 16 == 0 every
+  // call here takes the 8-column kernel (bitsplit_lanes8_kernel), otherwise bitsplit_kernel
   dcomb.poison();
   dcomb_t.poison();
   p2.combined = dcomb.get();
@@ -714,7 +714,7 @@ TEST(BitSplitGpu, MatchesRef) {
   // so each lane draws its own block (philox16::own) instead of sharing one per two rows
   check_bitsplit<float>(37, 100, ++seed);
   check_bitsplit<float>(64, 36, ++seed);
-  // rows, cols % 16 == 0: the 8-column kernel for combined / combined_t; a partial 64-row tile
+  // rows, cols % 16 == 0: the 8-column kernel (all outputs); a partial 64-row tile
   // (1008, 48 rows) and a partial 256-column tile (272, 768 columns)
   check_bitsplit<float>(1008, 768, ++seed);
   check_bitsplit<float>(48, 272, ++seed);

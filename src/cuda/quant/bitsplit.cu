@@ -379,21 +379,37 @@ __global__ void __launch_bounds__(kThreads) bitsplit_kernel(BitSplitParams<T> p,
   }
 }
 
-// The second pass of the layer's keep-all backward (combined and/or combined_t only; rows and
-// cols multiples of 16, g 16-byte and combined 8-byte aligned): bitsplit_kernel's arithmetic on
-// the 8-column lanes of the forward quantizer (hq_linear_quant.cu), because the pass is
+// The second pass when rows and cols are multiples of 16, g is 16-byte and hi, lo, combined
+// 8-byte aligned (the layer's backward, both variants): bitsplit_kernel's arithmetic on the
+// 8-column lanes of the forward quantizer (hq_linear_quant.cu), because the pass is
 // issue-bound (ncu: 46 instructions per element in bitsplit_kernel). A block owns 64 rows ×
 // 256 columns; lane l holds columns 8l .. 8l + 7, so its 8 uniforms are one whole Philox block
 // (index r·cols + c, a multiple of 8); a warp walks 4 batches of 2 rows, each batch's loads
 // issued before the previous batch is computed; the per-thread set-up (two IEEE divisions) is
-// spread over 64 elements; codes leave as 8-byte words and the transpose as 4 × 4 byte blocks.
+// spread over 64 elements; codes leave as 8-byte words and the transpose as 4 × 4 byte blocks;
+// row_sumsq adds one warp's integer sums per row and 256-column tile (exact, any order).
+// row_sumsq[row] += Σ over the warp of sum_hi, row_sumsq[rows + row] += Σ sum_lo (every lane
+// of the warp calls it: shuffles).
+template <class T>
+__device__ __forceinline__ void add_row_sumsq(const BitSplitParams<T>& p, int64_t row, int sum_hi,
+                                              int sum_lo, int lane) {
+  const long long h = detail::warp_sum(static_cast<long long>(sum_hi));
+  const long long l = detail::warp_sum(static_cast<long long>(sum_lo));
+  if (lane == 0) {
+    atomicAdd(reinterpret_cast<unsigned long long*>(p.row_sumsq + row),
+              static_cast<unsigned long long>(h));
+    atomicAdd(reinterpret_cast<unsigned long long*>(p.row_sumsq + p.rows + row),
+              static_cast<unsigned long long>(l));
+  }
+}
+
 constexpr int kSplitTileRows = 64;
 constexpr int kSplitTileCols = 256;
 constexpr int kSplitBatchRows = 2;
 
 template <class T>
 __global__ void __launch_bounds__(kThreads)
-    bitsplit_combined_kernel(BitSplitParams<T> p, int64_t col_tiles) {
+    bitsplit_lanes8_kernel(BitSplitParams<T> p, int64_t col_tiles) {
   constexpr int R = kSplitBatchRows;
   constexpr int kWords = detail::kRawWords<T>;
   __shared__ __align__(16) int8_t tile[kSplitTileRows][kSplitTileCols + 4];
@@ -427,34 +443,64 @@ __global__ void __launch_bounds__(kThreads)
     if (batch_in_range(rb + kWarps * R)) load_batch(rb + kWarps * R, next);
 #pragma unroll
     for (int i = 0; i < R; ++i) {
-      if (!in_cols) continue;
-      const int64_t idx = (r0 + rb + i) * p.cols + c;
-      float g[8], U[8];
-      detail::widen8(raw[i], g);
-      philox16::magic_uniforms8(philox16::block(p.key, static_cast<uint64_t>(idx) >> 3), U);
-      uint32_t comb[8];
+      const int64_t row = r0 + rb + i;
+      int sum_hi = 0, sum_lo = 0;  // Σ hi², Σ lo² of the lane's 8 codes, ≤ 8·36 each
+      if (in_cols) {
+        const int64_t idx = row * p.cols + c;
+        float g[8], U[8];
+        detail::widen8(raw[i], g);
+        philox16::magic_uniforms8(philox16::block(p.key, static_cast<uint64_t>(idx) >> 3), U);
+        uint32_t comb[8], hb[8], yb[8];
 #pragma unroll
-      for (int k = 0; k < 8; ++k) {
-        // the arithmetic of bitsplit_kernel, where each step is explained
-        const float t = __fmul_rn(g[k], scale1);
-        const float hm =
-            __fadd_rn(fminf(fmaxf(__fmul_rn(t, kBitSplitInvBase), -half), half), kHiMagic);
-        const float h = __fsub_rn(hm, kHiMagic);
-        const float rho = __fmaf_rn(-static_cast<float>(kBitSplitBase), h, t);
-        const float y = fminf(fmaxf(__fadd_rd(rho, U[k]), 186.0f), 198.0f);
-        comb[k] = __float_as_uint(y) +
-                  (__float_as_uint(hm) * static_cast<uint32_t>(kBitSplitBase) << 16);
+        for (int k = 0; k < 8; ++k) {
+          // the arithmetic of bitsplit_kernel, where each step is explained
+          const float t = __fmul_rn(g[k], scale1);
+          const float hm =
+              __fadd_rn(fminf(fmaxf(__fmul_rn(t, kBitSplitInvBase), -half), half), kHiMagic);
+          const float h = __fsub_rn(hm, kHiMagic);
+          const float rho = __fmaf_rn(-static_cast<float>(kBitSplitBase), h, t);
+          const float y = fminf(fmaxf(__fadd_rd(rho, U[k]), 186.0f), 198.0f);
+          hb[k] = __float_as_uint(hm);
+          yb[k] = __float_as_uint(y);
+          comb[k] = yb[k] + (hb[k] * static_cast<uint32_t>(kBitSplitBase) << 16);
+        }
+        uint32_t even, odd;  // the codes sit in byte 2
+        detail::gather_even_odd<2>(comb, even, odd);
+        const uint32_t lo = __byte_perm(even, odd, 0x5140);  // codes 0..3
+        const uint32_t hi = __byte_perm(even, odd, 0x7362);  // codes 4..7
+        if (p.combined != nullptr) *reinterpret_cast<uint2*>(p.combined + idx) = make_uint2(lo, hi);
+        if (p.hi != nullptr || p.lo != nullptr || p.row_sumsq != nullptr) {  // uniform
+          // hi = bits(hm) − 0x4B400020, lo = (bits(y) >> 16) − 0x4340 (see bitsplit_kernel)
+          uint32_t hc[8], lc[8];
+#pragma unroll
+          for (int k = 0; k < 8; ++k) {
+            const int h = static_cast<int>(hb[k] - kHiMagicBits);
+            const int l = static_cast<int>(yb[k] >> 16) - 0x4340;
+            hc[k] = static_cast<uint32_t>(h);
+            lc[k] = static_cast<uint32_t>(l);
+            sum_hi += h * h;
+            sum_lo += l * l;
+          }
+          uint32_t e, o;
+          if (p.hi != nullptr) {
+            detail::gather_even_odd<0>(hc, e, o);
+            *reinterpret_cast<uint2*>(p.hi + idx) =
+                make_uint2(__byte_perm(e, o, 0x5140), __byte_perm(e, o, 0x7362));
+          }
+          if (p.lo != nullptr) {
+            detail::gather_even_odd<0>(lc, e, o);
+            *reinterpret_cast<uint2*>(p.lo + idx) =
+                make_uint2(__byte_perm(e, o, 0x5140), __byte_perm(e, o, 0x7362));
+          }
+        }
+        if (p.combined_t != nullptr) {
+          auto* dst = reinterpret_cast<uint32_t*>(&tile[rb + i][8 * lane]);
+          dst[0] = lo;
+          dst[1] = hi;
+        }
       }
-      uint32_t even, odd;  // the codes sit in byte 2
-      detail::gather_even_odd<2>(comb, even, odd);
-      const uint32_t lo = __byte_perm(even, odd, 0x5140);  // codes 0..3
-      const uint32_t hi = __byte_perm(even, odd, 0x7362);  // codes 4..7
-      if (p.combined != nullptr) *reinterpret_cast<uint2*>(p.combined + idx) = make_uint2(lo, hi);
-      if (p.combined_t != nullptr) {
-        auto* dst = reinterpret_cast<uint32_t*>(&tile[rb + i][8 * lane]);
-        dst[0] = lo;
-        dst[1] = hi;
-      }
+      // every lane of the warp (shuffles), those past the columns with zeros
+      if (p.row_sumsq != nullptr) add_row_sumsq(p, row, sum_hi, sum_lo, lane);
     }
 #pragma unroll
     for (int i = 0; i < R; ++i)
@@ -808,14 +854,13 @@ void bitsplit_impl(const BitSplitParams<T>& p, cudaStream_t stream) {
   const bool pair16 = vec && p.cols % 8 == 0;  // lane pairs start at multiples of 8
   const bool vec_t = p.rows % 4 == 0 && aligned4(p.combined_t, 4);
   const bool vec16_t = p.rows % 16 == 0 && aligned4(p.combined_t, 16);
-  const bool combined_only = p.hi == nullptr && p.lo == nullptr && p.row_sumsq == nullptr;
-  if (combined_only && p.rows % 16 == 0 && p.cols % 16 == 0 && aligned4(p.g, 16) &&
-      aligned4(p.combined, 8) && aligned4(p.combined_t, 4)) {
+  if (p.rows % 16 == 0 && p.cols % 16 == 0 && aligned4(p.g, 16) && aligned4(p.hi, 8) &&
+      aligned4(p.lo, 8) && aligned4(p.combined, 8) && aligned4(p.combined_t, 4)) {
     const int64_t col_tiles = detail::ceil_div(p.cols, static_cast<int64_t>(kSplitTileCols));
     const int64_t tiles =
         detail::ceil_div(p.rows, static_cast<int64_t>(kSplitTileRows)) * col_tiles;
     detail::check_grid_extent(tiles, fn, "the tiling");
-    bitsplit_combined_kernel<T>
+    bitsplit_lanes8_kernel<T>
         <<<static_cast<unsigned>(tiles), kThreads, 0, stream>>>(p, col_tiles);
   } else {
     bitsplit_kernel<T><<<tile_grid(p.rows, p.cols), kThreads, 0, stream>>>(p, vec, pair16, vec_t,
