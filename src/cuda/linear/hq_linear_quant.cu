@@ -52,8 +52,10 @@ __device__ __forceinline__ uint32_t residual_word(float r, float clamped, float 
   return clamped == r ? y : (static_cast<uint32_t>(kLsqClipped) & 0xfu) << 16;
 }
 
-// B: the Hadamard block at compile time (hadamard_warp's B; 256·J when J > 1).
-template <class T, int J, int B>
+// B: the Hadamard block at compile time (hadamard_warp's B; 256·J when J > 1). kSide: the side
+// channel e is written (training); without it (inference) the kernel has no Philox rounds and
+// no residual arithmetic at all.
+template <class T, int J, int B, bool kSide>
 __global__ void __launch_bounds__(kThreads)
     hq_lsq_quantize_kernel(HqLsqQuantizeParams<T> p, float norm, int64_t col_tiles,
                            int64_t tiles) {
@@ -86,15 +88,17 @@ __global__ void __launch_bounds__(kThreads)
     for (int j = 0; j < J; ++j) in_cols[j] = c0 + kChunkCols8 * j + kLaneCols8 * lane < p.cols;
     // rows % 16 == 0 and R | 16: a batch whose first row is in range has all R rows in range
     const auto batch_in_range = [&](int rb) { return rb < TR && r0 + rb < p.rows; };
-    const auto load_batch = [&](int rb, uint32_t (&raw)[R][J][kWords]) {
+    // Flat indices: the lane's first element of a batch's row 0, chunk 0 is bidx; row i, chunk
+    // j adds i·cols + 256·j; the next batch adds `step`. (One running index instead of a
+    // 64-bit row·cols product per batch and output.)
+    const int64_t step = static_cast<int64_t>(kWarps) * R * p.cols;
+    const auto load_batch = [&](int64_t bidx, uint32_t (&raw)[R][J][kWords]) {
 #pragma unroll
       for (int i = 0; i < R; ++i) {
-        const int64_t row = r0 + rb + i;
 #pragma unroll
         for (int j = 0; j < J; ++j) {
           if (in_cols[j]) {
-            const int64_t c = c0 + kChunkCols8 * j + kLaneCols8 * lane;
-            linear_detail::load_raw8(p.x + row * p.cols + c, raw[i][j]);
+            linear_detail::load_raw8(p.x + bidx + i * p.cols + kChunkCols8 * j, raw[i][j]);
           } else {
             // a whole Hadamard block past the end (block | cols): never mixes with real columns
 #pragma unroll
@@ -106,12 +110,13 @@ __global__ void __launch_bounds__(kThreads)
 
     uint32_t raw[R][J][kWords];
     int rb = warp * R;
-    if (batch_in_range(rb)) load_batch(rb, raw);
+    int64_t bidx = (r0 + rb) * p.cols + c0 + kLaneCols8 * lane;
+    if (batch_in_range(rb)) load_batch(bidx, raw);
 #pragma unroll 1
-    for (; batch_in_range(rb); rb += kWarps * R) {
+    for (; batch_in_range(rb); rb += kWarps * R, bidx += step) {
       // the next batch's loads go out before this batch's arithmetic
       uint32_t next[R][J][kWords];
-      if (batch_in_range(rb + kWarps * R)) load_batch(rb + kWarps * R, next);
+      if (batch_in_range(rb + kWarps * R)) load_batch(bidx + step, next);
 
       // v = (x·H_k)·2^(−k/2), tested for NaN/Inf once per batch
       float v[R][J][kLaneCols8];
@@ -137,7 +142,7 @@ __global__ void __launch_bounds__(kThreads)
         for (int i = 0; i < R; ++i)
 #pragma unroll
           for (int j = 0; j < J; ++j) {
-            const int64_t idx = (r0 + rb + i) * p.cols + c0 + kChunkCols8 * j + kLaneCols8 * lane;
+            const int64_t idx = bidx + i * p.cols + kChunkCols8 * j;
 #pragma unroll
             for (int k = 0; k < kLaneCols8; ++k) {
               if (!in_cols[j]) continue;
@@ -155,9 +160,8 @@ __global__ void __launch_bounds__(kThreads)
 #pragma unroll
         for (int j = 0; j < J; ++j) {
           if (!in_cols[j]) continue;
-          const int64_t c = c0 + kChunkCols8 * j + kLaneCols8 * lane;
-          const int64_t idx = row * p.cols + c;
-          const int64_t pidx = row * half_cols + c / 2;
+          const int64_t idx = bidx + i * p.cols + kChunkCols8 * j;
+          const int64_t pidx = idx / 2;  // packed bytes: [rows, cols/2], cols even
           // r = v·inv_s;  q = clamp(rint(r), qmin, qmax) = rint(clamp(r, qmin, qmax)) (qmin,
           // qmax integers; NaN → qmin either way, fmaxf drops it): one magic add, no
           // rint/convert; the low byte of the sum's bit pattern is the code.
@@ -170,7 +174,7 @@ __global__ void __launch_bounds__(kThreads)
             mq[k] = __fadd_rn(clamped[k], linear_detail::kRoundMagic);
             mb[k] = __float_as_uint(mq[k]);
           }
-          if (p.e_packed != nullptr) {  // uniform
+          if constexpr (kSide) {
             // u_k = philox_uniform16(index_base + idx + k): idx + index_base is a multiple of
             // 8 (8 | c, 16 | cols, 8 | index_base), so the 8 uniforms are one whole block
             float U[kLaneCols8];
@@ -269,8 +273,13 @@ void hq_lsq_quantize_impl(const HqLsqQuantizeParams<T>& p, cudaStream_t stream) 
     // tile loop stays for grids capped by the CUDA limit.
     detail::check_grid_extent(tiles, fn, "the tiling");
     const int64_t blocks = tiles;
-    hq_lsq_quantize_kernel<T, J, B><<<static_cast<unsigned>(blocks), kThreads, 0, stream>>>(
-        q, norm, col_tiles, tiles);
+    if (q.e_packed != nullptr) {
+      hq_lsq_quantize_kernel<T, J, B, true>
+          <<<static_cast<unsigned>(blocks), kThreads, 0, stream>>>(q, norm, col_tiles, tiles);
+    } else {
+      hq_lsq_quantize_kernel<T, J, B, false>
+          <<<static_cast<unsigned>(blocks), kThreads, 0, stream>>>(q, norm, col_tiles, tiles);
+    }
   };
   linear_detail::dispatch_block8(p.block, launch);  // a power of two in [1, 1024] (checked above)
   NB_CUDA_CHECK_LAUNCH();
