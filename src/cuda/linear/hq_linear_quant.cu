@@ -156,7 +156,6 @@ __global__ void __launch_bounds__(kThreads)
 
 #pragma unroll
       for (int i = 0; i < R; ++i) {
-        const int64_t row = r0 + rb + i;
 #pragma unroll
         for (int j = 0; j < J; ++j) {
           if (!in_cols[j]) continue;
