@@ -106,7 +106,7 @@ __device__ __forceinline__ void load4(const bf16_t* p, float (&out)[4]) {
 // chunks per warp row; a warp transforms kRowsPerBatch8<J> rows at a time (16 elements per
 // lane at J ≤ 2, 32 at J = 4), walking 4 such batches (2 at J = 4), and shared tiles stay at
 // ~16 KB. Issue-bound passes gain from it (bench/README.md, "H200, 2026-12-03, runs
-// S1–S5"): one lane's 8 side-channel uniforms are one whole Philox block, three butterfly
+// S1–S7"): one lane's 8 side-channel uniforms are one whole Philox block, three butterfly
 // stages run in registers, loads and stores are 16 bytes, and the per-thread set-up is spread
 // over 64 elements. (The bit split's 8-column pass, cuda/quant/bitsplit.cu, is the same
 // tiling at J = 1 with its own constants: the quant layer does not include this header.)
