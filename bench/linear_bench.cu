@@ -282,7 +282,7 @@ int run_linear_bench(const LinearBenchOptions& opt) {
         split_scale(2 * sizeof(float)),
         parts_x(sizeof(double) * static_cast<size_t>(cuda::linear_detail::lsq_partials_count(n, d, cfg.block))),
         parts_w(sizeof(double) * static_cast<size_t>(cuda::linear_detail::lsq_partials_count(c, d, cfg.block))),
-        parts_db(sizeof(double) * static_cast<size_t>(cuda::linear_detail::column_sum_partials(n, c)));
+        parts_db(sizeof(double) * static_cast<size_t>(cuda::bitsplit_column_chunks(n) * c));
     cuda::status_clear(status.as<uint64_t>(), stream);
 
     const auto weight_quant = [&](int i) {

@@ -33,6 +33,7 @@
 #include "cuda/common/check.h"
 #include "cuda/gemm/gemm_dispatch.h"
 #include "cuda/linear/hq_linear.h"
+#include "cuda/linear/hq_linear_kernels.h"
 #include "cuda/quant/bitsplit.h"
 #include "cuda/quant/status.h"
 #include "gpu/device_buffer.h"
@@ -897,6 +898,21 @@ TEST(LinearGpu, LsqQuantizerReportsBadInput) {
   expect_lsq_quantizer_reports<bf16_t>(32, 951);
   expect_lsq_quantizer_reports<float>(256, 952);
   expect_lsq_quantizer_reports<float>(1024, 953);
+}
+
+// db's finalise (the partials come from the bit split): empty extents and missing buffers are
+// errors at the boundary (host checks, before any launch).
+TEST(LinearGpu, ColumnSumsFinalizeRejectsBadArguments) {
+  namespace ld = cuda::linear_detail;
+  EXPECT_THROW(ld::column_sums_finalize(nullptr, 0, 16, nullptr, nullptr), Error);
+  EXPECT_THROW(ld::column_sums_finalize(nullptr, 4, 0, nullptr, nullptr), Error);
+  try {
+    ld::column_sums_finalize(nullptr, 4, 16, nullptr, nullptr);
+    ADD_FAILURE() << "null partials accepted";
+  } catch (const Error& e) {
+    EXPECT_NE(std::string(e.what()).find("partials [chunks, cols] is null"), std::string::npos)
+        << e.what();
+  }
 }
 
 TEST(LinearGpu, RejectsShapesThatAreNotMultiplesOf16) {

@@ -130,7 +130,7 @@ Workspace carve(void* base, int64_t n, int64_t d, int64_t c, const HqLinearConfi
   w.dw_t = cv.take<float>(c * d);
   w.part_dx = cv.take<double>(ld::lsq_partials_count(n, d, cfg.block));
   w.part_dw = cv.take<double>(ld::lsq_partials_count(c, d, cfg.block));
-  w.part_db = cv.take<double>(ld::column_sum_partials(n, c));
+  w.part_db = cv.take<double>(bitsplit_column_chunks(n) * c);
   if (cfg.lss == LssVariant::keep_all) {
     w.comb = cv.take<int8_t>(n * c);
     w.comb_t = cv.take<int8_t>(c * n);

@@ -237,42 +237,6 @@ __global__ void __launch_bounds__(kThreads)
 
 // ---- column sums --------------------------------------------------------------------------------
 
-constexpr int64_t kColumnChunkRows = 256;
-
-// partials[chunk, c] = Σ_{r in chunk} g[r, c] in fp64: warp w adds rows w, w + 8, ... of the
-// chunk for the 4 columns of each lane, then the 8 warp sums are added in order.
-template <class G>
-__global__ void __launch_bounds__(kThreads)
-    column_partials_kernel(const G* __restrict__ g, int64_t rows, int64_t cols,
-                           double* __restrict__ partials) {
-  __shared__ double sh[kWarps][kTileCols];
-  const int lane = threadIdx.x & 31;
-  const int warp = threadIdx.x >> 5;
-  const int64_t c = static_cast<int64_t>(blockIdx.x) * kTileCols + 4 * lane;
-  const int64_t rbeg = static_cast<int64_t>(blockIdx.y) * kColumnChunkRows;
-  const int64_t rend = rbeg + kColumnChunkRows < rows ? rbeg + kColumnChunkRows : rows;
-  double acc[4] = {0.0, 0.0, 0.0, 0.0};
-  if (c < cols) {
-    for (int64_t r = rbeg + warp; r < rend; r += kWarps) {
-      float v[4];
-      load4(g + r * cols + c, v);
-#pragma unroll
-      for (int k = 0; k < 4; ++k) acc[k] = __dadd_rn(acc[k], static_cast<double>(v[k]));
-    }
-  }
-#pragma unroll
-  for (int k = 0; k < 4; ++k) sh[warp][4 * lane + k] = acc[k];
-  __syncthreads();
-  if (threadIdx.x < kTileCols) {
-    const int64_t col = static_cast<int64_t>(blockIdx.x) * kTileCols + threadIdx.x;
-    if (col < cols) {
-      double total = 0.0;
-      for (int w = 0; w < kWarps; ++w) total = __dadd_rn(total, sh[w][threadIdx.x]);
-      partials[static_cast<int64_t>(blockIdx.y) * cols + col] = total;
-    }
-  }
-}
-
 // out[c] = float(Σ_chunks partials[chunk, c]): a block finalises 32 columns; warp w adds the
 // chunks w, w + 8, ... of column 32·blockIdx.x + lane in order, then thread `lane` adds the 8
 // warp sums in order (a fixed order: deterministic). Before, one thread per column walked
@@ -527,37 +491,18 @@ void unpack_s4_transpose(const uint8_t* packed, int64_t rows, int64_t cols, int8
   NB_CUDA_CHECK_LAUNCH();
 }
 
-static_assert(kColumnChunkRows == kBitSplitColumnChunkRows,
-              "bitsplit's col_partials and column_sums share their row chunks");
-
 void column_sums_finalize(const double* partials, int64_t chunks, int64_t cols, float* out,
                           cudaStream_t stream) {
-  column_finalize_kernel<<<static_cast<unsigned>(detail::ceil_div(cols, int64_t{32})), kThreads, 0,
-                           stream>>>(partials, chunks, cols, out);
+  const char* fn = "linear_detail::column_sums_finalize";
+  NB_CHECK(chunks > 0 && cols > 0,
+           fn << ": partials [" << chunks << ", " << cols << "] must have positive extents");
+  detail::check_device_pointer(partials, chunks * cols, fn, "partials [chunks, cols]");
+  detail::check_device_pointer(out, cols, fn, "out [cols]");
+  const int64_t blocks = detail::ceil_div(cols, int64_t{32});
+  detail::check_grid_extent(blocks, fn, "the column tiling");
+  column_finalize_kernel<<<static_cast<unsigned>(blocks), kThreads, 0, stream>>>(partials, chunks,
+                                                                               cols, out);
   NB_CUDA_CHECK_LAUNCH();
-}
-
-int64_t column_sum_partials(int64_t rows, int64_t cols) {
-  return detail::ceil_div(rows, kColumnChunkRows) * cols;
-}
-
-template <class G>
-static void column_sums_impl(const G* g, int64_t rows, int64_t cols, double* partials, float* out,
-                             cudaStream_t stream) {
-  const int64_t chunks = detail::ceil_div(rows, kColumnChunkRows);
-  const dim3 grid(static_cast<unsigned>(detail::ceil_div(cols, kTileCols)),
-                  static_cast<unsigned>(chunks));
-  column_partials_kernel<G><<<grid, kThreads, 0, stream>>>(g, rows, cols, partials);
-  NB_CUDA_CHECK_LAUNCH();
-  column_sums_finalize(partials, chunks, cols, out, stream);
-}
-void column_sums(const float* g, int64_t rows, int64_t cols, double* partials, float* out,
-                 cudaStream_t stream) {
-  column_sums_impl(g, rows, cols, partials, out, stream);
-}
-void column_sums(const bf16_t* g, int64_t rows, int64_t cols, double* partials, float* out,
-                 cudaStream_t stream) {
-  column_sums_impl(g, rows, cols, partials, out, stream);
 }
 
 void row_norms_packed(const uint8_t* packed, int64_t rows, int64_t cols, const float* scale,

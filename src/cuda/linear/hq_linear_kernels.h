@@ -44,15 +44,9 @@ void lsq_finalize(const double* partials_a, int64_t count_a, int64_t numel_a, fl
 void unpack_s4_transpose(const uint8_t* packed, int64_t rows, int64_t cols, int8_t* out_t,
                          cudaStream_t stream);
 
-// out[c] = float(Σ_r g[r, c]), fp64 partial sums over row chunks, then the chunks in order.
-int64_t column_sum_partials(int64_t rows, int64_t cols);  // doubles of scratch
-void column_sums(const float* g, int64_t rows, int64_t cols, double* partials, float* out,
-                 cudaStream_t stream);
-void column_sums(const bf16_t* g, int64_t rows, int64_t cols, double* partials, float* out,
-                 cudaStream_t stream);
-// out[c] = float(Σ_k partials[k, c]) over partials [chunks, cols] in a fixed order: column_sums'
-// second kernel, alone, for partials that another pass wrote (bitsplit's col_partials, whose
-// row chunks equal column_sums' ones: 256 rows).
+// db: out[c] = float(Σ_k partials[k, c]) over fp64 column partials [chunks, cols] in a fixed
+// order (deterministic); the partials come from the bit split's first pass
+// (BitSplitParams::col_partials, chunks = bitsplit_column_chunks(rows)).
 void column_sums_finalize(const double* partials, int64_t chunks, int64_t cols, float* out,
                           cudaStream_t stream);
 

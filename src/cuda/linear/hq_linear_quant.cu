@@ -77,7 +77,6 @@ __global__ void __launch_bounds__(kThreads)
   const float qmin = static_cast<float>(p.range.qmin);
   const float qmax = static_cast<float>(p.range.qmax);
   const int block = static_cast<int>(p.block);
-  const int64_t half_cols = p.cols / 2;
 
   // Tiles t = blockIdx.x, blockIdx.x + gridDim.x, ... (one tile per block in practice).
   for (int64_t t = blockIdx.x; t < tiles; t += gridDim.x) {

@@ -185,6 +185,63 @@ __device__ __forceinline__ uint32_t pack_bytes2(uint32_t a, uint32_t b, uint32_t
   return __byte_perm(ac, bd, 0x5140);
 }
 
+// The code scale of the second pass from scale[1] = max|g| (the first pass):
+//   m = max(|min − 1e-8|, |max + 1e-8|) = max|g| + 1e-8 (fp32 rounding is monotonic),
+//   scale1 = 196 / (2m) (one IEEE division per thread, none per element); `writer` (one thread
+//   of the grid) also stores s = 2m / 196 in scale[0] for dequantization.
+__device__ __forceinline__ float split_scale1(float* scale, bool writer) {
+  const float m = __fadd_rn(scale[1], 1e-8f);
+  const float m2 = __fmul_rn(2.0f, m);
+  const float scale1 = __fdiv_rn(static_cast<float>(kBitSplitLevels), m2);
+  if (writer) scale[0] = __fdiv_rn(m2, static_cast<float>(kBitSplitLevels));
+  return scale1;
+}
+
+// One element's split as bit patterns (ref::bitsplit; U = 192 + u, philox16.cuh):
+//   hb = bits(hm) = 0x4B400020 + hi,  yb = bits(y) with yb >> 16 = 0x4340 + lo,
+//   comb: byte 2 is the combined code 14·hi + lo (see below).
+struct SplitBits {
+  uint32_t hb, yb, comb;
+};
+__device__ __forceinline__ SplitBits split_element(float g, float scale1, float U) {
+  const float half = static_cast<float>(kBitSplitHalf);
+  const float t = __fmul_rn(g, scale1);
+  // clamp(rint(q), −6, 6) = rint(clamp(q, −6, 6)) (monotonic, integers fixed; NaN → −6):
+  // a magic add instead of FRND/F2I; bits(hm) = 0x4B400020 + hi
+  const float hm = __fadd_rn(fminf(fmaxf(__fmul_rn(t, kBitSplitInvBase), -half), half), kHiMagic);
+  const float h = __fsub_rn(hm, kHiMagic);  // exact
+  // ρ = T − 14·hi, exact (as the reference's t − 14·h)
+  const float rho = __fmaf_rn(-static_cast<float>(kBitSplitBase), h, t);
+  // 192 + floor(ρ + u) by one add rounded down (|ρ| ≤ 15), clamped to 192 ± 6 (floor and
+  // clamp commute); bits(y) >> 16 = 0x4340 + lo (philox16.cuh)
+  const float y = fminf(fmaxf(__fadd_rd(rho, U), 186.0f), 198.0f);
+  SplitBits b;
+  b.hb = __float_as_uint(hm);
+  b.yb = __float_as_uint(y);
+  // byte 2 of bits(y) + 14·bits(hm)·2^16 is (64 + lo) + 14·(32 + hi) = 14·hi + lo + 512
+  // (mod 256): the combined code; nothing carries into byte 2 from below
+  b.comb = b.yb + (b.hb * static_cast<uint32_t>(kBitSplitBase) << 16);
+  return b;
+}
+__device__ __forceinline__ int hi_code(uint32_t hb) { return static_cast<int>(hb - kHiMagicBits); }
+__device__ __forceinline__ int lo_code(uint32_t yb) { return static_cast<int>(yb >> 16) - 0x4340; }
+
+// row_sumsq[row] += Σ over the warp of sum_hi, row_sumsq[rows + row] += Σ sum_lo: integer sums,
+// exact and order-independent across the column tiles (every lane of the warp calls it:
+// shuffles).
+template <class T>
+__device__ __forceinline__ void add_row_sumsq(const BitSplitParams<T>& p, int64_t row, int sum_hi,
+                                              int sum_lo, int lane) {
+  const long long h = detail::warp_sum(static_cast<long long>(sum_hi));
+  const long long l = detail::warp_sum(static_cast<long long>(sum_lo));
+  if (lane == 0) {
+    atomicAdd(reinterpret_cast<unsigned long long*>(p.row_sumsq + row),
+              static_cast<unsigned long long>(h));
+    atomicAdd(reinterpret_cast<unsigned long long*>(p.row_sumsq + p.rows + row),
+              static_cast<unsigned long long>(l));
+  }
+}
+
 // Second pass over 32 × 128 tiles. Lane l holds the 4 consecutive columns 4l .. 4l+3 of a tile
 // row; each warp loads 4 rows at once. vec: cols % 4 == 0 and aligned pointers, so a lane reads
 // 4 gradients in one load and stores 4 codes as one word; otherwise the same mapping with
@@ -207,14 +264,8 @@ __global__ void __launch_bounds__(kThreads) bitsplit_kernel(BitSplitParams<T> p,
   const int64_t r0 = static_cast<int64_t>(blockIdx.x) * kTileRows;
   const int64_t c0 = static_cast<int64_t>(blockIdx.y) * kTileCols;
   const int64_t c = c0 + 4 * lane;  // this lane's first column
-  // m = max(|min − 1e-8|, |max + 1e-8|) = max|g| + 1e-8 (fp32 rounding is monotonic)
-  const float m = __fadd_rn(p.scale[1], 1e-8f);
-  const float m2 = __fmul_rn(2.0f, m);
-  // the code scale: one IEEE division per thread, none per element
-  const float scale1 = __fdiv_rn(static_cast<float>(kBitSplitLevels), m2);
-  if (blockIdx.x == 0 && blockIdx.y == 0 && threadIdx.x == 0)
-    p.scale[0] = __fdiv_rn(m2, static_cast<float>(kBitSplitLevels));  // s, for dequantization
-  const float half = static_cast<float>(kBitSplitHalf);
+  const float scale1 =
+      split_scale1(p.scale, blockIdx.x == 0 && blockIdx.y == 0 && threadIdx.x == 0);
 
   const int rb = warp * kRowsPerWarp;
   float g[kRowsPerWarp][4];
@@ -268,31 +319,17 @@ __global__ void __launch_bounds__(kThreads) bitsplit_kernel(BitSplitParams<T> p,
     uint32_t hb[4], yb[4], comb[4];
 #pragma unroll
     for (int k = 0; k < 4; ++k) {
-      const float t = __fmul_rn(g[i][k], scale1);
-      // clamp(rint(q), −6, 6) = rint(clamp(q, −6, 6)) (monotonic, integers fixed; NaN → −6):
-      // a magic add instead of FRND/F2I; bits(hm) = 0x4B400020 + hi
-      const float hm =
-          __fadd_rn(fminf(fmaxf(__fmul_rn(t, kBitSplitInvBase), -half), half), kHiMagic);
-      const float h = __fsub_rn(hm, kHiMagic);  // exact
-      // ρ = T − 14·hi, exact (as the reference's t − 14·h)
-      const float rho = __fmaf_rn(-static_cast<float>(kBitSplitBase), h, t);
-      // 192 + floor(ρ + u) by one add rounded down (|ρ| ≤ 15), clamped to 192 ± 6 (floor and
-      // clamp commute); bits(y) >> 16 = 0x4340 + lo (philox16.cuh)
-      const float y = fminf(fmaxf(__fadd_rd(rho, U[k]), 186.0f), 198.0f);
-      hb[k] = __float_as_uint(hm);
-      yb[k] = __float_as_uint(y);
-      // byte 2 of bits(y) + 14·bits(hm)·2^16 is (64 + lo) + 14·(32 + hi) = 14·hi + lo + 512
-      // (mod 256): the combined code; nothing carries into byte 2 from below
-      comb[k] = yb[k] + (hb[k] * static_cast<uint32_t>(kBitSplitBase) << 16);
+      const SplitBits b = split_element(g[i][k], scale1, U[k]);
+      hb[k] = b.hb, yb[k] = b.yb, comb[k] = b.comb;
     }
-    const auto hi_code = [&](int k) { return static_cast<int>(hb[k] - kHiMagicBits); };
-    const auto lo_code = [&](int k) { return static_cast<int>(yb[k] >> 16) - 0x4340; };
     // 4 codes per word, element k in byte k; hi and lo only when asked for (uniform)
     const uint32_t word_comb = pack_bytes2(comb[0], comb[1], comb[2], comb[3]);
     const uint32_t word_hi =
-        p.hi != nullptr ? pack_bytes(hi_code(0), hi_code(1), hi_code(2), hi_code(3)) : 0u;
+        p.hi != nullptr ? pack_bytes(hi_code(hb[0]), hi_code(hb[1]), hi_code(hb[2]), hi_code(hb[3]))
+                        : 0u;
     const uint32_t word_lo =
-        p.lo != nullptr ? pack_bytes(lo_code(0), lo_code(1), lo_code(2), lo_code(3)) : 0u;
+        p.lo != nullptr ? pack_bytes(lo_code(yb[0]), lo_code(yb[1]), lo_code(yb[2]), lo_code(yb[3]))
+                        : 0u;
     if (p.combined_t != nullptr)  // uniform across the block
       *reinterpret_cast<uint32_t*>(&tile[rb + i][4 * lane]) = word_comb;
     if (vec && c < p.cols) {
@@ -313,19 +350,11 @@ __global__ void __launch_bounds__(kThreads) bitsplit_kernel(BitSplitParams<T> p,
 #pragma unroll
       for (int k = 0; k < 4; ++k) {
         if (c + k < p.cols) {  // padding columns are 0 and give 0 codes, but keep sums clean
-          lane_hi += hi_code(k) * hi_code(k);
-          lane_lo += lo_code(k) * lo_code(k);
+          lane_hi += hi_code(hb[k]) * hi_code(hb[k]);
+          lane_lo += lo_code(yb[k]) * lo_code(yb[k]);
         }
       }
-      const long long sum_hi = detail::warp_sum(static_cast<long long>(lane_hi));
-      const long long sum_lo = detail::warp_sum(static_cast<long long>(lane_lo));
-      if (lane == 0) {
-        // integer sums: exact and order-independent across the column tiles
-        atomicAdd(reinterpret_cast<unsigned long long*>(p.row_sumsq + row),
-                  static_cast<unsigned long long>(sum_hi));
-        atomicAdd(reinterpret_cast<unsigned long long*>(p.row_sumsq + p.rows + row),
-                  static_cast<unsigned long long>(sum_lo));
-      }
+      add_row_sumsq(p, row, lane_hi, lane_lo, lane);
     }
   }
   if (p.combined_t == nullptr) return;  // uniform across the block
@@ -388,21 +417,6 @@ __global__ void __launch_bounds__(kThreads) bitsplit_kernel(BitSplitParams<T> p,
 // issued before the previous batch is computed; the per-thread set-up (two IEEE divisions) is
 // spread over 64 elements; codes leave as 8-byte words and the transpose as 4 × 4 byte blocks;
 // row_sumsq adds one warp's integer sums per row and 256-column tile (exact, any order).
-// row_sumsq[row] += Σ over the warp of sum_hi, row_sumsq[rows + row] += Σ sum_lo (every lane
-// of the warp calls it: shuffles).
-template <class T>
-__device__ __forceinline__ void add_row_sumsq(const BitSplitParams<T>& p, int64_t row, int sum_hi,
-                                              int sum_lo, int lane) {
-  const long long h = detail::warp_sum(static_cast<long long>(sum_hi));
-  const long long l = detail::warp_sum(static_cast<long long>(sum_lo));
-  if (lane == 0) {
-    atomicAdd(reinterpret_cast<unsigned long long*>(p.row_sumsq + row),
-              static_cast<unsigned long long>(h));
-    atomicAdd(reinterpret_cast<unsigned long long*>(p.row_sumsq + p.rows + row),
-              static_cast<unsigned long long>(l));
-  }
-}
-
 constexpr int kSplitTileRows = 64;
 constexpr int kSplitTileCols = 256;
 constexpr int kSplitBatchRows = 2;
@@ -415,12 +429,7 @@ __global__ void __launch_bounds__(kThreads)
   __shared__ __align__(16) int8_t tile[kSplitTileRows][kSplitTileCols + 4];
   const int lane = threadIdx.x & 31;
   const int warp = threadIdx.x >> 5;
-  const float m = __fadd_rn(p.scale[1], 1e-8f);
-  const float m2 = __fmul_rn(2.0f, m);
-  const float scale1 = __fdiv_rn(static_cast<float>(kBitSplitLevels), m2);
-  if (blockIdx.x == 0 && threadIdx.x == 0)
-    p.scale[0] = __fdiv_rn(m2, static_cast<float>(kBitSplitLevels));  // s, for dequantization
-  const float half = static_cast<float>(kBitSplitHalf);
+  const float scale1 = split_scale1(p.scale, blockIdx.x == 0 && threadIdx.x == 0);
   const int64_t r0 = (static_cast<int64_t>(blockIdx.x) / col_tiles) * kSplitTileRows;
   const int64_t c0 = (static_cast<int64_t>(blockIdx.x) % col_tiles) * kSplitTileCols;
   const int64_t c = c0 + 8 * lane;
@@ -453,16 +462,8 @@ __global__ void __launch_bounds__(kThreads)
         uint32_t comb[8], hb[8], yb[8];
 #pragma unroll
         for (int k = 0; k < 8; ++k) {
-          // the arithmetic of bitsplit_kernel, where each step is explained
-          const float t = __fmul_rn(g[k], scale1);
-          const float hm =
-              __fadd_rn(fminf(fmaxf(__fmul_rn(t, kBitSplitInvBase), -half), half), kHiMagic);
-          const float h = __fsub_rn(hm, kHiMagic);
-          const float rho = __fmaf_rn(-static_cast<float>(kBitSplitBase), h, t);
-          const float y = fminf(fmaxf(__fadd_rd(rho, U[k]), 186.0f), 198.0f);
-          hb[k] = __float_as_uint(hm);
-          yb[k] = __float_as_uint(y);
-          comb[k] = yb[k] + (hb[k] * static_cast<uint32_t>(kBitSplitBase) << 16);
+          const SplitBits b = split_element(g[k], scale1, U[k]);
+          hb[k] = b.hb, yb[k] = b.yb, comb[k] = b.comb;
         }
         uint32_t even, odd;  // the codes sit in byte 2
         detail::gather_even_odd<2>(comb, even, odd);
@@ -470,12 +471,11 @@ __global__ void __launch_bounds__(kThreads)
         const uint32_t hi = __byte_perm(even, odd, 0x7362);  // codes 4..7
         if (p.combined != nullptr) *reinterpret_cast<uint2*>(p.combined + idx) = make_uint2(lo, hi);
         if (p.hi != nullptr || p.lo != nullptr || p.row_sumsq != nullptr) {  // uniform
-          // hi = bits(hm) − 0x4B400020, lo = (bits(y) >> 16) − 0x4340 (see bitsplit_kernel)
           uint32_t hc[8], lc[8];
 #pragma unroll
           for (int k = 0; k < 8; ++k) {
-            const int h = static_cast<int>(hb[k] - kHiMagicBits);
-            const int l = static_cast<int>(yb[k] >> 16) - 0x4340;
+            const int h = hi_code(hb[k]);
+            const int l = lo_code(yb[k]);
             hc[k] = static_cast<uint32_t>(h);
             lc[k] = static_cast<uint32_t>(l);
             sum_hi += h * h;
