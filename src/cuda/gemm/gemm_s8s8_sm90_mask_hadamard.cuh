@@ -1,0 +1,333 @@
+#pragma once
+// The sm_90a INT8 GEMM with the HQ backward's dx epilogue fused in (EpiMaskHadamard,
+// gemm_params.h): a CUTLASS epilogue-visitor node that dequantizes, applies the straight-through
+// mask, adds the LSQ step-gradient terms g·δ̃ and runs the block Hadamard on the accumulators
+// of each epilogue subtile while they are in registers, before the one store of dx. It replaces
+// a [M, N] fp32 round trip through memory (the GEMM's store, the mask pass's load) and the
+// mask pass itself. Device-only header (sm_90a translation units).
+//
+// Where the work happens (the collective epilogue's callbacks, sm90_epilogue_tma_warpspecialized):
+//   visit()   g = float(acc)·s, element by element, fragment by fragment;
+//   reduce()  with the whole subtile's g of this thread in hand: load the e/q nibbles, mask,
+//             Σ g·δ̃, the butterfly (in-thread pairs in registers, cross-thread pairs by
+//             shuffles), × norm — then CUTLASS converts, stages in shared memory and stores;
+//   end()     the warp's fp64 sum goes to its own slot of `partials` (no atomics: the sum
+//             order is fixed, so dsx is the same on every run).
+//
+// Which element of a thread's fragment holds which column is read off the epilogue's
+// coordinate tensor at compile time (its layout is static): butterfly partners inside a
+// thread are found from those coordinates, and a compile-time check confirms that the pairs
+// across threads are exactly column bits 1 and 2, which the wgmma accumulator layout (PTX ISA,
+// "wgmma .m64nNk32 register fragment": lane l holds columns 8i + 2(l mod 4) + {0, 1}) puts in
+// lanes l ^ 1 and l ^ 2.
+// The kernel header first: it brings CUTLASS's epilogue headers in the order they need.
+#include "cuda/gemm/gemm_s8s8_sm90_kernel.cuh"
+
+#include <array>
+#include <cstdint>
+#include <utility>
+
+#include "cuda/gemm/gemm_params.h"
+#include "cuda/gemm/gemm_sm90_host.h"
+
+namespace nibble::cuda::sm90 {
+
+namespace mask_detail {
+
+// Row (mode 0) and column (mode 1) of fragment element k, for a static coordinate layout L.
+template <class L, int... K>
+constexpr std::array<int, sizeof...(K)> coords_of(std::integer_sequence<int, K...>, int mode) {
+  return {(mode == 0 ? static_cast<int>(cute::get<0>(L{}(cute::Int<K>{})))
+                     : static_cast<int>(cute::get<1>(L{}(cute::Int<K>{}))))...};
+}
+
+// The fragment's static geometry: per element its (row, col) relative to the thread's first
+// element, and for each butterfly stage h = 2^b (b < 5) the in-thread partner (−1: none).
+template <class L>
+struct Fragment {
+  static constexpr int kSize = decltype(cute::size(L{}))::value;
+  static constexpr auto kRows = coords_of<L>(std::make_integer_sequence<int, kSize>{}, 0);
+  static constexpr auto kCols = coords_of<L>(std::make_integer_sequence<int, kSize>{}, 1);
+
+  static constexpr int partner(int k, int h) {
+    for (int j = 0; j < kSize; ++j)
+      if (kRows[j] == kRows[k] && kCols[j] == (kCols[k] ^ h)) return j;
+    return -1;
+  }
+  // Stage h pairs inside the thread for every element, or for none.
+  static constexpr bool in_thread(int h) {
+    for (int k = 0; k < kSize; ++k)
+      if (partner(k, h) < 0) return false;
+    return true;
+  }
+  static constexpr bool across_threads(int h) {
+    for (int k = 0; k < kSize; ++k)
+      if (partner(k, h) >= 0 || (kCols[k] & h) != 0) return false;
+    return true;
+  }
+  static constexpr bool layout_ok() {
+    return in_thread(1) && across_threads(2) && across_threads(4) && in_thread(8) &&
+           in_thread(16);
+  }
+};
+
+}  // namespace mask_detail
+
+// The node: nullary over its child (the accumulator fetch), so Sm90EVT<Node, Sm90AccFetch>.
+struct Sm90MaskHadamardNode {
+  struct SharedStorage {};
+  struct Arguments {
+    EpiMaskHadamard epi;
+  };
+  using Params = Arguments;
+
+  template <class ProblemShape>
+  static constexpr Params to_underlying_arguments(ProblemShape const&, Arguments const& args,
+                                                  void*) {
+    return args;
+  }
+  template <class ProblemShape>
+  static bool can_implement(ProblemShape const&, Arguments const&) {
+    return true;
+  }
+  template <class ProblemShape>
+  static size_t get_workspace_size(ProblemShape const&, Arguments const&) {
+    return 0;
+  }
+  template <class ProblemShape>
+  static cutlass::Status initialize_workspace(ProblemShape const&, Arguments const&, void*,
+                                              cudaStream_t, cutlass::CudaHostAdapter* = nullptr) {
+    return cutlass::Status::kSuccess;
+  }
+
+  CUTLASS_HOST_DEVICE Sm90MaskHadamardNode() {}
+  CUTLASS_HOST_DEVICE Sm90MaskHadamardNode(Params const& params, SharedStorage const&)
+      : params(params) {}
+
+  CUTLASS_DEVICE bool is_producer_load_needed() const { return false; }
+  CUTLASS_DEVICE bool is_C_load_needed() const { return false; }
+
+  template <class... Args>
+  CUTLASS_DEVICE auto get_producer_load_callbacks(
+      cutlass::epilogue::fusion::detail::ProducerLoadArgs<Args...> const&) {
+    return cutlass::epilogue::fusion::EmptyProducerLoadCallbacks{};
+  }
+
+  Params params;
+
+  template <class CTensor, class ThrResidue, int kWarps>
+  struct ConsumerStoreCallbacks : cutlass::epilogue::fusion::EmptyConsumerStoreCallbacks {
+    // (R2S, R2S_M, R2S_N): one subtile's fragment of this thread
+    using SubLayout = decltype(cute::take<0, 3>(std::declval<CTensor>().layout()));
+    static_assert(cute::is_static<SubLayout>::value, "the subtile fragment layout must be static");
+    using Frag = mask_detail::Fragment<SubLayout>;
+    static_assert(Frag::layout_ok(),
+                  "EpiMaskHadamard assumes the wgmma accumulator layout: columns 8i + 2t + b "
+                  "with b and i in the thread, t across lanes");
+
+    CUTLASS_DEVICE ConsumerStoreCallbacks(CTensor tCcD, ThrResidue residue, int64_t base_m,
+                                          int64_t base_n, int64_t half_cols, float s,
+                                          int64_t slot, Params const& params)
+        : tCcD(tCcD), residue(residue), base_m(base_m), base_n(base_n), half_cols(half_cols),
+          s(s), slot(slot), params(params) {}
+
+    CTensor tCcD;  // (R2S, R2S_M, R2S_N, EPI_M, EPI_N) coordinates relative to element 0
+    ThrResidue residue;
+    int64_t base_m, base_n;  // element 0's (row, column) in the output
+    int64_t half_cols;       // N / 2: bytes per row of the packed codes
+    float s;                 // scale_a · scale_b
+    int64_t slot;            // this warp's slot in partials, −1 for a tile outside the output
+    Params params;
+    double lsq = 0.0;        // Σ g·δ̃ of this thread, in its fixed visiting order
+
+    // g = float(acc) · s (the dequant epilogue's fma(float(acc), sa·sb, 0), the same rounding)
+    template <typename ElementAccumulator, typename ElementInput, int FragmentSize>
+    CUTLASS_DEVICE cutlass::Array<float, FragmentSize> visit(
+        cutlass::Array<ElementAccumulator, FragmentSize> const&, int, int, int,
+        cutlass::Array<ElementInput, FragmentSize> const& frg_acc) {
+      cutlass::Array<float, FragmentSize> g;
+      CUTLASS_PRAGMA_UNROLL
+      for (int i = 0; i < FragmentSize; ++i)
+        g[i] = __fmul_rn(__int2float_rn(static_cast<int32_t>(frg_acc[i])), s);
+      return g;
+    }
+
+    template <class STensor, class SyncFn, class VTensor>
+    CUTLASS_DEVICE void reduce(STensor&&, SyncFn const&, int epi_m, int epi_n, bool,
+                               VTensor visit_results) {
+      constexpr int V = Frag::kSize;
+      using FragArray = typename cute::remove_cvref_t<VTensor>::value_type;
+      constexpr int F = FragArray::kElements;
+      static_assert(V % F == 0);
+      auto tC = tCcD(cute::_, cute::_, cute::_, epi_m, epi_n);
+
+      // the nibble bytes, one load each per column pair (its even column's element loads
+      // them): eq[k] = e byte | q byte << 8
+      uint32_t eq[V];
+      cute::for_each(cute::make_int_sequence<V>{}, [&](auto kc) {
+        constexpr int k = decltype(kc)::value;
+        eq[k] = 0;
+        if constexpr ((Frag::kCols[k] & 1) == 0) {
+          const auto c = tC(k);
+          if (cute::elem_less(c, residue)) {
+            const int64_t idx =
+                (base_m + cute::get<0>(c)) * half_cols + (base_n + cute::get<1>(c)) / 2;
+            eq[k] = static_cast<uint32_t>(__ldg(params.epi.e_packed + idx)) |
+                    static_cast<uint32_t>(__ldg(params.epi.q_packed + idx)) << 8;
+          }
+        }
+      });
+
+      // mask and Σ g·δ̃ (elements outside the output have g = 0 and codes 0: no term)
+      float v[V];
+      cute::for_each(cute::make_int_sequence<V>{}, [&](auto kc) {
+        constexpr int k = decltype(kc)::value;
+        // base_n is even (wgmma layout), so a column's parity is its static offset's
+        constexpr int odd = Frag::kCols[k] & 1;
+        const uint32_t w = eq[odd ? Frag::partner(k, 1) : k] >> (4 * odd);
+        const int e = static_cast<int>(static_cast<int32_t>(w << 28) >> 28);
+        const int q = static_cast<int>(static_cast<int32_t>(w << 20) >> 28);
+        const float g = visit_results(k / F)[k % F];
+        const bool clipped = e == kEpiClippedNibble;
+        // δ̃ = float(e) / 14 by one correction step on e·(1/14): equal to the IEEE quotient
+        // for every e in [−7, 7] (checked exhaustively), without a division per element
+        constexpr float kInv = 1.0f / static_cast<float>(kEpiResidualSteps);
+        const float fe = static_cast<float>(e);
+        const float q0 = __fmul_rn(fe, kInv);
+        const float dres = __fmaf_rn(
+            __fmaf_rn(-q0, static_cast<float>(kEpiResidualSteps), fe), kInv, q0);
+        const double delta = clipped ? static_cast<double>(q) : static_cast<double>(dres);
+        lsq = __dadd_rn(lsq, __dmul_rn(static_cast<double>(g), delta));
+        v[k] = clipped ? 0.0f : g;  // STE: ∂v̂/∂v = 1[e ≠ −8]
+      });
+
+      // block Hadamard, stages h = 1, 2, ..., B/2 (the reference's order and operations)
+      const int block = params.epi.block;
+      cute::for_each(cute::make_int_sequence<5>{}, [&](auto bc) {
+        constexpr int h = 1 << decltype(bc)::value;
+        static_assert(h < kEpiMaskMaxBlock);
+        if (h >= block) return;
+        if constexpr (Frag::in_thread(h)) {
+          cute::for_each(cute::make_int_sequence<V>{}, [&](auto kc) {
+            constexpr int k = decltype(kc)::value;
+            if constexpr ((Frag::kCols[k] & h) == 0) {
+              constexpr int j = Frag::partner(k, h);
+              const float a = v[k], b = v[j];
+              v[k] = __fadd_rn(a, b);
+              v[j] = __fsub_rn(a, b);
+            }
+          });
+        } else {
+          // columns c and c ^ h sit in lanes l and l ^ (h/2); the lower column holds a
+          const bool upper = (base_n & h) != 0;
+          CUTLASS_PRAGMA_UNROLL
+          for (int k = 0; k < V; ++k) {
+            const float o = __shfl_xor_sync(0xffffffffu, v[k], h >> 1);
+            v[k] = upper ? __fsub_rn(o, v[k]) : __fadd_rn(v[k], o);
+          }
+        }
+      });
+      // × 2^(−k/2): ref::hadamard_norm's fp64 expression rounded once to fp32
+      const float norm = static_cast<float>(1.0 / sqrt(static_cast<double>(block)));
+      CUTLASS_PRAGMA_UNROLL
+      for (int k = 0; k < V; ++k) visit_results(k / F)[k % F] = __fmul_rn(v[k], norm);
+    }
+
+    CUTLASS_DEVICE void end() {
+      // fixed butterfly over the warp, then lane 0 writes the warp's slot
+      double t = lsq;
+      CUTLASS_PRAGMA_UNROLL
+      for (int o = 16; o > 0; o >>= 1) t = __dadd_rn(t, __shfl_xor_sync(0xffffffffu, t, o));
+      if (slot >= 0 && (threadIdx.x & 31) == 0) params.epi.partials[slot] = t;
+    }
+  };
+
+  template <bool ReferenceSrc, class... Args>
+  CUTLASS_DEVICE auto get_consumer_store_callbacks(
+      cutlass::epilogue::fusion::detail::ConsumerStoreArgs<Args...> const& args) {
+    auto [M, N, K, L] = args.problem_shape_mnkl;
+    auto [m_coord, n_coord, k_coord, l_coord] = args.tile_coord_mnkl;
+    constexpr int kTileM = decltype(cute::size<0>(args.tile_shape_mnk))::value;
+    constexpr int kTileN = decltype(cute::size<1>(args.tile_shape_mnk))::value;
+    constexpr int kWarps = decltype(cute::size(args.tiled_mma))::value / 32;
+    const int64_t tiles_n = (static_cast<int64_t>(N) + kTileN - 1) / kTileN;
+    // A cluster may hold a CTA whose tile lies wholly outside the output: it writes no slot.
+    const bool inside = static_cast<int64_t>(m_coord) * kTileM < M &&
+                        static_cast<int64_t>(n_coord) * kTileN < N;
+    const int64_t slot =
+        inside ? (static_cast<int64_t>(m_coord) * tiles_n + n_coord) * kWarps + args.thread_idx / 32
+               : -1;
+    const int64_t base_m = static_cast<int64_t>(M) - cute::get<0>(args.residue_tCcD);
+    const int64_t base_n = static_cast<int64_t>(N) - cute::get<1>(args.residue_tCcD);
+    const float s = __fmul_rn(params.epi.scale_a[0], params.epi.scale_b[0]);
+    return ConsumerStoreCallbacks<decltype(args.tCcD), decltype(args.residue_tCcD), kWarps>(
+        args.tCcD, args.residue_tCcD, base_m, base_n, static_cast<int64_t>(N) / 2, s, slot,
+        params);
+  }
+};
+
+using MaskHadamardTree =
+    cutlass::epilogue::fusion::Sm90EVT<Sm90MaskHadamardNode, cutlass::epilogue::fusion::Sm90AccFetch>;
+
+}  // namespace nibble::cuda::sm90
+
+// The collective epilogue keeps visit() results in registers of the callbacks' ElementCompute,
+// which a bare visitor tree leaves void (= the int32 accumulator type): the butterfly needs
+// fp32 between visit() and the store, so the tree declares it.
+template <>
+struct cutlass::epilogue::fusion::FusionCallbacksTraits<nibble::cuda::sm90::MaskHadamardTree> {
+  using DispatchPolicy = void;
+  using Callbacks = nibble::cuda::sm90::MaskHadamardTree;
+  using Operation = FusionOperation;
+  using CtaTile_MNK = void;
+  using EpilogueTile_MN = void;
+  using ElementCompute = float;
+};
+
+namespace nibble::cuda::sm90 {
+
+// The epilogue description GemmS8S8Sm90 takes (as EpiDequantBiasTo in the kernel header).
+template <class OutT>
+struct EpiMaskHadamardTo {
+  using ElementD = OutT;
+  using ElementCompute = float;
+  template <class TileShape>
+  using Fusion = MaskHadamardTree;
+
+  template <class FusionArguments>
+  static void fill(FusionArguments& args, const EpiMaskHadamard& epi) {
+    auto& [acc_args, node_args] = args;
+    (void)acc_args;
+    node_args.epi = epi;
+  }
+};
+
+// Slots of `partials` one call writes: kWarps per CTA tile (gemm_s8s8_mask_hadamard_partials).
+template <class Config>
+int64_t mask_hadamard_slots(int64_t m, int64_t n) {
+  using Gemm = GemmS8S8Sm90<Config, EpiMaskHadamardTo<float>>;
+  constexpr int kTileM = decltype(cute::size<0>(typename Config::TileShape{}))::value;
+  constexpr int kTileN = decltype(cute::size<1>(typename Config::TileShape{}))::value;
+  constexpr int kWarps = decltype(cute::size(typename Gemm::Kernel::TiledMma{}))::value / 32;
+  return ((m + kTileM - 1) / kTileM) * ((n + kTileN - 1) / kTileN) * kWarps;
+}
+
+void check_mask_hadamard(const char* fn, const GemmS8S8Params& p, const EpiMaskHadamard& epi);
+
+// Checks, then runs the configuration choose_tile picks (the one whose slot count
+// mask_hadamard_slots gives).
+template <class OutT>
+void run_mask_hadamard(const char* fn, const GemmS8S8Params& p, const EpiMaskHadamard& epi,
+                       OutT* y, cudaStream_t stream) {
+  check_gemm_params(fn, p, y, static_cast<int>(sizeof(OutT)));
+  check_mask_hadamard(fn, p, epi);
+  with_tile_config(choose_tile(p), [&]<class Config>() {
+    using Epi = EpiMaskHadamardTo<OutT>;
+    using Gemm = GemmS8S8Sm90<Config, Epi>;
+    auto args = Gemm::make_arguments(p, y, SchedulerKnobs{});
+    Epi::fill(args.epilogue.thread, epi);
+    Gemm::run(args, stream);
+  });
+}
+
+}  // namespace nibble::cuda::sm90
