@@ -23,6 +23,14 @@ void check_mask_hadamard(const char* fn, const GemmS8S8Params& p, const EpiMaskH
   NB_CHECK(epi.scale_a != nullptr && epi.scale_b != nullptr && epi.q_packed != nullptr &&
                epi.e_packed != nullptr && epi.partials != nullptr,
            fn << ": scale_a, scale_b, q_packed, e_packed and partials must all be set");
+  const auto aligned4 = [](const void* q) { return reinterpret_cast<uintptr_t>(q) % 4 == 0; };
+  NB_CHECK(aligned4(epi.q_packed) && aligned4(epi.e_packed) && aligned4(epi.scale_a) &&
+               aligned4(epi.scale_b),
+           fn << ": q_packed, e_packed, scale_a and scale_b must be 4-byte aligned (the "
+                 "epilogue reads the packed codes as 32-bit words)");
+  // the epilogue indexes a tile's packed rows with 32-bit offsets: 256 rows · N/2 < 2^31
+  NB_CHECK(p.n < (int64_t{1} << 24),
+           fn << ": N=" << p.n << " must stay below 2^24 for this epilogue; split the GEMM");
 }
 
 }  // namespace sm90

@@ -65,9 +65,15 @@ struct Fragment {
       if (partner(k, h) >= 0 || (kCols[k] & h) != 0) return false;
     return true;
   }
+  // rows {0, 8} and columns 8i + b (i < 4, b < 2) relative to the thread's first element
+  static constexpr bool rows_cols_ok() {
+    for (int k = 0; k < kSize; ++k)
+      if ((kRows[k] != 0 && kRows[k] != 8) || kCols[k] < 0 || kCols[k] >= 32) return false;
+    return true;
+  }
   static constexpr bool layout_ok() {
     return in_thread(1) && across_threads(2) && across_threads(4) && in_thread(8) &&
-           in_thread(16);
+           in_thread(16) && rows_cols_ok();
   }
 };
 
@@ -125,20 +131,25 @@ struct Sm90MaskHadamardNode {
                   "EpiMaskHadamard assumes the wgmma accumulator layout: columns 8i + 2t + b "
                   "with b and i in the thread, t across lanes");
 
-    CUTLASS_DEVICE ConsumerStoreCallbacks(CTensor tCcD, ThrResidue residue, int64_t base_m,
-                                          int64_t base_n, int64_t half_cols, float s,
-                                          int64_t slot, Params const& params)
-        : tCcD(tCcD), residue(residue), base_m(base_m), base_n(base_n), half_cols(half_cols),
-          s(s), slot(slot), params(params) {}
+    CUTLASS_DEVICE ConsumerStoreCallbacks(CTensor tCcD, ThrResidue residue,
+                                          const uint8_t* e_row, const uint8_t* q_row,
+                                          int base_n, int n, int half_cols, float s, int block,
+                                          int64_t slot, double* partials)
+        : tCcD(tCcD), residue(residue), e_row(e_row), q_row(q_row), base_n(base_n), n(n),
+          half_cols(half_cols), s(s), block(block), slot(slot), partials(partials) {}
 
     CTensor tCcD;  // (R2S, R2S_M, R2S_N, EPI_M, EPI_N) coordinates relative to element 0
     ThrResidue residue;
-    int64_t base_m, base_n;  // element 0's (row, column) in the output
-    int64_t half_cols;       // N / 2: bytes per row of the packed codes
-    float s;                 // scale_a · scale_b
-    int64_t slot;            // this warp's slot in partials, −1 for a tile outside the output
-    Params params;
-    double lsq = 0.0;        // Σ g·δ̃ of this thread, in its fixed visiting order
+    const uint8_t* e_row;  // the packed side channel's row of element 0 (column 0)
+    const uint8_t* q_row;  // the packed codes' row of element 0
+    int base_n;            // element 0's column
+    int n;                 // N
+    int half_cols;         // N / 2: bytes per packed row
+    float s;               // scale_a · scale_b
+    int block;             // Hadamard block
+    int64_t slot;          // this warp's slot in partials, −1 for a tile outside the output
+    double* partials;
+    double lsq = 0.0;      // Σ g·δ̃ of this thread, in its fixed visiting order
 
     // g = float(acc) · s (the dequant epilogue's fma(float(acc), sa·sb, 0), the same rounding)
     template <typename ElementAccumulator, typename ElementInput, int FragmentSize>
@@ -161,32 +172,50 @@ struct Sm90MaskHadamardNode {
       static_assert(V % F == 0);
       auto tC = tCcD(cute::_, cute::_, cute::_, epi_m, epi_n);
 
-      // the nibble bytes, one load each per column pair (its even column's element loads
-      // them): eq[k] = e byte | q byte << 8
-      uint32_t eq[V];
-      cute::for_each(cute::make_int_sequence<V>{}, [&](auto kc) {
-        constexpr int k = decltype(kc)::value;
-        eq[k] = 0;
-        if constexpr ((Frag::kCols[k] & 1) == 0) {
-          const auto c = tC(k);
-          if (cute::elem_less(c, residue)) {
-            const int64_t idx =
-                (base_m + cute::get<0>(c)) * half_cols + (base_n + cute::get<1>(c)) / 2;
-            eq[k] = static_cast<uint32_t>(__ldg(params.epi.e_packed + idx)) |
-                    static_cast<uint32_t>(__ldg(params.epi.q_packed + idx)) << 8;
-          }
+      // The nibbles of this thread's 2 rows × 4 column pairs, 4 per subtile per array. The
+      // four lanes of a quad share the rows (wgmma layout) and together need the row's 16
+      // packed bytes of the subtile, bytes 4i + t for lane t: each lane loads word t (one
+      // coalesced 16-byte access per quad and row), then a 4 × 4 byte transpose over the quad
+      // (two shuffles) leaves byte i = column pair i of this lane in word[i]. Loading them
+      // as bytes measured 3× slower: the compiler, short of registers next to 128
+      // accumulators, reused one destination register and serialized the loads.
+      const int lane_t = static_cast<int>(threadIdx.x & 3);
+      const auto c0 = tC(0);  // the thread's element with relative (row, col) = (0, 0)
+      static_assert(Frag::kRows[0] == 0 && Frag::kCols[0] == 0);
+      const int row0 = cute::get<0>(c0);  // relative to element 0's row (epi_m's offset)
+      const int seg_col = (base_n + cute::get<1>(c0)) & ~31;  // the subtile's first column
+      const bool word_in = seg_col + 8 * lane_t < n;
+      uint32_t words[2][2];  // [array e, q][row 0, 8]
+      CUTLASS_PRAGMA_UNROLL
+      for (int h = 0; h < 2; ++h) {
+        const bool in = word_in && row0 + 8 * h < cute::get<0>(residue);
+        const int off = (row0 + 8 * h) * half_cols + seg_col / 2 + 4 * lane_t;
+        words[0][h] = in ? __ldg(reinterpret_cast<const uint32_t*>(e_row + off)) : 0u;
+        words[1][h] = in ? __ldg(reinterpret_cast<const uint32_t*>(q_row + off)) : 0u;
+      }
+      CUTLASS_PRAGMA_UNROLL
+      for (int a = 0; a < 2; ++a) {
+        CUTLASS_PRAGMA_UNROLL
+        for (int h = 0; h < 2; ++h) {
+          // stage 1 (lanes t, t ^ 1): even t keeps bytes 0, 2 of both words, odd t bytes 1, 3
+          const uint32_t x = words[a][h];
+          const uint32_t y = __shfl_xor_sync(0xffffffffu, x, 1);
+          const uint32_t u = (lane_t & 1) ? __byte_perm(x, y, 0x3715) : __byte_perm(x, y, 0x6240);
+          // stage 2 (lanes t, t ^ 2): byte i of the result is byte t of lane i's word
+          const uint32_t w = __shfl_xor_sync(0xffffffffu, u, 2);
+          words[a][h] = (lane_t & 2) ? __byte_perm(u, w, 0x3276) : __byte_perm(u, w, 0x5410);
         }
-      });
+      }
 
       // mask and Σ g·δ̃ (elements outside the output have g = 0 and codes 0: no term)
       float v[V];
       cute::for_each(cute::make_int_sequence<V>{}, [&](auto kc) {
         constexpr int k = decltype(kc)::value;
-        // base_n is even (wgmma layout), so a column's parity is its static offset's
-        constexpr int odd = Frag::kCols[k] & 1;
-        const uint32_t w = eq[odd ? Frag::partner(k, 1) : k] >> (4 * odd);
-        const int e = static_cast<int>(static_cast<int32_t>(w << 28) >> 28);
-        const int q = static_cast<int>(static_cast<int32_t>(w << 20) >> 28);
+        // column 8i + 2t + b of row 8h: nibble b of byte i (base_n is even, wgmma layout)
+        constexpr int h = Frag::kRows[k] / 8;
+        constexpr int shift = 8 * (Frag::kCols[k] >> 3) + 4 * (Frag::kCols[k] & 1);
+        const int e = static_cast<int>(static_cast<int32_t>(words[0][h] << (28 - shift)) >> 28);
+        const int q = static_cast<int>(static_cast<int32_t>(words[1][h] << (28 - shift)) >> 28);
         const float g = visit_results(k / F)[k % F];
         const bool clipped = e == kEpiClippedNibble;
         // δ̃ = float(e) / 14 by one correction step on e·(1/14): equal to the IEEE quotient
@@ -202,7 +231,6 @@ struct Sm90MaskHadamardNode {
       });
 
       // block Hadamard, stages h = 1, 2, ..., B/2 (the reference's order and operations)
-      const int block = params.epi.block;
       cute::for_each(cute::make_int_sequence<5>{}, [&](auto bc) {
         constexpr int h = 1 << decltype(bc)::value;
         static_assert(h < kEpiMaskMaxBlock);
@@ -228,7 +256,7 @@ struct Sm90MaskHadamardNode {
         }
       });
       // × 2^(−k/2): ref::hadamard_norm's fp64 expression rounded once to fp32
-      const float norm = static_cast<float>(1.0 / sqrt(static_cast<double>(block)));
+      const float norm = __double2float_rn(__drcp_rn(__dsqrt_rn(static_cast<double>(block))));
       CUTLASS_PRAGMA_UNROLL
       for (int k = 0; k < V; ++k) visit_results(k / F)[k % F] = __fmul_rn(v[k], norm);
     }
@@ -238,7 +266,7 @@ struct Sm90MaskHadamardNode {
       double t = lsq;
       CUTLASS_PRAGMA_UNROLL
       for (int o = 16; o > 0; o >>= 1) t = __dadd_rn(t, __shfl_xor_sync(0xffffffffu, t, o));
-      if (slot >= 0 && (threadIdx.x & 31) == 0) params.epi.partials[slot] = t;
+      if (slot >= 0 && (threadIdx.x & 31) == 0) partials[slot] = t;
     }
   };
 
@@ -258,11 +286,13 @@ struct Sm90MaskHadamardNode {
         inside ? (static_cast<int64_t>(m_coord) * tiles_n + n_coord) * kWarps + args.thread_idx / 32
                : -1;
     const int64_t base_m = static_cast<int64_t>(M) - cute::get<0>(args.residue_tCcD);
-    const int64_t base_n = static_cast<int64_t>(N) - cute::get<1>(args.residue_tCcD);
+    const int base_n = static_cast<int>(N) - static_cast<int>(cute::get<1>(args.residue_tCcD));
+    const int half_cols = static_cast<int>(N) / 2;
     const float s = __fmul_rn(params.epi.scale_a[0], params.epi.scale_b[0]);
     return ConsumerStoreCallbacks<decltype(args.tCcD), decltype(args.residue_tCcD), kWarps>(
-        args.tCcD, args.residue_tCcD, base_m, base_n, static_cast<int64_t>(N) / 2, s, slot,
-        params);
+        args.tCcD, args.residue_tCcD, params.epi.e_packed + base_m * half_cols,
+        params.epi.q_packed + base_m * half_cols, base_n, static_cast<int>(N), half_cols, s,
+        params.epi.block, slot, params.epi.partials);
   }
 };
 
