@@ -121,7 +121,7 @@ struct Sm90MaskHadamardNode {
 
   Params params;
 
-  template <class CTensor, class ThrResidue, int kWarps>
+  template <class CTensor, class ThrResidue, int kWarps, int kTileN>
   struct ConsumerStoreCallbacks : cutlass::epilogue::fusion::EmptyConsumerStoreCallbacks {
     // (R2S, R2S_M, R2S_N): one subtile's fragment of this thread
     using SubLayout = decltype(cute::take<0, 3>(std::declval<CTensor>().layout()));
@@ -150,6 +150,29 @@ struct Sm90MaskHadamardNode {
     int64_t slot;          // this warp's slot in partials, −1 for a tile outside the output
     double* partials;
     double lsq = 0.0;      // Σ g·δ̃ of this thread, in its fixed visiting order
+
+    // Before the subtile loop: pull the tile's packed rows into L2, one prefetch per 32-byte
+    // sector, spread over the quad that shares the rows (a tile row of codes is kTileN / 2
+    // bytes). Without it every subtile waited for DRAM at its first load, on the critical
+    // path of the epilogue.
+    CUTLASS_DEVICE void begin() {
+      const int lane_t = static_cast<int>(threadIdx.x & 3);
+      if (32 * lane_t >= kTileN / 2) return;
+      constexpr int kEpiM = decltype(cute::size<3>(std::declval<CTensor>()))::value;
+      CUTLASS_PRAGMA_UNROLL
+      for (int em = 0; em < kEpiM; ++em) {
+        const auto c = tCcD(0, 0, 0, em, 0);
+        const int seg_col = (base_n + cute::get<1>(c)) & ~31;
+        CUTLASS_PRAGMA_UNROLL
+        for (int h = 0; h < 2; ++h) {
+          const int row = cute::get<0>(c) + 8 * h;
+          if (row >= cute::get<0>(residue)) continue;
+          const int off = row * half_cols + seg_col / 2 + 32 * lane_t;
+          asm volatile("prefetch.global.L2 [%0];" ::"l"(e_row + off));
+          asm volatile("prefetch.global.L2 [%0];" ::"l"(q_row + off));
+        }
+      }
+    }
 
     // g = float(acc) · s (the dequant epilogue's fma(float(acc), sa·sb, 0), the same rounding)
     template <typename ElementAccumulator, typename ElementInput, int FragmentSize>
@@ -289,7 +312,8 @@ struct Sm90MaskHadamardNode {
     const int base_n = static_cast<int>(N) - static_cast<int>(cute::get<1>(args.residue_tCcD));
     const int half_cols = static_cast<int>(N) / 2;
     const float s = __fmul_rn(params.epi.scale_a[0], params.epi.scale_b[0]);
-    return ConsumerStoreCallbacks<decltype(args.tCcD), decltype(args.residue_tCcD), kWarps>(
+    return ConsumerStoreCallbacks<decltype(args.tCcD), decltype(args.residue_tCcD), kWarps,
+                                  kTileN>(
         args.tCcD, args.residue_tCcD, params.epi.e_packed + base_m * half_cols,
         params.epi.q_packed + base_m * half_cols, base_n, static_cast<int>(N), half_cols, s,
         params.epi.block, slot, params.epi.partials);
