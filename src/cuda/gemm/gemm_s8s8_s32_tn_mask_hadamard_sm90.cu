@@ -28,9 +28,11 @@ void check_mask_hadamard(const char* fn, const GemmS8S8Params& p, const EpiMaskH
                aligned4(epi.scale_b),
            fn << ": q_packed, e_packed, scale_a and scale_b must be 4-byte aligned (the "
                  "epilogue reads the packed codes as 32-bit words)");
-  // the epilogue indexes a tile's packed rows with 32-bit offsets: 256 rows · N/2 < 2^31
-  NB_CHECK(p.n < (int64_t{1} << 24),
-           fn << ": N=" << p.n << " must stay below 2^24 for this epilogue; split the GEMM");
+  // the epilogue indexes the packed codes with 32-bit offsets (registers are scarce there)
+  NB_CHECK(p.m * (p.n / 2) + 256 * p.n < (int64_t{1} << 31),
+           fn << ": M·N/2 = " << p.m * (p.n / 2)
+              << " packed bytes exceed this epilogue's 32-bit offsets (2^31); split the GEMM "
+                 "along M");
 }
 
 }  // namespace sm90

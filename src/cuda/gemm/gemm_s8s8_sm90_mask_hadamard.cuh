@@ -84,6 +84,8 @@ struct Sm90MaskHadamardNode {
   struct SharedStorage {};
   struct Arguments {
     EpiMaskHadamard epi;
+    int n = 0;          // N (columns of the output)
+    int half_cols = 0;  // N / 2: bytes per packed row
   };
   using Params = Arguments;
 
@@ -131,25 +133,25 @@ struct Sm90MaskHadamardNode {
                   "EpiMaskHadamard assumes the wgmma accumulator layout: columns 8i + 2t + b "
                   "with b and i in the thread, t across lanes");
 
-    CUTLASS_DEVICE ConsumerStoreCallbacks(CTensor tCcD, ThrResidue residue,
-                                          const uint8_t* e_row, const uint8_t* q_row,
-                                          int base_n, int n, int half_cols, float s, int block,
-                                          int64_t slot, double* partials)
-        : tCcD(tCcD), residue(residue), e_row(e_row), q_row(q_row), base_n(base_n), n(n),
-          half_cols(half_cols), s(s), block(block), slot(slot), partials(partials) {}
+    // The state kept across the tile is small on purpose: next to 128 int32 accumulators
+    // a first version with 64-bit pointers and sizes in registers spilled ~120 bytes per
+    // thread, and each spill reload went to L2 (shared memory leaves little L1) on the
+    // epilogue's critical path: 2x the GEMM's time. Sizes and pointers are read from the
+    // kernel parameters (params is a reference into them) where they are used.
+    CUTLASS_DEVICE ConsumerStoreCallbacks(CTensor tCcD, ThrResidue residue, int row_off,
+                                          int base_n, float s, int slot, Params const& params)
+        : tCcD(tCcD), residue(residue), row_off(row_off), base_n(base_n), s(s), slot(slot),
+          params(params) {}
 
     CTensor tCcD;  // (R2S, R2S_M, R2S_N, EPI_M, EPI_N) coordinates relative to element 0
     ThrResidue residue;
-    const uint8_t* e_row;  // the packed side channel's row of element 0 (column 0)
-    const uint8_t* q_row;  // the packed codes' row of element 0
+    int row_off;           // element 0's row · N/2: its packed row's byte offset
     int base_n;            // element 0's column
-    int n;                 // N
-    int half_cols;         // N / 2: bytes per packed row
     float s;               // scale_a · scale_b
-    int block;             // Hadamard block
-    int64_t slot;          // this warp's slot in partials, −1 for a tile outside the output
-    double* partials;
+    int slot;              // this warp's slot in partials, −1 for a tile outside the output
+    Params const& params;
     double lsq = 0.0;      // Σ g·δ̃ of this thread, in its fixed visiting order
+    uint32_t words[2][2];  // the subtile's packed nibbles [e, q][row 0, 8] (begin_loop)
 
     // Before the subtile loop: pull the tile's packed rows into L2, one prefetch per 32-byte
     // sector, spread over the quad that shares the rows (a tile row of codes is kTileN / 2
@@ -167,9 +169,9 @@ struct Sm90MaskHadamardNode {
         for (int h = 0; h < 2; ++h) {
           const int row = cute::get<0>(c) + 8 * h;
           if (row >= cute::get<0>(residue)) continue;
-          const int off = row * half_cols + seg_col / 2 + 32 * lane_t;
-          asm volatile("prefetch.global.L2 [%0];" ::"l"(e_row + off));
-          asm volatile("prefetch.global.L2 [%0];" ::"l"(q_row + off));
+          const int off = row_off + row * params.half_cols + seg_col / 2 + 32 * lane_t;
+          asm volatile("prefetch.global.L2 [%0];" ::"l"(params.epi.e_packed + off));
+          asm volatile("prefetch.global.L2 [%0];" ::"l"(params.epi.q_packed + off));
         }
       }
     }
@@ -177,24 +179,43 @@ struct Sm90MaskHadamardNode {
     // g = float(acc) · s (the dequant epilogue's fma(float(acc), sa·sb, 0), the same rounding)
     template <typename ElementAccumulator, typename ElementInput, int FragmentSize>
     CUTLASS_DEVICE cutlass::Array<float, FragmentSize> visit(
-        cutlass::Array<ElementAccumulator, FragmentSize> const&, int, int, int,
+        cutlass::Array<ElementAccumulator, FragmentSize> const&, int epi_v, int epi_m, int epi_n,
         cutlass::Array<ElementInput, FragmentSize> const& frg_acc) {
-      cutlass::Array<float, FragmentSize> g;
+      auto tC = tCcD(cute::_, cute::_, cute::_, epi_m, epi_n);
+      const auto c0 = tC(0);
+      cutlass::Array<float, FragmentSize> v;
       CUTLASS_PRAGMA_UNROLL
-      for (int i = 0; i < FragmentSize; ++i)
-        g[i] = __fmul_rn(__int2float_rn(static_cast<int32_t>(frg_acc[i])), s);
-      return g;
+      for (int i = 0; i < FragmentSize; ++i) {
+        // g = float(acc) · s (the dequant epilogue's fma(float(acc), sa·sb, 0): the same value)
+        const float g = __fmul_rn(__int2float_rn(static_cast<int32_t>(frg_acc[i])), s);
+        // column 8j + 2t + b of row 8h (relative): nibble b of byte j of words[·][h]
+        const auto c = tC(epi_v * FragmentSize + i);
+        const int dr = cute::get<0>(c) - cute::get<0>(c0);
+        const int dc = cute::get<1>(c) - cute::get<1>(c0);
+        const int shift = 8 * (dc >> 3) + 4 * (dc & 1);
+        const uint32_t we = dr >= 8 ? words[0][1] : words[0][0];
+        const uint32_t wq = dr >= 8 ? words[1][1] : words[1][0];
+        const int e = static_cast<int>(static_cast<int32_t>(we << (28 - shift)) >> 28);
+        const int q = static_cast<int>(static_cast<int32_t>(wq << (28 - shift)) >> 28);
+        const bool clipped = e == kEpiClippedNibble;
+        // δ̃ = float(e) / 14 by one correction step on e·(1/14): equal to the IEEE quotient
+        // for every e in [−7, 7] (checked exhaustively), without a division per element
+        constexpr float kInv = 1.0f / static_cast<float>(kEpiResidualSteps);
+        const float fe = static_cast<float>(e);
+        const float q0 = __fmul_rn(fe, kInv);
+        const float dres = __fmaf_rn(
+            __fmaf_rn(-q0, static_cast<float>(kEpiResidualSteps), fe), kInv, q0);
+        const float delta = clipped ? static_cast<float>(q) : dres;  // both exact in fp32
+        // Σ g·δ̃ (elements outside the output have g = 0 and codes 0: no term); the product
+        // is exact in fp64, so one fma rounds as the reference's add of the product
+        lsq = __fma_rn(static_cast<double>(g), static_cast<double>(delta), lsq);
+        v[i] = clipped ? 0.0f : g;  // STE: ∂v̂/∂v = 1[e ≠ −8]
+      }
+      return v;
     }
 
-    template <class STensor, class SyncFn, class VTensor>
-    CUTLASS_DEVICE void reduce(STensor&&, SyncFn const&, int epi_m, int epi_n, bool,
-                               VTensor visit_results) {
-      constexpr int V = Frag::kSize;
-      using FragArray = typename cute::remove_cvref_t<VTensor>::value_type;
-      constexpr int F = FragArray::kElements;
-      static_assert(V % F == 0);
-      auto tC = tCcD(cute::_, cute::_, cute::_, epi_m, epi_n);
-
+    // Start of a subtile: its side-channel nibbles and codes, for visit().
+    CUTLASS_DEVICE void begin_loop(int epi_m, int epi_n) {
       // The nibbles of this thread's 2 rows × 4 column pairs, 4 per subtile per array. The
       // four lanes of a quad share the rows (wgmma layout) and together need the row's 16
       // packed bytes of the subtile, bytes 4i + t for lane t: each lane loads word t (one
@@ -203,18 +224,18 @@ struct Sm90MaskHadamardNode {
       // as bytes measured 3× slower: the compiler, short of registers next to 128
       // accumulators, reused one destination register and serialized the loads.
       const int lane_t = static_cast<int>(threadIdx.x & 3);
+      auto tC = tCcD(cute::_, cute::_, cute::_, epi_m, epi_n);
       const auto c0 = tC(0);  // the thread's element with relative (row, col) = (0, 0)
       static_assert(Frag::kRows[0] == 0 && Frag::kCols[0] == 0);
       const int row0 = cute::get<0>(c0);  // relative to element 0's row (epi_m's offset)
       const int seg_col = (base_n + cute::get<1>(c0)) & ~31;  // the subtile's first column
-      const bool word_in = seg_col + 8 * lane_t < n;
-      uint32_t words[2][2];  // [array e, q][row 0, 8]
+      const bool word_in = seg_col + 8 * lane_t < params.n;
       CUTLASS_PRAGMA_UNROLL
       for (int h = 0; h < 2; ++h) {
         const bool in = word_in && row0 + 8 * h < cute::get<0>(residue);
-        const int off = (row0 + 8 * h) * half_cols + seg_col / 2 + 4 * lane_t;
-        words[0][h] = in ? __ldg(reinterpret_cast<const uint32_t*>(e_row + off)) : 0u;
-        words[1][h] = in ? __ldg(reinterpret_cast<const uint32_t*>(q_row + off)) : 0u;
+        const int off = row_off + (row0 + 8 * h) * params.half_cols + seg_col / 2 + 4 * lane_t;
+        words[0][h] = in ? __ldg(reinterpret_cast<const uint32_t*>(params.epi.e_packed + off)) : 0u;
+        words[1][h] = in ? __ldg(reinterpret_cast<const uint32_t*>(params.epi.q_packed + off)) : 0u;
       }
       CUTLASS_PRAGMA_UNROLL
       for (int a = 0; a < 2; ++a) {
@@ -230,34 +251,24 @@ struct Sm90MaskHadamardNode {
         }
       }
 
-      // mask and Σ g·δ̃ (elements outside the output have g = 0 and codes 0: no term)
+    }
+
+    template <class STensor, class SyncFn, class VTensor>
+    CUTLASS_DEVICE void reduce(STensor&&, SyncFn const&, int epi_m, int epi_n, bool,
+                               VTensor visit_results) {
+      constexpr int V = Frag::kSize;
+      using FragArray = typename cute::remove_cvref_t<VTensor>::value_type;
+      constexpr int F = FragArray::kElements;
+      static_assert(V % F == 0);
       float v[V];
-      cute::for_each(cute::make_int_sequence<V>{}, [&](auto kc) {
-        constexpr int k = decltype(kc)::value;
-        // column 8i + 2t + b of row 8h: nibble b of byte i (base_n is even, wgmma layout)
-        constexpr int h = Frag::kRows[k] / 8;
-        constexpr int shift = 8 * (Frag::kCols[k] >> 3) + 4 * (Frag::kCols[k] & 1);
-        const int e = static_cast<int>(static_cast<int32_t>(words[0][h] << (28 - shift)) >> 28);
-        const int q = static_cast<int>(static_cast<int32_t>(words[1][h] << (28 - shift)) >> 28);
-        const float g = visit_results(k / F)[k % F];
-        const bool clipped = e == kEpiClippedNibble;
-        // δ̃ = float(e) / 14 by one correction step on e·(1/14): equal to the IEEE quotient
-        // for every e in [−7, 7] (checked exhaustively), without a division per element
-        constexpr float kInv = 1.0f / static_cast<float>(kEpiResidualSteps);
-        const float fe = static_cast<float>(e);
-        const float q0 = __fmul_rn(fe, kInv);
-        const float dres = __fmaf_rn(
-            __fmaf_rn(-q0, static_cast<float>(kEpiResidualSteps), fe), kInv, q0);
-        const double delta = clipped ? static_cast<double>(q) : static_cast<double>(dres);
-        lsq = __dadd_rn(lsq, __dmul_rn(static_cast<double>(g), delta));
-        v[k] = clipped ? 0.0f : g;  // STE: ∂v̂/∂v = 1[e ≠ −8]
-      });
+      CUTLASS_PRAGMA_UNROLL
+      for (int k = 0; k < V; ++k) v[k] = visit_results(k / F)[k % F];
 
       // block Hadamard, stages h = 1, 2, ..., B/2 (the reference's order and operations)
       cute::for_each(cute::make_int_sequence<5>{}, [&](auto bc) {
         constexpr int h = 1 << decltype(bc)::value;
         static_assert(h < kEpiMaskMaxBlock);
-        if (h >= block) return;
+        if (h >= params.epi.block) return;
         if constexpr (Frag::in_thread(h)) {
           cute::for_each(cute::make_int_sequence<V>{}, [&](auto kc) {
             constexpr int k = decltype(kc)::value;
@@ -279,7 +290,7 @@ struct Sm90MaskHadamardNode {
         }
       });
       // × 2^(−k/2): ref::hadamard_norm's fp64 expression rounded once to fp32
-      const float norm = __double2float_rn(__drcp_rn(__dsqrt_rn(static_cast<double>(block))));
+      const float norm = __double2float_rn(__drcp_rn(__dsqrt_rn(static_cast<double>(params.epi.block))));
       CUTLASS_PRAGMA_UNROLL
       for (int k = 0; k < V; ++k) visit_results(k / F)[k % F] = __fmul_rn(v[k], norm);
     }
@@ -289,7 +300,7 @@ struct Sm90MaskHadamardNode {
       double t = lsq;
       CUTLASS_PRAGMA_UNROLL
       for (int o = 16; o > 0; o >>= 1) t = __dadd_rn(t, __shfl_xor_sync(0xffffffffu, t, o));
-      if (slot >= 0 && (threadIdx.x & 31) == 0) partials[slot] = t;
+      if (slot >= 0 && (threadIdx.x & 31) == 0) params.epi.partials[slot] = t;
     }
   };
 
@@ -305,18 +316,15 @@ struct Sm90MaskHadamardNode {
     // A cluster may hold a CTA whose tile lies wholly outside the output: it writes no slot.
     const bool inside = static_cast<int64_t>(m_coord) * kTileM < M &&
                         static_cast<int64_t>(n_coord) * kTileN < N;
-    const int64_t slot =
-        inside ? (static_cast<int64_t>(m_coord) * tiles_n + n_coord) * kWarps + args.thread_idx / 32
-               : -1;
-    const int64_t base_m = static_cast<int64_t>(M) - cute::get<0>(args.residue_tCcD);
+    const int slot = inside ? static_cast<int>((static_cast<int64_t>(m_coord) * tiles_n + n_coord) *
+                                                   kWarps + args.thread_idx / 32)
+                            : -1;
+    const int base_m = static_cast<int>(M) - static_cast<int>(cute::get<0>(args.residue_tCcD));
     const int base_n = static_cast<int>(N) - static_cast<int>(cute::get<1>(args.residue_tCcD));
-    const int half_cols = static_cast<int>(N) / 2;
     const float s = __fmul_rn(params.epi.scale_a[0], params.epi.scale_b[0]);
     return ConsumerStoreCallbacks<decltype(args.tCcD), decltype(args.residue_tCcD), kWarps,
-                                  kTileN>(
-        args.tCcD, args.residue_tCcD, params.epi.e_packed + base_m * half_cols,
-        params.epi.q_packed + base_m * half_cols, base_n, static_cast<int>(N), half_cols, s,
-        params.epi.block, slot, params.epi.partials);
+                                  kTileN>(args.tCcD, args.residue_tCcD, base_m * params.half_cols,
+                                          base_n, s, slot, params);
   }
 };
 
@@ -345,14 +353,19 @@ template <class OutT>
 struct EpiMaskHadamardTo {
   using ElementD = OutT;
   using ElementCompute = float;
+  // Shared memory withheld from the mainloop's stages (GemmS8S8Sm90): one stage fewer leaves
+  // the next L1 carve-out, where the epilogue's register spills then hit (see the callbacks).
+  static constexpr int kMainloopSmemWithheld = 32 * 1024;
   template <class TileShape>
   using Fusion = MaskHadamardTree;
 
   template <class FusionArguments>
-  static void fill(FusionArguments& args, const EpiMaskHadamard& epi) {
+  static void fill(FusionArguments& args, const EpiMaskHadamard& epi, int64_t n) {
     auto& [acc_args, node_args] = args;
     (void)acc_args;
     node_args.epi = epi;
+    node_args.n = static_cast<int>(n);
+    node_args.half_cols = static_cast<int>(n / 2);
   }
 };
 
@@ -379,7 +392,7 @@ void run_mask_hadamard(const char* fn, const GemmS8S8Params& p, const EpiMaskHad
     using Epi = EpiMaskHadamardTo<OutT>;
     using Gemm = GemmS8S8Sm90<Config, Epi>;
     auto args = Gemm::make_arguments(p, y, SchedulerKnobs{});
-    Epi::fill(args.epilogue.thread, epi);
+    Epi::fill(args.epilogue.thread, epi, p.n);
     Gemm::run(args, stream);
   });
 }
