@@ -47,9 +47,7 @@ void gemm_s8s8_s32_tn_mask_hadamard_sm90(const GemmS8S8Params& p, const EpiMaskH
 int64_t gemm_s8s8_mask_hadamard_partials(const GemmS8S8Params& p) {
   NB_CHECK(p.m > 0 && p.n > 0, "gemm_s8s8_mask_hadamard_partials: M=" << p.m << ", N=" << p.n
                                    << " must be positive");
-  return sm90::with_tile_config(sm90::choose_tile(p), [&]<class Config>() {
-    return sm90::mask_hadamard_slots<Config>(p.m, p.n);
-  });
+  return sm90::mask_hadamard_slots<sm90::PingpongConfig<128, 64, 2, 1>>(p.m, p.n);
 }
 
 }  // namespace nibble::cuda
