@@ -215,9 +215,6 @@ int run_linear_bench(const LinearBenchOptions& opt) {
   cuda::HqLinearConfig cfg_sampled = cfg;
   cfg_sampled.lss = cuda::LssVariant::sampled;
   cfg_sampled.sample_fraction = opt.sample_fraction;
-  // the backward as it was before the dx epilogue fusion, timed beside it
-  cuda::HqLinearConfig cfg_separate = cfg;
-  cfg_separate.fuse_dx_epilogue = false;
   const PhiloxKey key{2024, 1, 0, RngRole::rounding};
 
   nlohmann::json jshapes = nlohmann::json::array();
@@ -229,9 +226,9 @@ int run_linear_bench(const LinearBenchOptions& opt) {
   chart.values.assign(chart.series.size(), {});
   std::vector<std::string> notes;
 
-  std::printf("%-20s %9s %9s %8s %9s %6s %6s %6s | %9s %9s %6s | %9s %6s | %6s | %9s\n", "M x N x K",
+  std::printf("%-20s %9s %9s %8s %9s %6s %6s %6s | %9s %9s %6s | %9s %6s | %6s\n", "M x N x K",
               "fwd", "infer", "wquant", "BF16 fwd", "fwd x", "inf x", "+wq x", "bwd", "BF16 bwd",
-              "bwd x", "sampled", "x", "step x", "sep. dx");
+              "bwd x", "sampled", "x", "step x");
   for (const Shape& shape : shapes) {
     const int64_t n = shape.m, c = shape.n, d = shape.k;
     const size_t nd = static_cast<size_t>(n * d), cd = static_cast<size_t>(c * d),
@@ -277,8 +274,7 @@ int run_linear_bench(const LinearBenchOptions& opt) {
     const size_t ws_keep_bytes = cuda::hq_linear_backward_workspace_bytes(n, d, c, cfg);
     const size_t ws_samp_bytes =
         opt.sampled ? cuda::hq_linear_backward_workspace_bytes(n, d, c, cfg_sampled) : 0;
-    const size_t ws_sep_bytes = cuda::hq_linear_backward_workspace_bytes(n, d, c, cfg_separate);
-    DeviceBytes ws_keep(ws_keep_bytes), ws_samp(ws_samp_bytes), ws_sep(ws_sep_bytes);
+    DeviceBytes ws_keep(ws_keep_bytes), ws_samp(ws_samp_bytes);
     DeviceBytes dx(2 * nd), dw(4 * cd), db(4 * static_cast<size_t>(c));
     DeviceBytes y16(2 * nc), dx16(2 * nd), dw16(2 * cd);
     // breakdown buffers
@@ -286,9 +282,7 @@ int run_linear_bench(const LinearBenchOptions& opt) {
         split_scale(2 * sizeof(float)),
         parts_x(sizeof(double) * static_cast<size_t>(cuda::linear_detail::lsq_partials_count(n, d, cfg.block))),
         parts_w(sizeof(double) * static_cast<size_t>(cuda::linear_detail::lsq_partials_count(c, d, cfg.block))),
-        parts_db(sizeof(double) * static_cast<size_t>(cuda::bitsplit_column_chunks(n) * c)),
-        parts_fused(sizeof(double) * static_cast<size_t>(cuda::gemm_s8s8_mask_hadamard_partials(
-                                         {nullptr, nullptr, n, d, c})));
+        parts_db(sizeof(double) * static_cast<size_t>(cuda::bitsplit_column_chunks(n) * c));
     cuda::status_clear(status.as<uint64_t>(), stream);
 
     const auto weight_quant = [&](int i) {
@@ -401,19 +395,6 @@ int run_linear_bench(const LinearBenchOptions& opt) {
           {comb.as<int8_t>(), S[static_cast<size_t>(i)].w_q_t.as<int8_t>(), n, d, c}, epi,
           dx_t.as<float>(), stream);
     };
-    // the dx GEMM with the mask, δ̃ sum and Hadamard in its epilogue (bf16 dx, as the layer)
-    const auto bwd_gemm_dx_fused = [&](int i) {
-      cuda::EpiMaskHadamard epi;
-      epi.scale_a = split_scale.as<float>();
-      epi.scale_b = sw;
-      epi.q_packed = S[static_cast<size_t>(i)].x_qp.as<uint8_t>();
-      epi.e_packed = S[static_cast<size_t>(i)].x_ep.as<uint8_t>();
-      epi.block = static_cast<int>(cfg.block);
-      epi.partials = parts_fused.as<double>();
-      cuda::gemm_s8s8_s32_tn_mask_hadamard_sm90(
-          {comb.as<int8_t>(), S[static_cast<size_t>(i)].w_q_t.as<int8_t>(), n, d, c}, epi,
-          dx.as<bf16_t>(), stream);
-    };
     const auto bwd_gemm_dw = [&](int) {
       cuda::EpiDequantBias epi;
       epi.scale_a = split_scale.as<float>();
@@ -471,7 +452,7 @@ int run_linear_bench(const LinearBenchOptions& opt) {
         "weight_quant",  "forward",      "backward",    "bf16_forward", "bf16_backward",
         "fwd_quant_x",   "fwd_gemm",     "bwd_bitsplit", "bwd_unpack_x_t", "bwd_gemm_dx",
         "bwd_gemm_dw",   "bwd_mask_dx",  "bwd_mask_dw", "bwd_db", "forward_inference",
-        "fwd_quant_x_inference", "backward_separate_dx", "bwd_gemm_dx_fused"};
+        "fwd_quant_x_inference"};
     std::vector<std::function<void(int)>> launches = {
         weight_quant,
         [&](int i) { forward(i, true); },
@@ -488,9 +469,7 @@ int run_linear_bench(const LinearBenchOptions& opt) {
         bwd_mask_dw,
         bwd_db,
         [&](int i) { forward(i, false); },
-        [&](int i) { forward_quant(i, false); },
-        [&](int i) { backward(i, cfg_separate, ws_sep, ws_sep_bytes); },
-        bwd_gemm_dx_fused};
+        [&](int i) { forward_quant(i, false); }};
     // The forward state of every set must exist before a backward reads it.
     for (int i = 0; i < sets; ++i) {
       weight_quant(i);
@@ -521,7 +500,7 @@ int run_linear_bench(const LinearBenchOptions& opt) {
                 1e3 * bb, bx);
     if (opt.sampled) std::printf("%9.1f %5.2fx | ", 1e3 * t_sampled.median_ms, sx_ratio);
     else std::printf("%9s %6s | ", "-", "-");
-    std::printf("%5.2fx | %9.1f\n", step_x, 1e3 * med("backward_separate_dx"));
+    std::printf("%5.2fx\n", step_x);
     std::fflush(stdout);
     if (fx < 1.0 || bx < 1.0) {
       notes.push_back(label + ": nibble is slower than BF16 in the " +
@@ -534,8 +513,7 @@ int run_linear_bench(const LinearBenchOptions& opt) {
                          {"workspace_bytes_sampled", ws_samp_bytes},
                          {"forward_over_bf16", fx}, {"forward_inference_over_bf16", fix},
                          {"forward_with_weight_quant_over_bf16", fwx},
-                         {"backward_over_bf16", bx}, {"step_over_bf16", step_x},
-                         {"backward_separate_dx_over_bf16", bb / med("backward_separate_dx")}};
+                         {"backward_over_bf16", bx}, {"step_over_bf16", step_x}};
     for (size_t j = 0; j < names.size(); ++j) {
       js["times"][names[j]] = {{"median_ms", t[j].median_ms}, {"min_ms", t[j].min_ms},
                                {"max_ms", t[j].max_ms}, {"runs", t[j].runs}};
@@ -557,8 +535,7 @@ int run_linear_bench(const LinearBenchOptions& opt) {
   }
   std::printf("\nforward = x quantization (Hadamard + codes + side channel) + INT8 GEMM with "
               "dequant; infer = the same with nothing saved for a backward; wquant = weight quantization (once per step); step x = BF16 (fwd + bwd) "
-              "/ nibble (fwd + wquant + bwd); sep. dx = the backward with the dx mask pass "
-              "separate from the dx GEMM (HqLinearConfig::fuse_dx_epilogue = false)\n");
+              "/ nibble (fwd + wquant + bwd)\n");
   if (notes.empty()) {
     std::printf("nibble beats BF16 in the forward and the backward on every shape\n");
   } else {

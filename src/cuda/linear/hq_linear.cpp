@@ -10,7 +10,6 @@
 
 #include "cuda/common/check.h"
 #include "cuda/gemm/gemm_dispatch.h"
-#include "cuda/gemm/gemm_s8s8_s32_tn_sm90.h"
 #include "cuda/linear/hq_linear_kernels.h"
 #include "cuda/quant/bitsplit.h"
 #include "cuda/quant/launch_checks.h"
@@ -123,41 +122,20 @@ struct Workspace {
   float* out_dx = nullptr;       // [K_cap, D]
 };
 
-// The fused epilogue reads the side channel with its own copy of the format's constants.
-static_assert(kEpiClippedNibble == kLsqClipped && kEpiResidualSteps == kLsqResidualSteps);
-
-// The dx GEMM runs the fused mask-Hadamard epilogue (HqLinearConfig::fuse_dx_epilogue).
-bool fused_dx(const HqLinearConfig& cfg) {
-  return cfg.fuse_dx_epilogue && cfg.lss == LssVariant::keep_all &&
-         cfg.block <= kEpiMaskMaxBlock && resolve_gemm_path(cfg.gemm) == GemmPath::wgmma_sm90;
-}
-
-// The dx GEMM of keep_all: combined [N, C] · w_q_t [D, C]ᵀ.
-GemmS8S8Params dx_gemm_params(const int8_t* comb, const int8_t* w_q_t, int64_t n, int64_t d,
-                              int64_t c) {
-  return {comb, w_q_t, n, d, c};
-}
-
-// LSQ partial sums of the dx pass: the fused epilogue's warp slots, or the mask pass's blocks.
-int64_t dx_partials_count(int64_t n, int64_t d, int64_t c, const HqLinearConfig& cfg) {
-  return fused_dx(cfg) ? gemm_s8s8_mask_hadamard_partials(dx_gemm_params(nullptr, nullptr, n, d, c))
-                       : ld::lsq_partials_count(n, d, cfg.block);
-}
-
 Workspace carve(void* base, int64_t n, int64_t d, int64_t c, const HqLinearConfig& cfg,
                 size_t* bytes) {
   Carver cv(base);
   Workspace w;
   w.split_scale = cv.take<float>(2);
   w.dw_t = cv.take<float>(c * d);
-  w.part_dx = cv.take<double>(dx_partials_count(n, d, c, cfg));
+  w.part_dx = cv.take<double>(ld::lsq_partials_count(n, d, cfg.block));
   w.part_dw = cv.take<double>(ld::lsq_partials_count(c, d, cfg.block));
   w.part_db = cv.take<double>(bitsplit_column_chunks(n) * c);
   if (cfg.lss == LssVariant::keep_all) {
     w.comb = cv.take<int8_t>(n * c);
     w.comb_t = cv.take<int8_t>(c * n);
     w.x_q_t = cv.take<int8_t>(d * n);
-    if (!fused_dx(cfg)) w.dx_t = cv.take<float>(n * d);
+    w.dx_t = cv.take<float>(n * d);
   } else {
     const int64_t list = round16(2 * n);  // select_rows writes the whole padded list
     const int64_t k = hq_linear_sampled_capacity(n, cfg);
@@ -343,7 +321,7 @@ void backward_impl(const HqLinearBackwardParams<G>& p, const HqLinearConfig& cfg
   const Workspace ws = carve(p.workspace, n, d, c, cfg, &need);
 
   // LSQ partials of each pass and the GEMMs' dequant scales
-  const int64_t parts_dx = dx_partials_count(n, d, c, cfg);
+  const int64_t parts_dx = ld::lsq_partials_count(n, d, cfg.block);
   const int64_t parts_dw = ld::lsq_partials_count(c, d, cfg.block);
   const float* s = ws.split_scale;  // the bit-split scale, written by bitsplit on the device
   // The GEMMs below have an int8 gradient operand (14·hi + lo in [−90, 90], or re-quantized
@@ -369,41 +347,27 @@ void backward_impl(const HqLinearBackwardParams<G>& p, const HqLinearConfig& cfg
     bitsplit(bs, stream);
     // 2. the dw GEMM's B operand: x codes, token-contiguous
     ld::unpack_s4_transpose(p.x_q_packed, n, d, ws.x_q_t, stream);
-    // 3. dw_t = float(combinedᵀ·x_q)·(s·sx)  A = combined_t [C, N], B = x_q_t [D, N]
+    // 3. dx_t = float(combined·w_q)·(s·sw)    A = combined [N, C], B = w_q_t [D, C]
+    EpiDequantBias epi_x;
+    epi_x.scale_a = s;
+    epi_x.a_per_row = false;
+    epi_x.scale_b = p.sw;
+    epi_x.b_per_col = false;
+    gemm_s8s8_s32_tn_dequant({ws.comb, p.w_q_t, n, d, c}, epi_x, ws.dx_t, path, stream);
+    // 4. dw_t = float(combinedᵀ·x_q)·(s·sx)  A = combined_t [C, N], B = x_q_t [D, N]
     EpiDequantBias epi_w;
     epi_w.scale_a = s;
     epi_w.a_per_row = false;
     epi_w.scale_b = p.sx;
     epi_w.b_per_col = false;
     gemm_s8s8_s32_tn_dequant({ws.comb_t, ws.x_q_t, c, d, n}, epi_w, ws.dw_t, path, stream);
-    // 4. dx: A = combined [N, C], B = w_q_t [D, C]
-    const GemmS8S8Params gx = dx_gemm_params(ws.comb, p.w_q_t, n, d, c);
-    if (fused_dx(cfg)) {
-      // dx = H(mask(float(combined·w_q)·(s·sw)))·norm and the δ̃ partials, in the epilogue
-      EpiMaskHadamard epi;
-      epi.scale_a = s;
-      epi.scale_b = p.sw;
-      epi.q_packed = p.x_q_packed;
-      epi.e_packed = p.x_e_packed;
-      epi.block = static_cast<int>(cfg.block);
-      epi.partials = ws.part_dx;
-      if (p.dx != nullptr) gemm_s8s8_s32_tn_mask_hadamard_sm90(gx, epi, p.dx, stream);
-      else gemm_s8s8_s32_tn_mask_hadamard_sm90(gx, epi, p.dx_f32, stream);
-    } else {
-      // dx_t = float(combined·w_q)·(s·sw), then the masks, δ̃ partials and ·Hᵀ in one pass
-      EpiDequantBias epi_x;
-      epi_x.scale_a = s;
-      epi_x.a_per_row = false;
-      epi_x.scale_b = p.sw;
-      epi_x.b_per_col = false;
-      gemm_s8s8_s32_tn_dequant(gx, epi_x, ws.dx_t, path, stream);
-      if (p.dx != nullptr)
-        mask_pass(ws.dx_t, nullptr, nullptr, n, d, cfg, p.x_q_packed, p.x_e_packed, p.dx,
-                  ws.part_dx, stream);
-      else
-        mask_pass(ws.dx_t, nullptr, nullptr, n, d, cfg, p.x_q_packed, p.x_e_packed, p.dx_f32,
-                  ws.part_dx, stream);
-    }
+    // 5. masks, δ̃ partials, ·Hᵀ
+    if (p.dx != nullptr)
+      mask_pass(ws.dx_t, nullptr, nullptr, n, d, cfg, p.x_q_packed, p.x_e_packed, p.dx,
+                ws.part_dx, stream);
+    else
+      mask_pass(ws.dx_t, nullptr, nullptr, n, d, cfg, p.x_q_packed, p.x_e_packed, p.dx_f32,
+                ws.part_dx, stream);
   } else {
     // Sampled (see LssVariant): split halves and their row Σq²
     bs.hi = ws.hi;

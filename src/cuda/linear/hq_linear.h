@@ -109,11 +109,6 @@ struct HqLinearConfig {
   // must then stay below 2^17, its int32 bound for full-range s8). Every path computes the
   // same integer sums and the same epilogue, so results are bit-identical across paths.
   GemmPath gemm = GemmPath::automatic;
-  // keep_all on the wgmma_sm90 path with block ≤ 32: the dx GEMM's epilogue does the mask,
-  // the δ̃ sum and the Hadamard on the accumulators (EpiMaskHadamard, gemm_params.h) instead
-  // of writing fp32 dx_t for a separate pass (same bits; no [N, D] fp32 workspace). false
-  // forces the separate pass (benchmarks, tests).
-  bool fuse_dx_epilogue = true;
 };
 
 // ---- the fused quantizer -------------------------------------------------------------------
