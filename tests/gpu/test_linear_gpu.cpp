@@ -590,7 +590,7 @@ const std::vector<Case>& backward_cases() {
       {96, 48, 64, 2, kInt4Sym},
       {256, 512, 512, 64, kInt4Full},
       {16384, 640, 32, 32, kInt4Sym},   // dx: 2560 tiles > 2048 mask blocks: blocks loop
-      {80, 48, 64, 16, kInt4Full},      // block 16, D = 48: a column tile half past the end
+      {80, 48, 64, 16, kInt4Full},      // block 16, D = 48: lanes past D in a 256-column chunk
   };
   return cases;
 }
