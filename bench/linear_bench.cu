@@ -212,6 +212,10 @@ int run_linear_bench(const LinearBenchOptions& opt) {
 
   cuda::HqLinearConfig cfg;
   cfg.block = opt.block;
+  // the keep-all backward with every kernel in order on one stream (overlap_passes off), timed
+  // beside the default so the overlap's gain is measured in the same rounds
+  cuda::HqLinearConfig cfg_in_order = cfg;
+  cfg_in_order.overlap_passes = false;
   cuda::HqLinearConfig cfg_sampled = cfg;
   cfg_sampled.lss = cuda::LssVariant::sampled;
   cfg_sampled.sample_fraction = opt.sample_fraction;
@@ -226,9 +230,9 @@ int run_linear_bench(const LinearBenchOptions& opt) {
   chart.values.assign(chart.series.size(), {});
   std::vector<std::string> notes;
 
-  std::printf("%-20s %9s %9s %8s %9s %6s %6s %6s | %9s %9s %6s | %9s %6s | %6s\n", "M x N x K",
-              "fwd", "infer", "wquant", "BF16 fwd", "fwd x", "inf x", "+wq x", "bwd", "BF16 bwd",
-              "bwd x", "sampled", "x", "step x");
+  std::printf("%-20s %9s %9s %8s %9s %6s %6s %6s | %9s %9s %9s %6s | %9s %6s | %6s\n",
+              "M x N x K", "fwd", "infer", "wquant", "BF16 fwd", "fwd x", "inf x", "+wq x", "bwd",
+              "in-order", "BF16 bwd", "bwd x", "sampled", "x", "step x");
   for (const Shape& shape : shapes) {
     const int64_t n = shape.m, c = shape.n, d = shape.k;
     const size_t nd = static_cast<size_t>(n * d), cd = static_cast<size_t>(c * d),
@@ -452,7 +456,7 @@ int run_linear_bench(const LinearBenchOptions& opt) {
         "weight_quant",  "forward",      "backward",    "bf16_forward", "bf16_backward",
         "fwd_quant_x",   "fwd_gemm",     "bwd_bitsplit", "bwd_unpack_x_t", "bwd_gemm_dx",
         "bwd_gemm_dw",   "bwd_mask_dx",  "bwd_mask_dw", "bwd_db", "forward_inference",
-        "fwd_quant_x_inference"};
+        "fwd_quant_x_inference", "backward_in_order"};
     std::vector<std::function<void(int)>> launches = {
         weight_quant,
         [&](int i) { forward(i, true); },
@@ -469,7 +473,8 @@ int run_linear_bench(const LinearBenchOptions& opt) {
         bwd_mask_dw,
         bwd_db,
         [&](int i) { forward(i, false); },
-        [&](int i) { forward_quant(i, false); }};
+        [&](int i) { forward_quant(i, false); },
+        [&](int i) { backward(i, cfg_in_order, ws_keep, ws_keep_bytes); }};
     // The forward state of every set must exist before a backward reads it.
     for (int i = 0; i < sets; ++i) {
       weight_quant(i);
@@ -490,14 +495,14 @@ int run_linear_bench(const LinearBenchOptions& opt) {
     };
     const double f = med("forward"), wq = med("weight_quant"), bf = med("bf16_forward");
     const double fi = med("forward_inference"), fix = bf / fi;
-    const double b = med("backward"), bb = med("bf16_backward");
+    const double b = med("backward"), bb = med("bf16_backward"), bio = med("backward_in_order");
     const double fx = bf / f, fwx = bf / (f + wq), bx = bb / b;
     const double sx_ratio = opt.sampled ? bb / t_sampled.median_ms : 0.0;
     const double step_x = (bf + bb) / (f + wq + b);
     const std::string label = shape_label(shape);
-    std::printf("%-20s %9.1f %9.1f %8.1f %9.1f %5.2fx %5.2fx %5.2fx | %9.1f %9.1f %5.2fx | ",
+    std::printf("%-20s %9.1f %9.1f %8.1f %9.1f %5.2fx %5.2fx %5.2fx | %9.1f %9.1f %9.1f %5.2fx | ",
                 label.c_str(), 1e3 * f, 1e3 * fi, 1e3 * wq, 1e3 * bf, fx, fix, fwx, 1e3 * b,
-                1e3 * bb, bx);
+                1e3 * bio, 1e3 * bb, bx);
     if (opt.sampled) std::printf("%9.1f %5.2fx | ", 1e3 * t_sampled.median_ms, sx_ratio);
     else std::printf("%9s %6s | ", "-", "-");
     std::printf("%5.2fx\n", step_x);
@@ -513,7 +518,8 @@ int run_linear_bench(const LinearBenchOptions& opt) {
                          {"workspace_bytes_sampled", ws_samp_bytes},
                          {"forward_over_bf16", fx}, {"forward_inference_over_bf16", fix},
                          {"forward_with_weight_quant_over_bf16", fwx},
-                         {"backward_over_bf16", bx}, {"step_over_bf16", step_x}};
+                         {"backward_over_bf16", bx},
+                         {"backward_in_order_over_bf16", bb / bio}, {"step_over_bf16", step_x}};
     for (size_t j = 0; j < names.size(); ++j) {
       js["times"][names[j]] = {{"median_ms", t[j].median_ms}, {"min_ms", t[j].min_ms},
                                {"max_ms", t[j].max_ms}, {"runs", t[j].runs}};
@@ -534,7 +540,8 @@ int run_linear_bench(const LinearBenchOptions& opt) {
     if (opt.sampled) chart.values[4].push_back(sx_ratio);
   }
   std::printf("\nforward = x quantization (Hadamard + codes + side channel) + INT8 GEMM with "
-              "dequant; infer = the same with nothing saved for a backward; wquant = weight quantization (once per step); step x = BF16 (fwd + bwd) "
+              "dequant; infer = the same with nothing saved for a backward; bwd = the keep-all backward "
+              "(independent kernels overlapped on two streams), in-order = the same kernels on one stream; wquant = weight quantization (once per step); step x = BF16 (fwd + bwd) "
               "/ nibble (fwd + wquant + bwd)\n");
   if (notes.empty()) {
     std::printf("nibble beats BF16 in the forward and the backward on every shape\n");

@@ -470,10 +470,15 @@ struct BackwardOut {
   float dsx = 0, dsw = 0, scale = 0;
 };
 
+// How run_backward queues the call: directly on the legacy default stream, or captured from
+// a stream of its own into a CUDA graph that is then launched (after one direct warm-up call
+// on that stream, as a user would, so that the caches of workspace and side streams exist).
+enum class Launch { direct, graph };
+
 // Runs the GPU backward on the state the forward left in L; dy of type G, dx of type DX.
 template <class G, class DX>
 BackwardOut run_backward(Layer& L, const std::vector<G>& dy, const cuda::HqLinearConfig& cfg,
-                         const PhiloxKey& key) {
+                         const PhiloxKey& key, Launch launch = Launch::direct) {
   DeviceBuffer<G> ddy(L.n * L.c);
   ddy.upload(dy);
   const size_t ws_bytes = cuda::hq_linear_backward_workspace_bytes(L.n, L.d, L.c, cfg);
@@ -500,9 +505,34 @@ BackwardOut run_backward(Layer& L, const std::vector<G>& dy, const cuda::HqLinea
   p.dsw = scalars.get() + 1;
   p.grad_scale = scalars.get() + 2;
   p.status = L.status.get();
-  cuda::status_clear(L.status.get(), nullptr);
-  cuda::hq_linear_backward(p, cfg, key, nullptr);
-  cuda::status_throw_if_set(L.status.get(), "linear backward", nullptr);
+  if (launch == Launch::direct) {
+    cuda::status_clear(L.status.get(), nullptr);
+    cuda::hq_linear_backward(p, cfg, key, nullptr);
+    cuda::status_throw_if_set(L.status.get(), "linear backward", nullptr);
+  } else {
+    cudaStream_t stream = nullptr;
+    NB_CUDA_CHECK(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking));
+    cuda::hq_linear_backward(p, cfg, key, stream);  // warm-up: caches sized outside the capture
+    NB_CUDA_CHECK(cudaStreamSynchronize(stream));
+    // Poison the outputs, so that only the graph's run can make them right.
+    NB_CUDA_CHECK(cudaMemset(dx.get(), 0xff, sizeof(DX) * static_cast<size_t>(L.n * L.d)));
+    NB_CUDA_CHECK(cudaMemset(dw.get(), 0xff, sizeof(float) * static_cast<size_t>(L.c * L.d)));
+    NB_CUDA_CHECK(cudaMemset(db.get(), 0xff, sizeof(float) * static_cast<size_t>(L.c)));
+    NB_CUDA_CHECK(cudaMemset(scalars.get(), 0xff, sizeof(float) * 3));
+    cudaGraph_t graph = nullptr;
+    cudaGraphExec_t exec = nullptr;
+    NB_CUDA_CHECK(cudaStreamBeginCapture(stream, cudaStreamCaptureModeGlobal));
+    cuda::status_clear(L.status.get(), stream);
+    cuda::hq_linear_backward(p, cfg, key, stream);
+    NB_CUDA_CHECK(cudaStreamEndCapture(stream, &graph));
+    NB_CUDA_CHECK(cudaGraphInstantiate(&exec, graph, 0));
+    NB_CUDA_CHECK(cudaGraphLaunch(exec, stream));
+    NB_CUDA_CHECK(cudaStreamSynchronize(stream));
+    cuda::status_throw_if_set(L.status.get(), "linear backward (graph)", stream);
+    NB_CUDA_CHECK(cudaGraphExecDestroy(exec));
+    NB_CUDA_CHECK(cudaGraphDestroy(graph));
+    NB_CUDA_CHECK(cudaStreamDestroy(stream));
+  }
   BackwardOut o;
   if constexpr (sizeof(DX) == 2) o.dx = widen(dx.download());
   else o.dx = dx.download();
@@ -511,6 +541,23 @@ BackwardOut run_backward(Layer& L, const std::vector<G>& dy, const cuda::HqLinea
   const std::vector<float> s = scalars.download();
   o.dsx = s[0], o.dsw = s[1], o.scale = s[2];
   return o;
+}
+
+// Every output of two backward runs, bit for bit (floats compared as bit patterns).
+void expect_same_bits(const BackwardOut& a, const BackwardOut& b, const char* what) {
+  SCOPED_TRACE(what);
+  const auto bits = [](const std::vector<float>& v) {
+    std::vector<uint32_t> u(v.size());
+    std::memcpy(u.data(), v.data(), sizeof(float) * v.size());
+    return u;
+  };
+  EXPECT_EQ(count_diff(bits(a.dx), bits(b.dx), "dx"), 0);
+  EXPECT_EQ(count_diff(bits(a.dw), bits(b.dw), "dw"), 0);
+  EXPECT_EQ(count_diff(bits(a.db), bits(b.db), "db"), 0);
+  const float sa[3] = {a.dsx, a.dsw, a.scale}, sb[3] = {b.dsx, b.dsw, b.scale};
+  EXPECT_EQ(std::memcmp(sa, sb, sizeof(sa)), 0)
+      << "dsx " << a.dsx << " vs " << b.dsx << ", dsw " << a.dsw << " vs " << b.dsw
+      << ", grad scale " << a.scale << " vs " << b.scale;
 }
 
 // Output gradient: Gaussian rows of varied magnitude (a few heavy rows, as B.3 describes) and
@@ -580,6 +627,12 @@ void check_backward_keep_all(const Case& k, uint64_t seed, cuda::GemmPath gemm) 
   check_step_grad(got.dsx, want.dsx, gx, ox.lsq_abs, k.n * k.d, "dsx");
   check_step_grad(got.dsw, want.dsw, gw, ow.lsq_abs, k.c * k.d, "dsw");
   check_db(got.db, want.db, dyf, k.n, k.c);
+
+  // The overlapped schedule (the default) and the in-order one run the same kernels with the
+  // same fixed reduction orders: every output bit for bit, the fp64-summed ones included.
+  cuda::HqLinearConfig in_order = cfg;
+  in_order.overlap_passes = !cfg.overlap_passes;
+  expect_same_bits(got, run_backward<G, DX>(L, dy, in_order, key), "overlap_passes toggled");
 }
 
 const std::vector<Case>& backward_cases() {
@@ -605,6 +658,32 @@ TEST_P(LinearGpuPath, BackwardBf16GradientsMatchRef) {
   int v = 50;
   for (const Case& k : backward_cases())
     check_backward_keep_all<bf16_t, bf16_t>(k, seed_of(k, seed_variant(v++)), gemm());
+}
+
+// The backward queues nothing that waits for the host and, with overlap_passes, forks a side
+// stream through events: captured into a CUDA graph and replayed it must give the direct
+// call's bits (outputs poisoned before the replay), keep-all in both schedules and sampled.
+TEST_P(LinearGpuPath, BackwardCapturedInGraphMatchesDirect) {
+  const Case k{512, 256, 384, 32, kInt4Sym};
+  const uint64_t seed = seed_of(k, seed_variant(60));
+  Layer L(k.n, k.d, k.c);
+  check_forward<float>(k, false, L, seed, gemm());
+  const std::vector<bf16_t> dy = narrow(random_grad(k.n, k.c, seed + 10));
+  const PhiloxKey key{seed + 11, 3, 5, RngRole::rounding};
+  cuda::HqLinearConfig cfg;
+  cfg.block = k.block;
+  cfg.range = k.range;
+  cfg.gemm = gemm();
+  for (const bool overlap : {true, false}) {
+    cfg.overlap_passes = overlap;
+    SCOPED_TRACE(overlap ? "keep-all, overlapped" : "keep-all, in order");
+    expect_same_bits(run_backward<bf16_t, bf16_t>(L, dy, cfg, key),
+                     run_backward<bf16_t, bf16_t>(L, dy, cfg, key, Launch::graph), "graph");
+  }
+  cfg.lss = cuda::LssVariant::sampled;
+  SCOPED_TRACE("sampled");
+  expect_same_bits(run_backward<bf16_t, bf16_t>(L, dy, cfg, key),
+                   run_backward<bf16_t, bf16_t>(L, dy, cfg, key, Launch::graph), "graph");
 }
 
 // An output gradient whose rows span two decades (scales 1, 0.32, 0.1, 0.03 in turn) with a

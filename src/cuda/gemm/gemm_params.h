@@ -35,6 +35,12 @@ struct GemmS8S8Params {
   int64_t n = 0;              // rows of B = columns of the output; N·sizeof(out) % 16 == 0
   int64_t k = 0;              // K % 16 == 0 (16-byte rows for the tensor-memory copies)
   GemmTile tile = GemmTile::automatic;
+  // The sm_90a kernels are persistent: one CTA per SM walks the output tiles. max_sms > 0
+  // caps that grid at max_sms SMs (rounded down to the cluster size, at least one cluster)
+  // so that a kernel queued beside the GEMM on another stream finds SMs free
+  // (sm90::same_round_sms picks a cap that costs no tile round). 0 = every SM. The result
+  // never depends on it; the mma_sm80 kernels ignore it.
+  int max_sms = 0;
 };
 
 // EpiDequantBias — the fused dequantizing epilogue, applied to the int32 accumulators:

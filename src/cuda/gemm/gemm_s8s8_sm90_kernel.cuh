@@ -17,6 +17,7 @@
 #include <cutlass/gemm/kernel/gemm_universal.hpp>
 #include <cutlass/gemm/kernel/tile_scheduler.hpp>
 
+#include <algorithm>
 #include <cstdint>
 
 #include "cuda/common/check.h"
@@ -41,6 +42,7 @@ struct TileConfig {
   using Mainloop = MainloopSchedule;
   using Epilogue = EpilogueSchedule;
   using TileScheduler = Scheduler;
+  static constexpr int kClusterSize = kClusterM * kClusterN;
 };
 
 // Two warpgroups share one 128×256 (or 256×128) tile: 128 int32 accumulators per thread.
@@ -208,6 +210,10 @@ struct GemmS8S8Sm90 {
     cutlass::KernelHardwareInfo hw;
     NB_CUDA_CHECK(cudaGetDevice(&hw.device_id));
     hw.sm_count = device_sm_count();
+    if (p.max_sms > 0) {
+      constexpr int kCluster = Config::kClusterSize;
+      hw.sm_count = std::max(kCluster, std::min(hw.sm_count, p.max_sms) / kCluster * kCluster);
+    }
 
     Arguments args{};
     args.mode = cutlass::gemm::GemmUniversalMode::kGemm;

@@ -2,6 +2,7 @@
 
 #include <cuda_runtime.h>
 
+#include <algorithm>
 #include <map>
 #include <mutex>
 
@@ -81,6 +82,20 @@ GemmTile choose_tile(const GemmS8S8Params& p) {
   if (p.m <= 128 || (p.n <= 1024 && p.k >= 3072) || (p.m > 1024 && p.m < p.n))
     return GemmTile::pingpong_128x128_c1x2;
   return GemmTile::pingpong_128x128_c2x1;
+}
+
+int same_round_sms(const GemmS8S8Params& p, int sms) {
+  NB_CHECK(sms > 0, "sm90::same_round_sms: sms = " << sms << " must be positive");
+  const GemmTile tile = choose_tile(p);
+  const int64_t tile_m = 128;
+  const int64_t tile_n = tile == GemmTile::coop_128x256_c2x1 ? 256 : 128;
+  const int64_t cluster = 2;  // every compiled configuration has a two-CTA cluster
+  const int64_t tiles = ((p.m + tile_m - 1) / tile_m) * ((p.n + tile_n - 1) / tile_n);
+  if (tiles == 0) return sms;
+  const int64_t rounds = (tiles + sms - 1) / sms;
+  const int64_t need = (tiles + rounds - 1) / rounds;
+  const int64_t capped = std::min<int64_t>(sms, (need + cluster - 1) / cluster * cluster);
+  return static_cast<int>(std::max<int64_t>(capped, cluster));
 }
 
 const char* tile_name(GemmTile tile) {

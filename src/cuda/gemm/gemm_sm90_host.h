@@ -26,6 +26,12 @@ void check_epilogue(const char* fn, const EpiDequantBias& epi);
 // sweep of run 1 had ping-pong 2×1 at 85% of cuBLASLt at 8192³ with sequential timing; bench
 // gemm times every compiled tile forced, so each device run re-checks the rule.)
 GemmTile choose_tile(const GemmS8S8Params& p);
+// The fewest SMs (a multiple of the cluster size) on which the persistent kernel of the
+// configuration p runs in as many tile rounds as on all `sms` SMs, i.e.
+// ceil(tiles / ceil(tiles / sms)) rounded up to the cluster: the cap for GemmS8S8Params::max_sms
+// that frees SMs for a concurrent kernel without lengthening the GEMM (16384×4096 output,
+// 128×128 tiles: 4096 tiles take 32 rounds on 132 SMs and on 128, so 4 SMs are free).
+int same_round_sms(const GemmS8S8Params& p, int sms);
 // The configuration's name in reports, e.g. "coop_128x256x128_c2x1".
 const char* tile_name(GemmTile tile);
 

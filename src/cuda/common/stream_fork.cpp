@@ -1,0 +1,61 @@
+#include "cuda/common/stream_fork.h"
+
+#include <map>
+#include <mutex>
+#include <utility>
+
+#include "cuda/common/check.h"
+
+namespace nibble::cuda {
+
+namespace {
+
+// The side stream of (device, caller stream). Never destroyed, like the workspace cache:
+// destroying streams from a static destructor races with the CUDA runtime's teardown.
+cudaStream_t side_stream_for(cudaStream_t stream) {
+  int device = 0;
+  NB_CUDA_CHECK(cudaGetDevice(&device));
+  static std::mutex m;
+  static auto* streams = new std::map<std::pair<int, cudaStream_t>, cudaStream_t>();
+  std::lock_guard<std::mutex> lock(m);
+  cudaStream_t& side = (*streams)[{device, stream}];
+  if (side == nullptr) NB_CUDA_CHECK(cudaStreamCreateWithFlags(&side, cudaStreamNonBlocking));
+  return side;
+}
+
+}  // namespace
+
+StreamFork::StreamFork(cudaStream_t stream) : main_(stream), side_(side_stream_for(stream)) {
+  side_waits_main();
+}
+
+StreamFork::~StreamFork() {
+  if (!joined_) {
+    // Best effort on an error path: the original exception is the one to report.
+    cudaEvent_t e = nullptr;
+    if (cudaEventCreateWithFlags(&e, cudaEventDisableTiming) == cudaSuccess) {
+      if (cudaEventRecord(e, side_) == cudaSuccess) (void)cudaStreamWaitEvent(main_, e, 0);
+      events_.push_back(e);
+    }
+  }
+  for (cudaEvent_t e : events_) (void)cudaEventDestroy(e);
+}
+
+void StreamFork::wait(cudaStream_t waiter, cudaStream_t signaller) {
+  cudaEvent_t e = nullptr;
+  NB_CUDA_CHECK(cudaEventCreateWithFlags(&e, cudaEventDisableTiming));
+  events_.push_back(e);
+  NB_CUDA_CHECK(cudaEventRecord(e, signaller));
+  NB_CUDA_CHECK(cudaStreamWaitEvent(waiter, e, 0));
+}
+
+void StreamFork::side_waits_main() { wait(side_, main_); }
+
+void StreamFork::main_waits_side() { wait(main_, side_); }
+
+void StreamFork::join() {
+  main_waits_side();
+  joined_ = true;
+}
+
+}  // namespace nibble::cuda
