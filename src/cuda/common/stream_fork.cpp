@@ -10,7 +10,7 @@ namespace nibble::cuda {
 
 namespace {
 
-// The side stream of (device, caller stream). Never destroyed, like the workspace cache:
+// The side stream of (device, caller stream), at the device's highest priority. Never destroyed, like the workspace cache:
 // destroying streams from a static destructor races with the CUDA runtime's teardown.
 cudaStream_t side_stream_for(cudaStream_t stream) {
   int device = 0;
@@ -19,7 +19,11 @@ cudaStream_t side_stream_for(cudaStream_t stream) {
   static auto* streams = new std::map<std::pair<int, cudaStream_t>, cudaStream_t>();
   std::lock_guard<std::mutex> lock(m);
   cudaStream_t& side = (*streams)[{device, stream}];
-  if (side == nullptr) NB_CUDA_CHECK(cudaStreamCreateWithFlags(&side, cudaStreamNonBlocking));
+  if (side == nullptr) {
+    int least = 0, greatest = 0;  // numerically: greatest priority is the lowest number
+    NB_CUDA_CHECK(cudaDeviceGetStreamPriorityRange(&least, &greatest));
+    NB_CUDA_CHECK(cudaStreamCreateWithPriority(&side, cudaStreamNonBlocking, greatest));
+  }
   return side;
 }
 

@@ -346,44 +346,46 @@ void backward_impl(const HqLinearBackwardParams<G>& p, const HqLinearConfig& cfg
 
   if (cfg.lss == LssVariant::keep_all) {
     // Two chains meet only at the end: dx = mask/Hᵀ pass of the dx GEMM, dw = the same of the
-    // dw GEMM. With cfg.overlap_passes the memory-bound kernels that nothing waits for go to a
-    // side stream (aux) and run beside the compute-bound GEMMs or the bit split:
-    //   stream: bit split ─ dx GEMM ─────────────┬─ dw GEMM ─ dw pass ─┬─ finalize
-    //   aux:    x unpack ─────────────────(join)─┘└─ dx pass ─────────(join)
-    // A persistent GEMM fills every SM it is given, so the GEMMs are capped at the fewest
-    // SMs that keep their tile rounds (16384×4096 dx_t: 4096 tiles, 32 rounds on 132 SMs or
-    // on 128); the passes start on the SMs left over and take the rest as the GEMMs drain.
+    // dw GEMM; the x-code unpack needs nothing of this call. With cfg.overlap_passes the
+    // critical path (bit split, GEMMs) goes to the fork's high-priority side stream (crit)
+    // and the memory-bound kernels stay on the caller's stream, where they fill the SMs the
+    // critical path leaves:
+    //   crit:   bit split ─ dx GEMM ─┬──(x_q_t)─ dw GEMM ─┐
+    //   stream: x unpack ────────────┴─ dx pass ──────────┴─ dw pass ─ finalize
+    // A persistent GEMM takes every SM it is given, so the GEMMs are capped at the fewest SMs
+    // that keep their tile rounds (16384×4096 dx_t: 4096 tiles, 32 rounds on 132 SMs and on
+    // 128); the passes start on the SMs left over and take the rest as a GEMM drains.
     std::optional<StreamFork> fork;
     if (cfg.overlap_passes) fork.emplace(stream);
-    const cudaStream_t aux = fork ? fork->side() : stream;
+    const cudaStream_t crit = fork ? fork->side() : stream;
     const auto capped = [&](GemmS8S8Params g) {
       if (fork) g.max_sms = sm90::same_round_sms(g, device_sm_count());
       return g;
     };
-    // 1. the dw GEMM's B operand: x codes, token-contiguous (needs nothing of this call)
-    ld::unpack_s4_transpose(p.x_q_packed, n, d, ws.x_q_t, aux);
+    // 1. the dw GEMM's B operand: x codes, token-contiguous
+    ld::unpack_s4_transpose(p.x_q_packed, n, d, ws.x_q_t, stream);
     // 2. dy -> combined = 14·hi + lo [N, C] and its transpose [C, N], one shared scale s
     bs.combined = ws.comb;
     bs.combined_t = ws.comb_t;
-    bitsplit(bs, stream);
+    bitsplit(bs, crit);
     // 3. dx_t = float(combined·w_q)·(s·sw)    A = combined [N, C], B = w_q_t [D, C]
     EpiDequantBias epi_x;
     epi_x.scale_a = s;
     epi_x.a_per_row = false;
     epi_x.scale_b = p.sw;
     epi_x.b_per_col = false;
-    gemm_s8s8_s32_tn_dequant(capped({ws.comb, p.w_q_t, n, d, c}), epi_x, ws.dx_t, path, stream);
+    gemm_s8s8_s32_tn_dequant(capped({ws.comb, p.w_q_t, n, d, c}), epi_x, ws.dx_t, path, crit);
     if (fork) {
-      fork->main_waits_side();  // x_q_t is written (the unpack is all the side holds so far)
-      fork->side_waits_main();  // dx_t is written
+      fork->main_waits_side();  // dx_t (and the split scale s) are written
+      fork->side_waits_main();  // x_q_t is written (the unpack is all the stream holds so far)
     }
     // 4. dx: masks, δ̃ partials, ·Hᵀ
     if (p.dx != nullptr)
       mask_pass(ws.dx_t, nullptr, nullptr, n, d, cfg, p.x_q_packed, p.x_e_packed, p.dx,
-                ws.part_dx, aux);
+                ws.part_dx, stream);
     else
       mask_pass(ws.dx_t, nullptr, nullptr, n, d, cfg, p.x_q_packed, p.x_e_packed, p.dx_f32,
-                ws.part_dx, aux);
+                ws.part_dx, stream);
     // 5. dw_t = float(combinedᵀ·x_q)·(s·sx)  A = combined_t [C, N], B = x_q_t [D, N]
     EpiDequantBias epi_w;
     epi_w.scale_a = s;
@@ -391,11 +393,11 @@ void backward_impl(const HqLinearBackwardParams<G>& p, const HqLinearConfig& cfg
     epi_w.scale_b = p.sx;
     epi_w.b_per_col = false;
     gemm_s8s8_s32_tn_dequant(capped({ws.comb_t, ws.x_q_t, c, d, n}), epi_w, ws.dw_t, path,
-                             stream);
-    // 6. dw: the same pass (lsq_finalize below reads the dx partials after the join)
+                             crit);
+    if (fork) fork->join();  // dw_t is written
+    // 6. dw: the same pass
     mask_pass(ws.dw_t, nullptr, nullptr, c, d, cfg, p.w_q_packed, p.w_e_packed, p.dw,
               ws.part_dw, stream);
-    if (fork) fork->join();
   } else {
     // Sampled (see LssVariant): split halves and their row Σq²
     bs.hi = ws.hi;

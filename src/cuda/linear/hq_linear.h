@@ -110,9 +110,9 @@ struct HqLinearConfig {
   // same integer sums and the same epilogue, so results are bit-identical across paths.
   GemmPath gemm = GemmPath::automatic;
   // Keep-all backward: true runs the kernels that do not depend on each other at the same
-  // time, through a second stream forked from and joined back into the caller's
-  // (cuda/common/stream_fork.h): the x-code unpack beside the bit split and the dx GEMM, and
-  // the dx mask pass beside the dw GEMM and the dw pass; the two GEMMs are then capped at
+  // time, through a second, high-priority stream forked from and joined back into the
+  // caller's (cuda/common/stream_fork.h): the bit split and the two GEMMs there, the x-code
+  // unpack and the dx mask pass on the caller's stream beside them; the GEMMs are capped at
   // the fewest SMs that keep their number of tile rounds (GemmS8S8Params::max_sms), which
   // leaves SMs free for the passes at no cost to the GEMMs. false queues everything on the
   // caller's stream in order (for A/B timing). The results are the same bits either way (the
