@@ -350,8 +350,8 @@ void backward_impl(const HqLinearBackwardParams<G>& p, const HqLinearConfig& cfg
     // critical path (bit split, GEMMs) goes to the fork's high-priority side stream (crit)
     // and the memory-bound kernels stay on the caller's stream, where they fill the SMs the
     // critical path leaves:
-    //   crit:   bit split ─ dx GEMM ─┬──(x_q_t)─ dw GEMM ─┐
-    //   stream: x unpack ────────────┴─ dx pass ──────────┴─ dw pass ─ finalize
+    //   crit:   bit split ─ dx GEMM ─┬──(x_q_t)─ dw GEMM ─ dw pass ─┐
+    //   stream: x unpack ────────────┴─ dx pass ────────────────────┴─ finalize
     // A persistent GEMM takes every SM it is given, so the GEMMs are capped at the fewest SMs
     // that keep their tile rounds (16384×4096 dx_t: 4096 tiles, 32 rounds on 132 SMs and on
     // 128); the passes start on the SMs left over and take the rest as a GEMM drains.
@@ -394,10 +394,10 @@ void backward_impl(const HqLinearBackwardParams<G>& p, const HqLinearConfig& cfg
     epi_w.b_per_col = false;
     gemm_s8s8_s32_tn_dequant(capped({ws.comb_t, ws.x_q_t, c, d, n}), epi_w, ws.dw_t, path,
                              crit);
-    if (fork) fork->join();  // dw_t is written
-    // 6. dw: the same pass
+    // 6. dw: the same pass, beside what is left of the dx pass (both memory-bound)
     mask_pass(ws.dw_t, nullptr, nullptr, c, d, cfg, p.w_q_packed, p.w_e_packed, p.dw,
-              ws.part_dw, stream);
+              ws.part_dw, crit);
+    if (fork) fork->join();  // dw and its partials are written
   } else {
     // Sampled (see LssVariant): split halves and their row Σq²
     bs.hi = ws.hi;

@@ -43,8 +43,9 @@
 // all three products, and 16-byte rows) — pad the tensors otherwise; the Hadamard block a
 // power of two in [1, 1024] dividing D; every pointer 16-byte aligned (cudaMalloc bases).
 //
-// All pointers are device pointers; work is queued on `stream`; nothing waits for the GPU, so
-// every variant can be captured in a CUDA graph. Errors in the data (NaN/Inf input,
+// All pointers are device pointers; work is queued on `stream` (the keep-all backward forks a
+// side stream from it and joins it back before returning, HqLinearConfig::overlap_passes);
+// nothing waits for the GPU, so every variant can be captured in a CUDA graph. Errors in the data (NaN/Inf input,
 // a step size that is not positive finite) go to the optional status word (cuda/quant/status.h).
 #include <cuda_runtime.h>
 
@@ -111,13 +112,13 @@ struct HqLinearConfig {
   GemmPath gemm = GemmPath::automatic;
   // Keep-all backward: true runs the kernels that do not depend on each other at the same
   // time, through a second, high-priority stream forked from and joined back into the
-  // caller's (cuda/common/stream_fork.h): the bit split and the two GEMMs there, the x-code
-  // unpack and the dx mask pass on the caller's stream beside them; the GEMMs are capped at
-  // the fewest SMs that keep their number of tile rounds (GemmS8S8Params::max_sms), which
-  // leaves SMs free for the passes at no cost to the GEMMs. false queues everything on the
-  // caller's stream in order (for A/B timing). The results are the same bits either way (the
-  // kernels and their fixed reduction orders do not change; the GPU tests check it). The
-  // sampled variant always runs in order.
+  // caller's (cuda/common/stream_fork.h): the bit split, the two GEMMs and the dw pass go
+  // there; the x-code unpack and the dx mask pass stay on the caller's stream beside them.
+  // The GEMMs are capped at the fewest SMs that keep their number of tile rounds
+  // (GemmS8S8Params::max_sms), which leaves SMs free for the passes at no cost to the GEMMs.
+  // false queues everything on the caller's stream in order (for A/B timing). The results are
+  // the same bits either way (the kernels and their fixed reduction orders do not change; the
+  // GPU tests check it). The sampled variant always runs in order.
   bool overlap_passes = true;
 };
 
