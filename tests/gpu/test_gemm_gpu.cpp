@@ -21,6 +21,7 @@
 
 #include "cuda/blas/cublaslt_baselines.h"
 #include "cuda/common/check.h"
+#include "cuda/common/workspace.h"
 #include "cuda/gemm/gemm_s8s8_s32_tn_sm90.h"
 #include "cuda/gemm/gemm_sm90_host.h"
 #include "gpu/device_buffer.h"
@@ -87,10 +88,10 @@ struct Shape3 {
 
 // ours and cuBLASLt INT8 vs the CPU reference, all elements, exact.
 void check_s32(const Shape3& s, int lo, int hi, uint64_t seed,
-               cuda::GemmTile tile = cuda::GemmTile::automatic) {
+               cuda::GemmTile tile = cuda::GemmTile::automatic, int max_sms = 0) {
   SCOPED_TRACE(testing::Message() << "M=" << s.m << " N=" << s.n << " K=" << s.k << " codes ["
                                   << lo << ", " << hi << "] seed " << seed << " tile "
-                                  << cuda::sm90::tile_name(tile));
+                                  << cuda::sm90::tile_name(tile) << " max_sms " << max_sms);
   const auto a = random_codes(s.m * s.k, lo, hi, seed);
   const auto b = random_codes(s.n * s.k, lo, hi, seed + 1);
   std::vector<int32_t> want(static_cast<size_t>(s.m * s.n));
@@ -102,7 +103,7 @@ void check_s32(const Shape3& s, int lo, int hi, uint64_t seed,
   db.upload(b);
   dc.poison();
   dl.poison();
-  cuda::gemm_s8s8_s32_tn_sm90({da.get(), db.get(), s.m, s.n, s.k, tile}, dc.get(), nullptr);
+  cuda::gemm_s8s8_s32_tn_sm90({da.get(), db.get(), s.m, s.n, s.k, tile, max_sms}, dc.get(), nullptr);
   cuda::cublaslt_gemm_s8s8_s32_tn(da.get(), db.get(), s.m, s.n, s.k, dl.get(), nullptr);
   NB_CUDA_CHECK(cudaDeviceSynchronize());
   EXPECT_EQ(count_mismatches(dc.download(), want, s.n, "ours vs ref"), 0);
@@ -348,6 +349,37 @@ TEST(GemmS8S8S32TnSm90, AutomaticTileRule) {
             GemmTile::coop_128x256_c2x1);  // a forced tile wins
 }
 
+// A capped persistent grid (GemmS8S8Params::max_sms) walks more tiles per CTA; the sums are the
+// same bits. Caps of 1 and 3 round to one and to two-CTA clusters; 10 gives several tiles per
+// CTA on every shape; same_round_sms is the backward's choice.
+TEST(GemmS8S8S32TnSm90, CappedGridBitExact) {
+  int variant = 110;
+  for (const auto tile : forced_tiles()) {
+    for (const auto& s : {Shape3{1000, 1536, 784}, Shape3{129, 784, 4096}, Shape3{257, 272, 1040}}) {
+      const cuda::GemmS8S8Params p{nullptr, nullptr, s.m, s.n, s.k, tile};
+      for (const int cap : {1, 3, 10, cuda::sm90::same_round_sms(p, 132)})
+        check_s32(s, -128, 127, seed_for(s.m, s.n, s.k, variant++), tile, cap);
+    }
+  }
+}
+
+// same_round_sms: the fewest SMs (two-CTA clusters) with the tile rounds of all of them.
+TEST(GemmS8S8S32TnSm90, SameRoundSms) {
+  const auto sms = [](int64_t m, int64_t n, int avail,
+                      cuda::GemmTile tile = cuda::GemmTile::automatic) {
+    return cuda::sm90::same_round_sms({nullptr, nullptr, m, n, 4096, tile}, avail);
+  };
+  EXPECT_EQ(sms(16384, 4096, 132), 128);   // 4096 tiles: 32 rounds on 132 and on 128
+  EXPECT_EQ(sms(4096, 4096, 132), 128);    // 1024 tiles: 8 rounds
+  EXPECT_EQ(sms(16384, 11008, 132), 132);  // 11008 tiles: 84 rounds need 132 (131.05 → 132)
+  EXPECT_EQ(sms(128, 4096, 132), 32);      // 32 tiles: one round on 32 SMs
+  EXPECT_EQ(sms(100, 100, 132), 2);        // one tile: one cluster
+  EXPECT_EQ(sms(0, 4096, 132), 132);       // nothing to do: no cap
+  EXPECT_EQ(sms(16384, 4096, 132, cuda::GemmTile::coop_128x256_c2x1), 128);  // 2048 tiles, 16 rounds
+  EXPECT_EQ(sms(16384, 4096, 114), 114);   // 36 rounds of 114 (113.8 → 114)
+  EXPECT_THROW(sms(16384, 4096, 0), nibble::Error);
+}
+
 // A shape the rule sends to the 1×2 cluster, through the launcher's own choice (the 2×1
 // choice is checked against cuBLASLt at 8192³ above).
 TEST(GemmS8S8S32TnSm90, AutomaticTileBitExactAtLargeShape) {
@@ -470,6 +502,27 @@ TEST(CublasLtBaselines, Bf16AndFp8ExactOnSmallIntegers) {
   }
   EXPECT_EQ(bad16, 0) << "bf16 GEMM";
   EXPECT_EQ(bad8, 0) << "e4m3 GEMM";
+}
+
+// The scratch cache cannot grow inside a CUDA graph capture (it would free memory the graph
+// keeps a pointer to): a clear error that says to warm up first, and the capture can still end.
+TEST(CudaWorkspace, GrowingWhileCapturingThrows) {
+  cudaStream_t stream = nullptr;
+  NB_CUDA_CHECK(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking));
+  ASSERT_NE(cuda::workspace(256, stream), nullptr);
+  NB_CUDA_CHECK(cudaStreamBeginCapture(stream, cudaStreamCaptureModeGlobal));
+  EXPECT_NE(cuda::workspace(128, stream), nullptr);  // fits: no growth, fine while capturing
+  try {
+    cuda::workspace(size_t{1} << 20, stream);
+    ADD_FAILURE() << "growing the scratch while capturing did not throw";
+  } catch (const nibble::Error& e) {
+    EXPECT_NE(std::string(e.what()).find("warm-up"), std::string::npos) << e.what();
+  }
+  cudaGraph_t graph = nullptr;
+  NB_CUDA_CHECK(cudaStreamEndCapture(stream, &graph));
+  if (graph != nullptr) NB_CUDA_CHECK(cudaGraphDestroy(graph));
+  EXPECT_NE(cuda::workspace(size_t{1} << 20, stream), nullptr);  // outside a capture it grows
+  NB_CUDA_CHECK(cudaStreamDestroy(stream));
 }
 
 }  // namespace

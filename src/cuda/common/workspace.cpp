@@ -5,6 +5,7 @@
 #include <utility>
 
 #include "cuda/common/check.h"
+#include "nibble/error.h"
 
 namespace nibble::cuda {
 
@@ -36,6 +37,16 @@ void* workspace(size_t bytes, cudaStream_t stream) {
   std::lock_guard<std::mutex> lock(cache_mutex());
   Buffer& buf = cache()[{device, stream}];
   if (buf.bytes < bytes) {
+    // Growing frees and allocates (and waits for the stream): not possible while the stream
+    // is being captured into a CUDA graph, and the graph would keep a pointer to freed memory.
+    cudaStreamCaptureStatus capture = cudaStreamCaptureStatusNone;
+    NB_CUDA_CHECK(cudaStreamIsCapturing(stream, &capture));
+    NB_CHECK(capture == cudaStreamCaptureStatusNone,
+             "nibble: an op needs " << bytes << " bytes of scratch on a stream that is being "
+                                    << "captured into a CUDA graph, and its cached scratch has "
+                                    << buf.bytes << "; run the same calls once on that stream "
+                                    << "before capturing them (a warm-up), so that the scratch "
+                                    << "exists when the capture starts");
     if (buf.ptr != nullptr) {
       // The old buffer may still be read by work queued on this stream.
       NB_CUDA_CHECK(cudaStreamSynchronize(stream));

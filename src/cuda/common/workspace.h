@@ -12,6 +12,8 @@ namespace nibble::cuda {
 // Returns at least `bytes` of device memory on the current device for use on `stream`
 // (nullptr when bytes == 0). The pointer stays valid until the next call with the same
 // (device, stream) that asks for more; calls on one stream are ordered, so reuse is safe.
+// Growing the buffer while `stream` is being captured into a CUDA graph throws nibble::Error
+// (warm up first: run the calls once on the stream, then capture them).
 void* workspace(size_t bytes, cudaStream_t stream);
 
 // Streaming-multiprocessor count of the current device, queried once per device.
