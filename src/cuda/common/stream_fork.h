@@ -35,7 +35,6 @@ class StreamFork {
   StreamFork(const StreamFork&) = delete;
   StreamFork& operator=(const StreamFork&) = delete;
 
-  cudaStream_t main() const { return main_; }
   cudaStream_t side() const { return side_; }
   void side_waits_main();
   void main_waits_side();
