@@ -10,7 +10,7 @@ namespace nibble::cuda {
 
 namespace {
 
-// The side stream of (device, caller stream), at the device's highest priority. Never destroyed, like the workspace cache:
+// The side stream of (device, caller stream). Never destroyed, like the workspace cache:
 // destroying streams from a static destructor races with the CUDA runtime's teardown.
 cudaStream_t side_stream_for(cudaStream_t stream) {
   int device = 0;
@@ -20,9 +20,14 @@ cudaStream_t side_stream_for(cudaStream_t stream) {
   std::lock_guard<std::mutex> lock(m);
   cudaStream_t& side = (*streams)[{device, stream}];
   if (side == nullptr) {
-    int least = 0, greatest = 0;  // numerically: greatest priority is the lowest number
+    // One step above the caller's stream (numerically lower), clamped to the device's range:
+    // above its own op's fillers, never above streams the user ranked higher (communication).
+    int least = 0, greatest = 0;
     NB_CUDA_CHECK(cudaDeviceGetStreamPriorityRange(&least, &greatest));
-    NB_CUDA_CHECK(cudaStreamCreateWithPriority(&side, cudaStreamNonBlocking, greatest));
+    int caller = least;
+    NB_CUDA_CHECK(cudaStreamGetPriority(stream, &caller));
+    const int priority = caller > greatest ? caller - 1 : greatest;
+    NB_CUDA_CHECK(cudaStreamCreateWithPriority(&side, cudaStreamNonBlocking, priority));
   }
   return side;
 }

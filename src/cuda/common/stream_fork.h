@@ -1,10 +1,12 @@
 #pragma once
 // Fork/join of one op's work over the caller's stream and a second ("side") stream, so that
-// independent kernels of the op can run at the same time. The side stream has the device's
-// highest priority: the op puts its critical path there (e.g. the backward's bit split and
-// GEMMs) and the kernels that may wait on the caller's stream, so that when both have work
-// pending the block scheduler serves the critical path first and the others fill the SMs it
-// leaves (priorities order pending blocks only; nothing running is preempted). Usage:
+// independent kernels of the op can run at the same time. The side stream's priority is one
+// step above the caller's stream (or the device's highest, if the caller's is already there):
+// the op puts its critical path on the side stream (e.g. the backward's bit split and GEMMs)
+// and the kernels that may wait on the caller's stream, so that when both have work pending
+// the block scheduler serves the critical path first and the others fill the SMs it leaves
+// (priorities order pending blocks only; nothing running is preempted). Streams the user
+// ranked above the caller's (e.g. for communication) stay above both. Usage:
 //
 //   StreamFork fork(stream);        // the side stream waits for everything queued on stream
 //   kernel_a<<<..., fork.side()>>>  // runs beside what follows on stream

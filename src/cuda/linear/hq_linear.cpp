@@ -347,9 +347,9 @@ void backward_impl(const HqLinearBackwardParams<G>& p, const HqLinearConfig& cfg
   if (cfg.lss == LssVariant::keep_all) {
     // Two chains meet only at the end: dx = mask/Hᵀ pass of the dx GEMM, dw = the same of the
     // dw GEMM; the x-code unpack needs nothing of this call. With cfg.overlap_passes the
-    // critical path (bit split, GEMMs) goes to the fork's high-priority side stream (crit)
-    // and the memory-bound kernels stay on the caller's stream, where they fill the SMs the
-    // critical path leaves:
+    // critical path (bit split, GEMMs) goes to the fork's side stream (crit, one priority step
+    // above the caller's) and the memory-bound kernels stay on the caller's stream, where they
+    // fill the SMs the critical path leaves:
     //   crit:   bit split ─ dx GEMM ─┬──(x_q_t)─ dw GEMM ─ dw pass ─┐
     //   stream: x unpack ────────────┴─ dx pass ────────────────────┴─ finalize
     // A persistent GEMM takes every SM it is given, so the GEMMs are capped at the fewest SMs

@@ -111,9 +111,10 @@ struct HqLinearConfig {
   // same integer sums and the same epilogue, so results are bit-identical across paths.
   GemmPath gemm = GemmPath::automatic;
   // Keep-all backward: true runs the kernels that do not depend on each other at the same
-  // time, through a second, high-priority stream forked from and joined back into the
-  // caller's (cuda/common/stream_fork.h): the bit split, the two GEMMs and the dw pass go
-  // there; the x-code unpack and the dx mask pass stay on the caller's stream beside them.
+  // time, through a second stream (one priority step above the caller's) forked from and
+  // joined back into the caller's (cuda/common/stream_fork.h): the bit split, the two GEMMs
+  // and the dw pass go there; the x-code unpack and the dx mask pass stay on the caller's
+  // stream beside them.
   // The GEMMs are capped at the fewest SMs that keep their number of tile rounds
   // (GemmS8S8Params::max_sms), which leaves SMs free for the passes at no cost to the GEMMs.
   // false queues everything on the caller's stream in order (for A/B timing). The results are
