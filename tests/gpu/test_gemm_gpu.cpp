@@ -21,6 +21,7 @@
 
 #include "cuda/blas/cublaslt_baselines.h"
 #include "cuda/common/check.h"
+#include "cuda/common/stream_fork.h"
 #include "cuda/common/workspace.h"
 #include "cuda/gemm/gemm_s8s8_s32_tn_sm90.h"
 #include "cuda/gemm/gemm_sm90_host.h"
@@ -523,6 +524,31 @@ TEST(CudaWorkspace, GrowingWhileCapturingThrows) {
   if (graph != nullptr) NB_CUDA_CHECK(cudaGraphDestroy(graph));
   EXPECT_NE(cuda::workspace(size_t{1} << 20, stream), nullptr);  // outside a capture it grows
   NB_CUDA_CHECK(cudaStreamDestroy(stream));
+}
+
+// The fork's side stream sits one priority step above the caller's stream, clamped to the
+// device's range, and is the same stream for every fork from one caller stream.
+TEST(StreamFork, SidePriorityOneStepAboveTheCaller) {
+  int least = 0, greatest = 0;
+  NB_CUDA_CHECK(cudaDeviceGetStreamPriorityRange(&least, &greatest));
+  for (const int caller : {least, greatest}) {
+    cudaStream_t stream = nullptr;
+    NB_CUDA_CHECK(cudaStreamCreateWithPriority(&stream, cudaStreamNonBlocking, caller));
+    cudaStream_t first = nullptr;
+    {
+      cuda::StreamFork fork(stream);
+      first = fork.side();
+      int side = 0;
+      NB_CUDA_CHECK(cudaStreamGetPriority(fork.side(), &side));
+      EXPECT_EQ(side, caller > greatest ? caller - 1 : greatest) << "caller priority " << caller;
+      fork.join();
+    }
+    cuda::StreamFork again(stream);
+    EXPECT_EQ(again.side(), first);
+    again.join();
+    NB_CUDA_CHECK(cudaStreamSynchronize(stream));
+    NB_CUDA_CHECK(cudaStreamDestroy(stream));
+  }
 }
 
 }  // namespace
