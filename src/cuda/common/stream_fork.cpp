@@ -11,25 +11,37 @@ namespace nibble::cuda {
 namespace {
 
 // The side stream of (device, caller stream). Never destroyed, like the workspace cache:
-// destroying streams from a static destructor races with the CUDA runtime's teardown.
+// destroying streams from a static destructor races with the CUDA runtime's teardown. A
+// caller stream's handle can come back for a new stream with another priority after the old
+// one was destroyed; then the cached side stream is replaced (cudaStreamDestroy releases it
+// once its queued work is done).
 cudaStream_t side_stream_for(cudaStream_t stream) {
   int device = 0;
   NB_CUDA_CHECK(cudaGetDevice(&device));
+  // One step above the caller's stream (numerically lower), clamped to the device's range:
+  // above its own op's fillers, never above streams the user ranked higher (communication).
+  int least = 0, greatest = 0;
+  NB_CUDA_CHECK(cudaDeviceGetStreamPriorityRange(&least, &greatest));
+  int caller = least;
+  NB_CUDA_CHECK(cudaStreamGetPriority(stream, &caller));
+  const int priority = caller > greatest ? caller - 1 : greatest;
+  struct Side {
+    cudaStream_t stream = nullptr;
+    int priority = 0;
+  };
   static std::mutex m;
-  static auto* streams = new std::map<std::pair<int, cudaStream_t>, cudaStream_t>();
+  static auto* sides = new std::map<std::pair<int, cudaStream_t>, Side>();
   std::lock_guard<std::mutex> lock(m);
-  cudaStream_t& side = (*streams)[{device, stream}];
-  if (side == nullptr) {
-    // One step above the caller's stream (numerically lower), clamped to the device's range:
-    // above its own op's fillers, never above streams the user ranked higher (communication).
-    int least = 0, greatest = 0;
-    NB_CUDA_CHECK(cudaDeviceGetStreamPriorityRange(&least, &greatest));
-    int caller = least;
-    NB_CUDA_CHECK(cudaStreamGetPriority(stream, &caller));
-    const int priority = caller > greatest ? caller - 1 : greatest;
-    NB_CUDA_CHECK(cudaStreamCreateWithPriority(&side, cudaStreamNonBlocking, priority));
+  Side& side = (*sides)[{device, stream}];
+  if (side.stream != nullptr && side.priority != priority) {
+    NB_CUDA_CHECK(cudaStreamDestroy(side.stream));
+    side = Side{};
   }
-  return side;
+  if (side.stream == nullptr) {
+    NB_CUDA_CHECK(cudaStreamCreateWithPriority(&side.stream, cudaStreamNonBlocking, priority));
+    side.priority = priority;
+  }
+  return side.stream;
 }
 
 }  // namespace
