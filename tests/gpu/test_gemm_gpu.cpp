@@ -378,6 +378,8 @@ TEST(GemmS8S8S32TnSm90, SameRoundSms) {
   EXPECT_EQ(sms(0, 4096, 132), 132);       // nothing to do: no cap
   EXPECT_EQ(sms(16384, 4096, 132, cuda::GemmTile::coop_128x256_c2x1), 128);  // 2048 tiles, 16 rounds
   EXPECT_EQ(sms(16384, 4096, 114), 114);   // 36 rounds of 114 (113.8 → 114)
+  EXPECT_EQ(sms(16384, 4096, 131), 128);   // an odd count: 130 usable, 32 rounds on 128
+  EXPECT_EQ(sms(16384, 11008, 131), 130);  // 85 rounds on 130 (129.5 → 130), not 131
   EXPECT_THROW(sms(16384, 4096, 0), nibble::Error);
 }
 

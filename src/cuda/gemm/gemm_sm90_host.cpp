@@ -92,10 +92,11 @@ int same_round_sms(const GemmS8S8Params& p, int sms) {
   const int64_t cluster = 2;  // every compiled configuration has a two-CTA cluster
   const int64_t tiles = ((p.m + tile_m - 1) / tile_m) * ((p.n + tile_n - 1) / tile_n);
   if (tiles == 0) return sms;
-  const int64_t rounds = (tiles + sms - 1) / sms;
+  // whole clusters only, as the launcher rounds a cap (an odd SM count loses one SM)
+  const int64_t usable = std::max<int64_t>(cluster, sms / cluster * cluster);
+  const int64_t rounds = (tiles + usable - 1) / usable;
   const int64_t need = (tiles + rounds - 1) / rounds;
-  const int64_t capped = std::min<int64_t>(sms, (need + cluster - 1) / cluster * cluster);
-  return static_cast<int>(std::max<int64_t>(capped, cluster));
+  return static_cast<int>(std::min<int64_t>(usable, (need + cluster - 1) / cluster * cluster));
 }
 
 const char* tile_name(GemmTile tile) {
