@@ -336,7 +336,11 @@ TEST(GemmS8S8S32TnSm90, AutomaticTileRule) {
   };
   EXPECT_EQ(pick(16384, 768, 3072), GemmTile::pingpong_128x128_c1x2);    // narrow and deep
   EXPECT_EQ(pick(16384, 1024, 4096), GemmTile::pingpong_128x128_c1x2);
-  EXPECT_EQ(pick(128, 4096, 4096), GemmTile::pingpong_128x128_c1x2);     // one M tile
+  EXPECT_EQ(pick(128, 4096, 4096), GemmTile::pingpong_64x64_c2x1);       // small M
+  EXPECT_EQ(pick(1, 11008, 4096), GemmTile::pingpong_64x64_c2x1);
+  EXPECT_EQ(pick(129, 4096, 4096), GemmTile::pingpong_64x128_c2x1);
+  EXPECT_EQ(pick(256, 4096, 11008), GemmTile::pingpong_64x128_c2x1);
+  EXPECT_EQ(pick(257, 4096, 4096), GemmTile::pingpong_128x128_c2x1);
   EXPECT_EQ(pick(16384, 4096, 4096), GemmTile::pingpong_128x128_c2x1);
   EXPECT_EQ(pick(8192, 8192, 8192), GemmTile::pingpong_128x128_c2x1);
   EXPECT_EQ(pick(16384, 768, 768), GemmTile::pingpong_128x128_c2x1);     // K small
@@ -373,8 +377,11 @@ TEST(GemmS8S8S32TnSm90, SameRoundSms) {
   EXPECT_EQ(sms(16384, 4096, 132), 128);   // 4096 tiles: 32 rounds on 132 and on 128
   EXPECT_EQ(sms(4096, 4096, 132), 128);    // 1024 tiles: 8 rounds
   EXPECT_EQ(sms(16384, 11008, 132), 132);  // 11008 tiles: 84 rounds need 132 (131.05 → 132)
-  EXPECT_EQ(sms(128, 4096, 132), 32);      // 32 tiles: one round on 32 SMs
-  EXPECT_EQ(sms(100, 100, 132), 2);        // one tile: one cluster
+  EXPECT_EQ(sms(128, 4096, 132), 128);     // 64×64 tiles: 128, one round
+  EXPECT_EQ(sms(256, 4096, 132), 128);     // 64×128 tiles: 128, one round
+  EXPECT_EQ(sms(100, 100, 132), 4);        // 64×64 tiles: 2 × 2
+  EXPECT_EQ(sms(300, 100, 132), 4);        // 128×128 tiles: 3 × 1, rounded up to clusters
+  EXPECT_EQ(sms(1000, 100, 132, cuda::GemmTile::pingpong_128x128_c1x2), 8);  // 8 × 1
   EXPECT_EQ(sms(0, 4096, 132), 132);       // nothing to do: no cap
   EXPECT_EQ(sms(16384, 4096, 132, cuda::GemmTile::coop_128x256_c2x1), 128);  // 2048 tiles, 16 rounds
   EXPECT_EQ(sms(16384, 4096, 114), 114);   // 36 rounds of 114 (113.8 → 114)

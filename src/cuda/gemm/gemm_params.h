@@ -22,11 +22,15 @@ enum class GemmTile : uint8_t {
   // 128×256×128 tile, both consumer warpgroups on one tile, 2×1 cluster (the H100 choice of
   // run 1; kept as a forced option for devices where it wins, see bench/README.md)
   coop_128x256_c2x1,
+  // 64-row ping-pong tiles for small M (one 64-row wgmma per tile), 2×1 cluster: at M ≤ 256
+  // the 128-row tiles leave most SMs idle (M = 128, N = 4096: 32 tiles for 132 SMs)
+  pingpong_64x64_c2x1,
+  pingpong_64x128_c2x1,
 };
 // Every configuration the launchers compile (tests force each; bench gemm times each).
 inline constexpr GemmTile kCompiledGemmTiles[] = {
     GemmTile::pingpong_128x128_c2x1, GemmTile::pingpong_128x128_c1x2,
-    GemmTile::coop_128x256_c2x1};
+    GemmTile::coop_128x256_c2x1, GemmTile::pingpong_64x64_c2x1, GemmTile::pingpong_64x128_c2x1};
 
 struct GemmS8S8Params {
   const int8_t* a = nullptr;  // A: [M, K] s8, row-major (K contiguous), 16-byte aligned base

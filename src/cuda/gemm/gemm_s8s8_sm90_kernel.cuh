@@ -61,8 +61,8 @@ using PingpongConfig = TileConfig<kM, kN, 128, kClusterM, kClusterN,
 
 // The configurations the launchers compile, one per GemmTile value (gemm_params.h), chosen by
 // measured sweeps (bench/README.md, "configs tried" and "Tile dispatch"): ping-pong 128×128
-// with a 2×1 or 1×2 cluster (the H200 sweep's winners), and the cooperative 128×256 tile of
-// the H100 run 1; persistent scheduler; two CTAs of a cluster share one operand's tile through
+// with a 2×1 or 1×2 cluster (the H200 sweep's winners), the cooperative 128×256 tile of
+// the H100 run 1, and ping-pong 64×64 / 64×128 for small M (the 2026-12-04 sweep); persistent scheduler; two CTAs of a cluster share one operand's tile through
 // TMA multicast (B along M for 2×1, A along N for 1×2).
 // with_tile_config(tile, f) calls f.template operator()<Config>() for the resolved tile
 // (never GemmTile::automatic: resolve it with sm90::choose_tile first).
@@ -73,6 +73,10 @@ decltype(auto) with_tile_config(GemmTile tile, F&& f) {
       return f.template operator()<PingpongConfig<128, 128, 1, 2>>();
     case GemmTile::coop_128x256_c2x1:
       return f.template operator()<CooperativeConfig<128, 256, 2, 1>>();
+    case GemmTile::pingpong_64x64_c2x1:
+      return f.template operator()<PingpongConfig<64, 64, 2, 1>>();
+    case GemmTile::pingpong_64x128_c2x1:
+      return f.template operator()<PingpongConfig<64, 128, 2, 1>>();
     case GemmTile::automatic:
     case GemmTile::pingpong_128x128_c2x1:
       break;

@@ -79,16 +79,27 @@ GemmTile choose_tile(const GemmS8S8Params& p) {
   // faster with A multicast along N; so did every product wider than tall with M > 1024 (the
   // paper's shapes and their dx/dw GEMMs: 1-5%, and 8704×10752×15360 102.8% vs 88.8% of
   // cuBLASLt). At M ≤ 1024 the 2×1 cluster stays (1024×4096×16384: 103.6% vs 95.2%).
-  if (p.m <= 128 || (p.n <= 1024 && p.k >= 3072) || (p.m > 1024 && p.m < p.n))
+  // Small M (sweep of 2026-12-04, bench/README.md run S9): 64-row tiles give the idle SMs
+  // work. M = 128: 64×64 at 144% of cuBLASLt INT8 (128×4096²) and 132% (128×4096×11008)
+  // against 92% and 73% for the best 128-row tile; 128×11008×4096 is the one shape where it
+  // trails (119% vs 125% for 128×128 1×2). M = 256: 64×128 at 159% vs 128%. M = 512: the
+  // 128-row tiles win again (163% vs 144%).
+  if (p.m <= 128) return GemmTile::pingpong_64x64_c2x1;
+  if (p.m <= 256) return GemmTile::pingpong_64x128_c2x1;
+  if ((p.n <= 1024 && p.k >= 3072) || (p.m > 1024 && p.m < p.n))
     return GemmTile::pingpong_128x128_c1x2;
   return GemmTile::pingpong_128x128_c2x1;
 }
 
 int same_round_sms(const GemmS8S8Params& p, int sms) {
   NB_CHECK(sms > 0, "sm90::same_round_sms: sms = " << sms << " must be positive");
+  // the tile shapes of with_tile_config (gemm_s8s8_sm90_kernel.cuh)
   const GemmTile tile = choose_tile(p);
-  const int64_t tile_m = 128;
-  const int64_t tile_n = tile == GemmTile::coop_128x256_c2x1 ? 256 : 128;
+  const bool rows64 = tile == GemmTile::pingpong_64x64_c2x1 || tile == GemmTile::pingpong_64x128_c2x1;
+  const int64_t tile_m = rows64 ? 64 : 128;
+  const int64_t tile_n = tile == GemmTile::coop_128x256_c2x1 ? 256
+                         : tile == GemmTile::pingpong_64x64_c2x1 ? 64
+                                                                 : 128;
   const int64_t cluster = 2;  // every compiled configuration has a two-CTA cluster
   const int64_t tiles = ((p.m + tile_m - 1) / tile_m) * ((p.n + tile_n - 1) / tile_n);
   if (tiles == 0) return sms;
@@ -105,6 +116,8 @@ const char* tile_name(GemmTile tile) {
     case GemmTile::pingpong_128x128_c2x1: return "pingpong_128x128x128_c2x1";
     case GemmTile::pingpong_128x128_c1x2: return "pingpong_128x128x128_c1x2";
     case GemmTile::coop_128x256_c2x1: return "coop_128x256x128_c2x1";
+    case GemmTile::pingpong_64x64_c2x1: return "pingpong_64x64x128_c2x1";
+    case GemmTile::pingpong_64x128_c2x1: return "pingpong_64x128x128_c2x1";
   }
   return "unknown";
 }

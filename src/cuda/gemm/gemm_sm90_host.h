@@ -13,7 +13,8 @@ void check_gemm_params(const char* fn, const GemmS8S8Params& p, const void* out,
 void check_epilogue(const char* fn, const EpiDequantBias& epi);
 
 // The configuration a call runs: p.tile, or for GemmTile::automatic the shape rule below.
-//   pingpong_128x128_c1x2 when M ≤ 128, or N ≤ 1024 and K ≥ 3072, or 1024 < M < N;
+//   pingpong_64x64_c2x1 when M ≤ 128; pingpong_64x128_c2x1 when 128 < M ≤ 256;
+//   pingpong_128x128_c1x2 when N ≤ 1024 and K ≥ 3072, or 1024 < M < N;
 //   pingpong_128x128_c2x1 otherwise.
 // Why (H200 sweep of 2026-12-03, interleaved timer, % of cuBLASLt INT8; bench/README.md): the
 // ping-pong 128×128 tile beat the cooperative 128×256 tile on every shape, e.g. 16384×4096×4096
