@@ -464,6 +464,12 @@ TEST(GemmS8S8S32TnSm90, RejectsIllegalShapesAndAlignment) {
   expect_error_containing(
       [&] { cuda::gemm_s8s8_s32_tn_sm90({a.get(), b.get(), -1, 16, 16}, c.get(), nullptr); },
       "negative size");
+  expect_error_containing(
+      [&] {
+        cuda::gemm_s8s8_s32_tn_sm90(
+            {a.get(), b.get(), 16, 16, 16, cuda::GemmTile::automatic, -4}, c.get(), nullptr);
+      },
+      "max_sms = -4 is negative");
 }
 
 // ---- the other baselines: sanity (they are only timed, but a wrong baseline lies) -------

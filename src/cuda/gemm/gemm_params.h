@@ -27,6 +27,23 @@ enum class GemmTile : uint8_t {
   pingpong_64x64_c2x1,
   pingpong_64x128_c2x1,
 };
+// Output tile and cluster of a configuration (not of automatic). The one table of these shapes:
+// the sm_90a launchers static_assert their CUTLASS configurations against it
+// (with_tile_config), and sm90::same_round_sms counts tiles with it.
+struct GemmTileShape {
+  int m, n, cluster_m, cluster_n;
+};
+constexpr GemmTileShape gemm_tile_shape(GemmTile tile) {
+  switch (tile) {
+    case GemmTile::pingpong_128x128_c1x2: return {128, 128, 1, 2};
+    case GemmTile::coop_128x256_c2x1: return {128, 256, 2, 1};
+    case GemmTile::pingpong_64x64_c2x1: return {64, 64, 2, 1};
+    case GemmTile::pingpong_64x128_c2x1: return {64, 128, 2, 1};
+    case GemmTile::automatic:
+    case GemmTile::pingpong_128x128_c2x1: break;
+  }
+  return {128, 128, 2, 1};
+}
 // Every configuration the launchers compile (tests force each; bench gemm times each).
 inline constexpr GemmTile kCompiledGemmTiles[] = {
     GemmTile::pingpong_128x128_c2x1, GemmTile::pingpong_128x128_c1x2,

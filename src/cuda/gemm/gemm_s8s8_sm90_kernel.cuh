@@ -62,26 +62,37 @@ using PingpongConfig = TileConfig<kM, kN, 128, kClusterM, kClusterN,
 // The configurations the launchers compile, one per GemmTile value (gemm_params.h), chosen by
 // measured sweeps (bench/README.md, "configs tried" and "Tile dispatch"): ping-pong 128×128
 // with a 2×1 or 1×2 cluster (the H200 sweep's winners), the cooperative 128×256 tile of
-// the H100 run 1, and ping-pong 64×64 / 64×128 for small M (the 2026-12-04 sweep); persistent scheduler; two CTAs of a cluster share one operand's tile through
-// TMA multicast (B along M for 2×1, A along N for 1×2).
+// the H100 run 1, and ping-pong 64×64 / 64×128 for small M (the 2026-12-04 sweep);
+// persistent scheduler; two CTAs of a cluster share one operand's tile through TMA multicast
+// (B along M for 2×1, A along N for 1×2).
 // with_tile_config(tile, f) calls f.template operator()<Config>() for the resolved tile
 // (never GemmTile::automatic: resolve it with sm90::choose_tile first).
 template <class F>
 decltype(auto) with_tile_config(GemmTile tile, F&& f) {
+  // Calls f with Config, after checking it against the shape table of gemm_params.h.
+  const auto run = [&]<GemmTile kTile, class Config>() -> decltype(auto) {
+    constexpr GemmTileShape kShape = gemm_tile_shape(kTile);
+    static_assert(cute::size<0>(typename Config::TileShape{}) == kShape.m &&
+                      cute::size<1>(typename Config::TileShape{}) == kShape.n &&
+                      cute::size<0>(typename Config::ClusterShape{}) == kShape.cluster_m &&
+                      cute::size<1>(typename Config::ClusterShape{}) == kShape.cluster_n,
+                  "with_tile_config and gemm_tile_shape disagree on a tile configuration");
+    return f.template operator()<Config>();
+  };
   switch (tile) {
     case GemmTile::pingpong_128x128_c1x2:
-      return f.template operator()<PingpongConfig<128, 128, 1, 2>>();
+      return run.template operator()<GemmTile::pingpong_128x128_c1x2, PingpongConfig<128, 128, 1, 2>>();
     case GemmTile::coop_128x256_c2x1:
-      return f.template operator()<CooperativeConfig<128, 256, 2, 1>>();
+      return run.template operator()<GemmTile::coop_128x256_c2x1, CooperativeConfig<128, 256, 2, 1>>();
     case GemmTile::pingpong_64x64_c2x1:
-      return f.template operator()<PingpongConfig<64, 64, 2, 1>>();
+      return run.template operator()<GemmTile::pingpong_64x64_c2x1, PingpongConfig<64, 64, 2, 1>>();
     case GemmTile::pingpong_64x128_c2x1:
-      return f.template operator()<PingpongConfig<64, 128, 2, 1>>();
+      return run.template operator()<GemmTile::pingpong_64x128_c2x1, PingpongConfig<64, 128, 2, 1>>();
     case GemmTile::automatic:
     case GemmTile::pingpong_128x128_c2x1:
       break;
   }
-  return f.template operator()<PingpongConfig<128, 128, 2, 1>>();
+  return run.template operator()<GemmTile::pingpong_128x128_c2x1, PingpongConfig<128, 128, 2, 1>>();
 }
 
 // ---- epilogues -------------------------------------------------------------------------

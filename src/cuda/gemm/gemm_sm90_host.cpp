@@ -52,6 +52,8 @@ void check_gemm_params(const char* fn, const GemmS8S8Params& p, const void* out,
               << " bytes, not a multiple of 16; N must be a multiple of " << 16 / out_bytes
               << " for this output type: pad N to "
               << (p.n * out_bytes + 15) / 16 * 16 / out_bytes);
+  NB_CHECK(p.max_sms >= 0, fn << ": max_sms = " << p.max_sms
+                              << " is negative; pass 0 for every SM or a positive cap");
   if (p.m == 0 || p.n == 0) return;
   NB_CHECK(out != nullptr, fn << ": the output pointer is null");
   NB_CHECK(aligned16(out), fn << ": the output pointer " << out
@@ -93,14 +95,9 @@ GemmTile choose_tile(const GemmS8S8Params& p) {
 
 int same_round_sms(const GemmS8S8Params& p, int sms) {
   NB_CHECK(sms > 0, "sm90::same_round_sms: sms = " << sms << " must be positive");
-  // the tile shapes of with_tile_config (gemm_s8s8_sm90_kernel.cuh)
-  const GemmTile tile = choose_tile(p);
-  const bool rows64 = tile == GemmTile::pingpong_64x64_c2x1 || tile == GemmTile::pingpong_64x128_c2x1;
-  const int64_t tile_m = rows64 ? 64 : 128;
-  const int64_t tile_n = tile == GemmTile::coop_128x256_c2x1 ? 256
-                         : tile == GemmTile::pingpong_64x64_c2x1 ? 64
-                                                                 : 128;
-  const int64_t cluster = 2;  // every compiled configuration has a two-CTA cluster
+  const GemmTileShape shape = gemm_tile_shape(choose_tile(p));
+  const int64_t tile_m = shape.m, tile_n = shape.n;
+  const int64_t cluster = shape.cluster_m * shape.cluster_n;
   const int64_t tiles = ((p.m + tile_m - 1) / tile_m) * ((p.n + tile_n - 1) / tile_n);
   if (tiles == 0) return sms;
   // whole clusters only, as the launcher rounds a cap (an odd SM count loses one SM)

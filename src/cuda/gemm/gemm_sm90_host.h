@@ -20,7 +20,8 @@ void check_epilogue(const char* fn, const EpiDequantBias& epi);
 // ping-pong 128×128 tile beat the cooperative 128×256 tile on every shape, e.g. 16384×4096×4096
 // 99.4% vs 90.5%, 16384×11008×4096 98.3% vs 91.7%, 8192³ 96.5% vs 94.9%, K = 768: 117-124% vs
 // 103-114%. The 1×2 cluster won at 16384×768×3072 (106.0% vs 99.4%), 16384×1024×4096 (106.6%
-// vs 96.9%) and M = 128 (87.7% vs 82.8%) and tied or lost elsewhere at M = 16384. The second
+// vs 96.9%) and M = 128 (87.7% vs 82.8%; since 2026-12-04 the 64-row tiles take M ≤ 256,
+// gemm_sm90_host.cpp) and tied or lost elsewhere at M = 16384. The second
 // sweep, over the paper's shapes and every layer's dx/dw GEMMs, found 1×2 ahead on every
 // product with 1024 < M < N (1-5%; 8704×10752×15360, the largest paper dw: 102.8% vs 88.8%),
 // 2×1 ahead or tied at M ≥ N and at M ≤ 1024 (1024×4096×16384: 103.6% vs 95.2%). (The H100

@@ -344,6 +344,11 @@ void backward_impl(const HqLinearBackwardParams<G>& p, const HqLinearConfig& cfg
   // db = Σ_rows dy: column partials from the bit split's first pass, which reads dy anyway
   if (p.db != nullptr) bs.col_partials = ws.part_db;
 
+  // The keep-all schedule forks a side stream for its critical path (below); the sampled one
+  // runs in order, so crit is the caller's stream there.
+  std::optional<StreamFork> fork;
+  if (cfg.lss == LssVariant::keep_all && cfg.overlap_passes) fork.emplace(stream);
+  const cudaStream_t crit = fork ? fork->side() : stream;
   if (cfg.lss == LssVariant::keep_all) {
     // Two chains meet only at the end: dx = mask/Hᵀ pass of the dx GEMM, dw = the same of the
     // dw GEMM; the x-code unpack needs nothing of this call. With cfg.overlap_passes the
@@ -355,9 +360,6 @@ void backward_impl(const HqLinearBackwardParams<G>& p, const HqLinearConfig& cfg
     // A persistent GEMM takes every SM it is given, so the GEMMs are capped at the fewest SMs
     // that keep their tile rounds (16384×4096 dx_t: 4096 tiles, 32 rounds on 132 SMs and on
     // 128); the passes start on the SMs left over and take the rest as a GEMM drains.
-    std::optional<StreamFork> fork;
-    if (cfg.overlap_passes) fork.emplace(stream);
-    const cudaStream_t crit = fork ? fork->side() : stream;
     const auto capped = [&](GemmS8S8Params g) {
       if (fork) g.max_sms = sm90::same_round_sms(g, device_sm_count());
       return g;
@@ -394,10 +396,6 @@ void backward_impl(const HqLinearBackwardParams<G>& p, const HqLinearConfig& cfg
     epi_w.b_per_col = false;
     gemm_s8s8_s32_tn_dequant(capped({ws.comb_t, ws.x_q_t, c, d, n}), epi_w, ws.dw_t, path,
                              crit);
-    // 6. dw: the same pass, beside what is left of the dx pass (both memory-bound)
-    mask_pass(ws.dw_t, nullptr, nullptr, c, d, cfg, p.w_q_packed, p.w_e_packed, p.dw,
-              ws.part_dw, crit);
-    if (fork) fork->join();  // dw and its partials are written
   } else {
     // Sampled (see LssVariant): split halves and their row Σq²
     bs.hi = ws.hi;
@@ -471,9 +469,12 @@ void backward_impl(const HqLinearBackwardParams<G>& p, const HqLinearConfig& cfg
     else
       mask_pass(nullptr, ws.out_dx, ws.pos, n, d, cfg, p.x_q_packed, p.x_e_packed, p.dx_f32,
                 ws.part_dx, stream);
-    mask_pass(ws.dw_t, nullptr, nullptr, c, d, cfg, p.w_q_packed, p.w_e_packed, p.dw,
-              ws.part_dw, stream);
   }
+  // dw: the same pass (keep-all: on crit after the dw GEMM, beside what is left of the dx
+  // pass; both are memory-bound)
+  mask_pass(ws.dw_t, nullptr, nullptr, c, d, cfg, p.w_q_packed, p.w_e_packed, p.dw, ws.part_dw,
+            crit);
+  if (fork) fork->join();  // everything on crit, dw and its partials last, is written
   ld::lsq_finalize(ws.part_dx, parts_dx, n * d, p.dsx, ws.part_dw, parts_dw, c * d, p.dsw,
                    cfg.range.qmax, stream);
   // db = Σ_rows dy from the partials of step 1
