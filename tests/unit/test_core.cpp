@@ -3,6 +3,7 @@
 #include <cmath>
 #include <cstring>
 #include <set>
+#include <vector>
 
 #include "nibble/dtype.h"
 #include "nibble/error.h"
@@ -33,6 +34,38 @@ TEST(Philox, StreamIsAPureFunctionOfItsKey) {
   std::set<uint32_t> seen;
   for (uint64_t i = 0; i < 1000; ++i) seen.insert(philox_u32(a, i));
   EXPECT_GT(seen.size(), 995u);
+}
+
+TEST(Philox, ScheduledBlocksEqualTheRounds) {
+  // The kernels' form (round keys and round 0's constant terms precomputed per stream) against
+  // philox4x32_10 on fresh random keys, counters with both halves of the block index set, and
+  // the extremes of every key field.
+  Philox4 gen = philox4x32_10(Philox4{{11, 22, 33, 44}}, 55, 66);
+  const auto next = [&] {
+    gen = philox4x32_10(gen, 0x9e3779b9u, 0x7f4a7c15u);
+    return (static_cast<uint64_t>(gen.v[0]) << 32) | gen.v[1];
+  };
+  std::vector<PhiloxKey> keys = {PhiloxKey{0, 0, 0, RngRole::rounding},
+                                 PhiloxKey{~uint64_t{0}, ~0u, (1u << 24) - 1, RngRole::sample_dw_rounding}};
+  for (int i = 0; i < 30; ++i) {
+    keys.push_back(PhiloxKey{next(), static_cast<uint32_t>(next()),
+                             static_cast<uint32_t>(next() & 0xffffffu),
+                             static_cast<RngRole>(1 + next() % 8)});
+  }
+  for (const PhiloxKey& k : keys) {
+    const PhiloxSchedule s = philox_schedule(k);
+    for (int j = 0; j < 64; ++j) {
+      const uint64_t block = j < 4 ? (j == 0 ? 0 : (j == 1 ? ~uint64_t{0} : uint64_t{1} << (31 + j)))
+                                   : next();
+      const Philox4 want = philox4x32_10(
+          Philox4{{static_cast<uint32_t>(block), static_cast<uint32_t>(block >> 32), k.step,
+                   (k.layer << 8) | static_cast<uint32_t>(k.role)}},
+          static_cast<uint32_t>(k.seed), static_cast<uint32_t>(k.seed >> 32));
+      const Philox4 got = philox4x32_10_scheduled(s, block);
+      for (int w = 0; w < 4; ++w)
+        ASSERT_EQ(got.v[w], want.v[w]) << "seed " << k.seed << " block " << block << " word " << w;
+    }
+  }
 }
 
 TEST(Philox, UniformMeanAndRange) {

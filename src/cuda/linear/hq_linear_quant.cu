@@ -57,8 +57,8 @@ __device__ __forceinline__ uint32_t residual_word(float r, float clamped, float 
 // no residual arithmetic at all.
 template <class T, int J, int B, bool kSide>
 __global__ void __launch_bounds__(kThreads)
-    hq_lsq_quantize_kernel(HqLsqQuantizeParams<T> p, float norm, int64_t col_tiles,
-                           int64_t tiles) {
+    hq_lsq_quantize_kernel(HqLsqQuantizeParams<T> p, PhiloxSchedule sched, float norm,
+                           int64_t col_tiles, int64_t tiles) {
   constexpr int W = kChunkCols8 * J;
   constexpr int R = linear_detail::kRowsPerBatch8<J>;
   constexpr int TR = linear_detail::kTileRows8<J>;
@@ -113,17 +113,19 @@ __global__ void __launch_bounds__(kThreads)
     if (batch_in_range(rb)) load_batch(bidx, raw);
 #pragma unroll 1
     for (; batch_in_range(rb); rb += kWarps * R, bidx += step) {
-      // the next batch's loads go out before this batch's arithmetic
-      uint32_t next[R][J][kWords];
-      if (batch_in_range(rb + kWarps * R)) load_batch(bidx + step, next);
-
       // v = (x·H_k)·2^(−k/2), tested for NaN/Inf once per batch
       float v[R][J][kLaneCols8];
+#pragma unroll
+      for (int i = 0; i < R; ++i)
+#pragma unroll
+        for (int j = 0; j < J; ++j) linear_detail::widen8(raw[i][j], v[i][j]);
+      // The next batch's loads go out before this batch's arithmetic, into `raw` (dead once
+      // widened): no second buffer to copy back per batch (16 register moves per batch at
+      // bf16, J = 1, in SASS) and fewer live registers.
+      if (batch_in_range(rb + kWarps * R)) load_batch(bidx + step, raw);
       bool finite = true;
 #pragma unroll
       for (int i = 0; i < R; ++i) {
-#pragma unroll
-        for (int j = 0; j < J; ++j) linear_detail::widen8(raw[i][j], v[i][j]);
         linear_detail::hadamard_warp<J, B>(v[i], lane, block);
 #pragma unroll
         for (int j = 0; j < J; ++j)
@@ -177,7 +179,7 @@ __global__ void __launch_bounds__(kThreads)
             // 8 (8 | c, 16 | cols, 8 | index_base), so the 8 uniforms are one whole block
             float U[kLaneCols8];
             philox16::magic_uniforms8(
-                philox16::block(p.key, (p.index_base + static_cast<uint64_t>(idx)) >> 3), U);
+                philox16::block(sched, (p.index_base + static_cast<uint64_t>(idx)) >> 3), U);
             uint32_t y[kLaneCols8];
 #pragma unroll
             for (int k = 0; k < kLaneCols8; ++k) {
@@ -205,12 +207,6 @@ __global__ void __launch_bounds__(kThreads)
             *reinterpret_cast<uint32_t*>(p.q_packed + pidx) = detail::pack_nibbles8(even, odd);
         }
       }
-#pragma unroll
-      for (int i = 0; i < R; ++i)
-#pragma unroll
-        for (int j = 0; j < J; ++j)
-#pragma unroll
-          for (int w = 0; w < kWords; ++w) raw[i][j][w] = next[i][j][w];
     }
     if (p.q_t == nullptr) continue;  // uniform across the block
     __syncthreads();
@@ -259,6 +255,8 @@ void hq_lsq_quantize_impl(const HqLsqQuantizeParams<T>& p, cudaStream_t stream) 
 
   HqLsqQuantizeParams<T> q = p;
   q.key.role = RngRole::rounding;
+  // the stream's round keys, once per launch (rng.h philox_schedule): constant-bank operands
+  const PhiloxSchedule sched = philox_schedule(q.key);
   // 2^(−k/2): the same expression as ref::hadamard_norm (fp64, one rounding to fp32)
   const float norm = static_cast<float>(1.0 / std::sqrt(static_cast<double>(p.block)));
   const auto launch = [&](auto jc, auto bc) {
@@ -273,10 +271,10 @@ void hq_lsq_quantize_impl(const HqLsqQuantizeParams<T>& p, cudaStream_t stream) 
     const int64_t blocks = tiles;
     if (q.e_packed != nullptr) {
       hq_lsq_quantize_kernel<T, J, B, true>
-          <<<static_cast<unsigned>(blocks), kThreads, 0, stream>>>(q, norm, col_tiles, tiles);
+          <<<static_cast<unsigned>(blocks), kThreads, 0, stream>>>(q, sched, norm, col_tiles, tiles);
     } else {
       hq_lsq_quantize_kernel<T, J, B, false>
-          <<<static_cast<unsigned>(blocks), kThreads, 0, stream>>>(q, norm, col_tiles, tiles);
+          <<<static_cast<unsigned>(blocks), kThreads, 0, stream>>>(q, sched, norm, col_tiles, tiles);
     }
   };
   linear_detail::dispatch_block8(p.block, launch);  // a power of two in [1, 1024] (checked above)

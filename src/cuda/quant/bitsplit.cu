@@ -253,9 +253,9 @@ __device__ __forceinline__ void add_row_sumsq(const BitSplitParams<T>& p, int64_
 //   hi = clamp(rint(T·fl(1/14)), −6, 6);  lo = clamp(floor(T − 14·hi + u), −6, 6) (exact sum)
 //   combined = 14·hi + lo
 template <class T>
-__global__ void __launch_bounds__(kThreads) bitsplit_kernel(BitSplitParams<T> p, bool vec,
-                                                            bool pair16, bool vec_t,
-                                                            bool vec16_t) {
+__global__ void __launch_bounds__(kThreads)
+    bitsplit_kernel(BitSplitParams<T> p, PhiloxSchedule sched, bool vec, bool pair16, bool vec_t,
+                    bool vec16_t) {
   constexpr int kRowsPerWarp = kTileRows / kWarps;
   static_assert(kRowsPerWarp % 2 == 0, "rows come in pairs for philox16::pair");
   __shared__ __align__(16) int8_t tile[kTileRows][kTileCols + 4];  // +4: conflict-free columns
@@ -294,13 +294,13 @@ __global__ void __launch_bounds__(kThreads) bitsplit_kernel(BitSplitParams<T> p,
 #pragma unroll
     for (int i = 0; i < kRowsPerWarp; i += 2) {
       const uint64_t ia = static_cast<uint64_t>((r0 + rb + i) * p.cols + c);
-      philox16::pair(p.key, ia, ia + static_cast<uint64_t>(p.cols), (lane & 1) != 0, words[i],
+      philox16::pair(sched, ia, ia + static_cast<uint64_t>(p.cols), (lane & 1) != 0, words[i],
                      words[i + 1]);
     }
   } else if (vec) {
 #pragma unroll
     for (int i = 0; i < kRowsPerWarp; ++i)
-      philox16::own(p.key, static_cast<uint64_t>((r0 + rb + i) * p.cols + c), words[i]);
+      philox16::own(sched, static_cast<uint64_t>((r0 + rb + i) * p.cols + c), words[i]);
   }
 #pragma unroll
   for (int i = 0; i < kRowsPerWarp; ++i) {
@@ -423,7 +423,7 @@ constexpr int kSplitBatchRows = 2;
 
 template <class T>
 __global__ void __launch_bounds__(kThreads)
-    bitsplit_lanes8_kernel(BitSplitParams<T> p, int64_t col_tiles) {
+    bitsplit_lanes8_kernel(BitSplitParams<T> p, PhiloxSchedule sched, int64_t col_tiles) {
   constexpr int R = kSplitBatchRows;
   constexpr int kWords = detail::kRawWords<T>;
   __shared__ __align__(16) int8_t tile[kSplitTileRows][kSplitTileCols + 4];
@@ -448,21 +448,24 @@ __global__ void __launch_bounds__(kThreads)
   if (batch_in_range(rb)) load_batch(rb, raw);
 #pragma unroll 1
   for (; batch_in_range(rb); rb += kWarps * R) {
-    uint32_t next[R][kWords];
-    if (batch_in_range(rb + kWarps * R)) load_batch(rb + kWarps * R, next);
+    float g[R][8];
+#pragma unroll
+    for (int i = 0; i < R; ++i) detail::widen8(raw[i], g[i]);
+    // the next batch's loads go out before this batch's arithmetic, into `raw` (dead once
+    // widened): no second buffer to copy back per batch
+    if (batch_in_range(rb + kWarps * R)) load_batch(rb + kWarps * R, raw);
 #pragma unroll
     for (int i = 0; i < R; ++i) {
       const int64_t row = r0 + rb + i;
       int sum_hi = 0, sum_lo = 0;  // Σ hi², Σ lo² of the lane's 8 codes, ≤ 8·36 each
       if (in_cols) {
         const int64_t idx = row * p.cols + c;
-        float g[8], U[8];
-        detail::widen8(raw[i], g);
-        philox16::magic_uniforms8(philox16::block(p.key, static_cast<uint64_t>(idx) >> 3), U);
+        float U[8];
+        philox16::magic_uniforms8(philox16::block(sched, static_cast<uint64_t>(idx) >> 3), U);
         uint32_t comb[8], hb[8], yb[8];
 #pragma unroll
         for (int k = 0; k < 8; ++k) {
-          const SplitBits b = split_element(g[k], scale1, U[k]);
+          const SplitBits b = split_element(g[i][k], scale1, U[k]);
           hb[k] = b.hb, yb[k] = b.yb, comb[k] = b.comb;
         }
         uint32_t even, odd;  // the codes sit in byte 2
@@ -502,10 +505,6 @@ __global__ void __launch_bounds__(kThreads)
       // every lane of the warp (shuffles), those past the columns with zeros
       if (p.row_sumsq != nullptr) add_row_sumsq(p, row, sum_hi, sum_lo, lane);
     }
-#pragma unroll
-    for (int i = 0; i < R; ++i)
-#pragma unroll
-      for (int w = 0; w < kWords; ++w) raw[i][w] = next[i][w];
   }
   if (p.combined_t == nullptr) return;  // uniform across the block
   __syncthreads();
@@ -854,6 +853,8 @@ void bitsplit_impl(const BitSplitParams<T>& p, cudaStream_t stream) {
   const bool pair16 = vec && p.cols % 8 == 0;  // lane pairs start at multiples of 8
   const bool vec_t = p.rows % 4 == 0 && aligned4(p.combined_t, 4);
   const bool vec16_t = p.rows % 16 == 0 && aligned4(p.combined_t, 16);
+  // the stream's round keys, once per launch (rng.h philox_schedule): constant-bank operands
+  const PhiloxSchedule sched = philox_schedule(p.key);
   if (p.rows % 16 == 0 && p.cols % 16 == 0 && aligned4(p.g, 16) && aligned4(p.hi, 8) &&
       aligned4(p.lo, 8) && aligned4(p.combined, 8) && aligned4(p.combined_t, 4)) {
     const int64_t col_tiles = detail::ceil_div(p.cols, static_cast<int64_t>(kSplitTileCols));
@@ -861,10 +862,10 @@ void bitsplit_impl(const BitSplitParams<T>& p, cudaStream_t stream) {
         detail::ceil_div(p.rows, static_cast<int64_t>(kSplitTileRows)) * col_tiles;
     detail::check_grid_extent(tiles, fn, "the tiling");
     bitsplit_lanes8_kernel<T>
-        <<<static_cast<unsigned>(tiles), kThreads, 0, stream>>>(p, col_tiles);
+        <<<static_cast<unsigned>(tiles), kThreads, 0, stream>>>(p, sched, col_tiles);
   } else {
-    bitsplit_kernel<T><<<tile_grid(p.rows, p.cols), kThreads, 0, stream>>>(p, vec, pair16, vec_t,
-                                                                            vec16_t);
+    bitsplit_kernel<T><<<tile_grid(p.rows, p.cols), kThreads, 0, stream>>>(p, sched, vec, pair16,
+                                                                            vec_t, vec16_t);
   }
   NB_CUDA_CHECK_LAUNCH();
 }

@@ -25,24 +25,16 @@ namespace nibble::cuda::philox16 {
 // integer part then sits in bits 16..22: bits >> 16 = 0x4300 + floor − 128 = 0x4340 + floor(x + u).
 constexpr uint32_t kMagicBits = 0x43400000u;
 
-// philox4x32_10 of rng.h, the same rounds, with the 32×32 -> 64 products as __umulhi and a
-// 32-bit multiply: the 64-bit product of rng.h's form costs an extra add per product in SASS
-// (about 20 instructions per block on sm_90a, nvcc 13).
+// Block blk of the stream whose schedule is s (rng.h philox4x32_10_scheduled). The hot
+// kernels take the schedule as a by-value kernel argument (philox_schedule(key) on the host),
+// so its round keys are constant-bank operands.
+__device__ __forceinline__ Philox4 block(const PhiloxSchedule& s, uint64_t blk) {
+  return philox4x32_10_scheduled(s, blk);
+}
+
+// The same block from the key alone (kernels off the hot path): the schedule is built per call.
 __device__ __forceinline__ Philox4 block(const PhiloxKey& key, uint64_t blk) {
-  constexpr uint32_t kM0 = 0xD2511F53u, kM1 = 0xCD9E8D57u;
-  constexpr uint32_t kW0 = 0x9E3779B9u, kW1 = 0xBB67AE85u;
-  Philox4 ctr{{static_cast<uint32_t>(blk), static_cast<uint32_t>(blk >> 32), key.step,
-               (key.layer << 8) | static_cast<uint32_t>(key.role)}};
-  uint32_t k0 = static_cast<uint32_t>(key.seed), k1 = static_cast<uint32_t>(key.seed >> 32);
-#pragma unroll
-  for (int r = 0; r < 10; ++r) {
-    const uint32_t hi0 = __umulhi(kM0, ctr.v[0]), lo0 = kM0 * ctr.v[0];
-    const uint32_t hi1 = __umulhi(kM1, ctr.v[2]), lo1 = kM1 * ctr.v[2];
-    ctr = Philox4{{hi1 ^ ctr.v[1] ^ k0, lo1, hi0 ^ ctr.v[3] ^ k1, lo0}};
-    k0 += kW0;
-    k1 += kW1;
-  }
-  return ctr;
+  return philox4x32_10_scheduled(philox_schedule(key), blk);
 }
 
 // 192 + u_k for the 4 elements whose stream words are w[0] (elements 0, 1) and w[1] (2, 3):
@@ -68,8 +60,9 @@ __device__ __forceinline__ void magic_uniforms8(const Philox4& o, float (&U)[8])
 // group B, where the even lane's index_a and index_b are multiples of 8 and the odd lane's are
 // 4 more. Returns the two stream words of this lane's 4 elements of each group. Every lane of
 // the warp must call it (shuffles).
-__device__ __forceinline__ void pair(const PhiloxKey& key, uint64_t index_a, uint64_t index_b,
-                                     bool odd, uint32_t (&wa)[2], uint32_t (&wb)[2]) {
+template <class Key>
+__device__ __forceinline__ void pair(const Key& key, uint64_t index_a, uint64_t index_b, bool odd,
+                                     uint32_t (&wa)[2], uint32_t (&wb)[2]) {
   const Philox4 o = block(key, (odd ? index_b : index_a) >> 3);
   // the even lane computed A and keeps its words 0, 1; the odd lane computed B and keeps 2, 3
   const uint32_t s0 = odd ? o.v[0] : o.v[2];
@@ -84,7 +77,8 @@ __device__ __forceinline__ void pair(const PhiloxKey& key, uint64_t index_a, uin
 
 // Without a partner: the two words of elements index .. index + 3 (index % 4 == 0), half of
 // one block.
-__device__ __forceinline__ void own(const PhiloxKey& key, uint64_t index, uint32_t (&w)[2]) {
+template <class Key>
+__device__ __forceinline__ void own(const Key& key, uint64_t index, uint32_t (&w)[2]) {
   const Philox4 o = block(key, index >> 3);
   const bool upper = (index & 4) != 0;
   w[0] = upper ? o.v[2] : o.v[0];
