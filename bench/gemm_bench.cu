@@ -32,13 +32,14 @@ namespace nibble::bench {
 namespace {
 
 // 8192³; the transformer shapes at M = 16384 tokens (BERT-base/large, LLaMA-7B's 4096/11008);
-// and two smaller token counts at 4096².
+// and three smaller token counts at 4096² (128, 256, 1024).
 std::vector<Shape> default_gemm_shapes() {
   std::vector<Shape> s = {{8192, 8192, 8192}};
   const int64_t nk[][2] = {{768, 768},   {3072, 768},  {768, 3072},   {1024, 1024},  {4096, 1024},
                            {1024, 4096}, {4096, 4096}, {11008, 4096}, {4096, 11008}};
   for (const auto& p : nk) s.push_back({16384, p[0], p[1]});
   s.push_back({128, 4096, 4096});
+  s.push_back({256, 4096, 4096});  // the 64x128 tiles' range (128 < M <= 256)
   s.push_back({1024, 4096, 4096});
   return s;
 }

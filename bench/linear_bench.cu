@@ -134,7 +134,7 @@ class Bf16Gemm {
 };
 
 // The paper's operator shapes (algorithms.md C.6), the transformer shapes at 16384 tokens,
-// and two small token counts at 4096².
+// and three small token counts at 4096² (128, 256, 1024).
 std::vector<Shape> default_linear_shapes() {
   std::vector<Shape> s = {{4608, 5120, 6144}, {5120, 6144, 8192},  {6144, 6144, 9216},
                           {7168, 6656, 8704}, {8192, 7680, 9728}, {15360, 8704, 10752}};
@@ -142,6 +142,7 @@ std::vector<Shape> default_linear_shapes() {
                            {1024, 4096}, {4096, 4096}, {11008, 4096}, {4096, 11008}};
   for (const auto& p : nk) s.push_back({16384, p[0], p[1]});
   s.push_back({128, 4096, 4096});
+  s.push_back({256, 4096, 4096});  // the 64x128 tiles' range (128 < M <= 256)
   s.push_back({1024, 4096, 4096});
   return s;
 }

@@ -96,8 +96,8 @@ std::vector<Subcommand> add_bench_commands(CLI::App& app) {
   linear->add_option("--warmup", l->warmup, "warm-up rounds")->check(CLI::Range(0, 1000))->capture_default_str();
   linear->add_option("--shapes", l->shapes,
                      "MxNxK,... with M = tokens, N = out_features, K = in_features, all multiples "
-                     "of 16 (default: the paper's six, M = 16384 transformer shapes, M = 128 and "
-                     "1024 at 4096x4096)");
+                     "of 16 (default: the paper's six, M = 16384 transformer shapes, M = 128, "
+                     "256 and 1024 at 4096x4096)");
   linear->add_option("--block", l->block, "Hadamard block (power of two dividing K)")
       ->check(CLI::Range(1, 1024))
       ->capture_default_str();

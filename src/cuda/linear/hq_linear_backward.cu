@@ -349,7 +349,8 @@ __global__ void __launch_bounds__(kThreads)
     gather_t_kernel(const int8_t* __restrict__ hi, const int8_t* __restrict__ lo,
                     const uint8_t* __restrict__ x_packed, int64_t n, int64_t cols,
                     const int32_t* __restrict__ index, int64_t k, const float* __restrict__ p,
-                    const float* __restrict__ dw_scale, PhiloxKey key, int8_t* __restrict__ out) {
+                    const float* __restrict__ dw_scale, PhiloxSchedule sched,
+                    int8_t* __restrict__ out) {
   __shared__ __align__(16) int8_t tile[kTileRows][kTileCols + 4];
   const int lane = threadIdx.x & 31;
   const int warp = threadIdx.x >> 5;
@@ -367,7 +368,7 @@ __global__ void __launch_bounds__(kThreads)
         const float f = split_weight(src, n, p);
         const int8_t* row = src < n ? hi + src * cols : lo + (src - n) * cols;
         const uint32_t codes = *reinterpret_cast<const uint32_t*>(row + c);
-        const Philox4 r = philox16::block(key, static_cast<uint64_t>(src * cols + c) >> 2);
+        const Philox4 r = philox16::block(sched, static_cast<uint64_t>(src * cols + c) >> 2);
 #pragma unroll
         for (int e = 0; e < 4; ++e) {
           const int code = static_cast<int8_t>(codes >> (8 * e));
@@ -534,8 +535,9 @@ void gather_weighted_split_t(const int8_t* hi, const int8_t* lo, int64_t n, int6
   if (k == 0) return;
   const dim3 grid(static_cast<unsigned>(detail::ceil_div(k, kTileRows)),
                   static_cast<unsigned>(detail::ceil_div(cols, kTileCols)));
+  // the stream's round keys, once per launch (rng.h philox_schedule): constant-bank operands
   gather_t_kernel<0><<<grid, kThreads, 0, stream>>>(hi, lo, nullptr, n, cols, index, k, p,
-                                                    dw_scale, key, out);
+                                                    dw_scale, philox_schedule(key), out);
   NB_CUDA_CHECK_LAUNCH();
 }
 
@@ -547,7 +549,7 @@ void gather_x_t(const uint8_t* x_packed, int64_t n, int64_t d, const int32_t* in
   const dim3 grid(static_cast<unsigned>(detail::ceil_div(k, kTileRows)),
                   static_cast<unsigned>(detail::ceil_div(d, kTileCols)));
   gather_t_kernel<1><<<grid, kThreads, 0, stream>>>(nullptr, nullptr, x_packed, n, d, index, k,
-                                                    nullptr, nullptr, PhiloxKey{}, out);
+                                                    nullptr, nullptr, PhiloxSchedule{}, out);
   NB_CUDA_CHECK_LAUNCH();
 }
 
