@@ -76,9 +76,10 @@ NB_HOST_DEVICE Philox4 philox4x32_10(Philox4 ctr, uint32_t k0, uint32_t k1) {
 // layer << 8 | role). A kernel takes it as a by-value argument, so the round keys are
 // constant-bank operands of the XORs instead of two adds per round and Philox block, and
 // round 0 has one product instead of two (about 20 fewer instructions per block in the
-// issue-bound quantizers; bench/README.md, "S10"). philox4x32_10_scheduled(philox_schedule(k),
-// b) == philox4x32_10({b_lo, b_hi, step, layer << 8 | role}, key words) for every k and b
-// (tests/test_rng.cpp).
+// quantizers and the bit split; bench/README.md, "run S10").
+// philox4x32_10_scheduled(philox_schedule(k), b) == philox4x32_10({b_lo, b_hi, step,
+// layer << 8 | role}, key words) for every k and b (tests/unit/test_core.cpp,
+// Philox.ScheduledBlocksEqualTheRounds).
 struct PhiloxSchedule {
   uint32_t k0[10];   // round r's key words: seed words + r·(Weyl constants), mod 2^32
   uint32_t k1[10];

@@ -7,16 +7,17 @@
 // chunk, 8 codes leave as one 8-byte word (q), two 32-bit words of packed nibbles (q and e),
 // and (with q_t) two words in the shared tile, which leaves transposed as 4 × 4 byte blocks
 // (detail::store_tile_transposed).
-// The kernel is issue-bound (ncu), so the code counts instructions: 8 elements per lane make
-// the lane's 8 side-channel uniforms exactly one Philox block (no exchange between lanes), put
-// three butterfly stages in registers, and halve the load and store instructions; a warp
-// walking several batches spreads the per-thread set-up (the step's division, the tile's
-// indices) over 64 elements; finiteness is tested once, after the transform (a NaN/Inf input
-// makes its whole Hadamard block non-finite, so the slow path that classifies and reports
-// runs only then); a multiply by 1/s per element (no division); no rounding/conversion
-// instructions (magic-number adds, a rounded-down fma for the side channel's floor); byte
-// permutes for the packing; the Hadamard block a template parameter (bench/README.md,
-// "Quantization passes").
+// The kernel is bound by instruction issue and by the ALU pipe (ncu; bench/README.md, "run
+// S10"), so the code counts instructions: 8 elements per lane make the lane's 8 side-channel
+// uniforms exactly one Philox block (no exchange between lanes; its round keys come from the
+// launch's PhiloxSchedule), put three butterfly stages in registers, and halve the load and
+// store instructions; a warp walking several batches spreads the per-thread set-up (the step's
+// division, the tile's indices) over 64 elements; finiteness is tested once, after the
+// transform (a NaN/Inf input makes its whole Hadamard block non-finite, so the slow path that
+// classifies and reports runs only then); a multiply by 1/s per element (no division); no
+// rounding/conversion instructions (magic-number adds, a rounded-down fma for the side
+// channel's floor); byte permutes for the packing; the Hadamard block a template parameter
+// (bench/README.md, "Quantization passes").
 #include <cmath>
 #include <cstdint>
 #include <type_traits>
