@@ -911,6 +911,81 @@ TEST(LinearGpu, SampledCapacityFormula) {
   EXPECT_NO_THROW(cuda::hq_linear_backward_workspace_bytes(128, 64, 64, cfg));
 }
 
+// The fused quantizer at stream indices whose Philox block number has a non-zero high word
+// (index_base ≥ 2^35): the kernels take the launch's PhiloxSchedule, whose round 0 folds the
+// counter's constant words and XORs the block's high word in separately, so these blocks take
+// a path that indices below 2^35 (every layer of a normal size) never do. Codes, packed codes
+// and side channel against ref::hq_quantize and ref::lsq_residual_encode, for f32 and bf16
+// input and a block that spans lanes (32) and one that spans chunks (512).
+template <class T>
+void expect_quantizer_at_high_indices(int64_t block, uint64_t index_base, uint64_t seed) {
+  SCOPED_TRACE(testing::Message() << "block " << block << " index_base " << index_base
+                                  << (sizeof(T) == 2 ? " bf16" : " f32"));
+  const int64_t rows = 48, cols = 1024, n = rows * cols;
+  std::vector<float> x = random_activations(rows, cols, seed);
+  if constexpr (sizeof(T) == 2) x = widen(narrow(x));  // the values the kernel reads
+  const QRange range = kInt4Full;
+  const float s = test_step(x, rows, cols, block, range);
+  const PhiloxKey key{seed ^ 0x5bd1e995u, 7, 3, RngRole::rounding};
+
+  std::vector<int8_t> q_ref(static_cast<size_t>(n));
+  std::vector<float> r_ref(static_cast<size_t>(n));
+  ref::hq_quantize(x.data(), rows, cols, block, s, range, q_ref.data(), r_ref.data());
+  std::vector<uint8_t> qp_ref(static_cast<size_t>(n / 2)), ep_ref(static_cast<size_t>(n / 2));
+  int64_t clipped = 0;
+  for (int64_t i = 0; i < n; i += 2) {
+    const int8_t e0 = ref::lsq_residual_encode(r_ref[i], range, key, index_base + i);
+    const int8_t e1 = ref::lsq_residual_encode(r_ref[i + 1], range, key, index_base + i + 1);
+    clipped += (e0 == ref::kLsqClipped) + (e1 == ref::kLsqClipped);
+    qp_ref[i / 2] = static_cast<uint8_t>((q_ref[i] & 0xf) | ((q_ref[i + 1] & 0xf) << 4));
+    ep_ref[i / 2] = static_cast<uint8_t>((e0 & 0xf) | ((e1 & 0xf) << 4));
+  }
+  ASSERT_GT(clipped, 0) << "the test data must clip some elements";
+  ASSERT_LT(clipped, n / 4);
+
+  std::vector<T> xt(static_cast<size_t>(n));
+  for (int64_t i = 0; i < n; ++i) {
+    if constexpr (sizeof(T) == 2) xt[i] = bf16_t{f32_to_bf16(x[i])};
+    else xt[i] = x[i];
+  }
+  DeviceBuffer<T> dx(xt);
+  DeviceBuffer<float> step(std::vector<float>{s});
+  DeviceBuffer<int8_t> q(std::vector<int8_t>(static_cast<size_t>(n), int8_t{0x55}));
+  DeviceBuffer<uint8_t> qp(std::vector<uint8_t>(static_cast<size_t>(n / 2), 0xa5));
+  DeviceBuffer<uint8_t> ep(std::vector<uint8_t>(static_cast<size_t>(n / 2), 0x5a));
+  DeviceBuffer<uint64_t> st(1);
+  cuda::status_clear(st.get(), nullptr);
+  cuda::HqLsqQuantizeParams<T> p;
+  p.x = dx.get(), p.rows = rows, p.cols = cols, p.block = block, p.step = step.get();
+  p.range = range;
+  p.key = key;
+  p.index_base = index_base;
+  p.q = q.get(), p.q_packed = qp.get(), p.e_packed = ep.get(), p.status = st.get();
+  cuda::hq_lsq_quantize(p, nullptr);
+  NB_CUDA_CHECK(cudaDeviceSynchronize());
+  EXPECT_EQ(st.download()[0], cuda::kStatusClear);
+  const std::vector<int8_t> q_got = q.download();
+  const std::vector<uint8_t> qp_got = qp.download(), ep_got = ep.download();
+  for (int64_t i = 0; i < n; ++i) ASSERT_EQ(q_got[i], q_ref[i]) << "code " << i;
+  for (int64_t i = 0; i < n / 2; ++i) {
+    ASSERT_EQ(qp_got[i], qp_ref[i]) << "packed code byte " << i;
+    ASSERT_EQ(ep_got[i], ep_ref[i]) << "side-channel byte " << i;
+  }
+}
+
+TEST(LinearGpu, LsqQuantizerSideChannelAtHighStreamIndices) {
+  // block numbers (index >> 3) with high words 1, 0x30 and 2^28 + 1; all multiples of 8
+  const uint64_t bases[] = {uint64_t{1} << 35, (uint64_t{0x30} << 35) + 8 * 1234567,
+                            ((uint64_t{1} << 28) + 1) << 35};
+  uint64_t seed = 0x7a11;
+  for (const uint64_t base : bases) {
+    for (const int64_t block : {int64_t{32}, int64_t{512}}) {
+      expect_quantizer_at_high_indices<float>(block, base, ++seed);
+      expect_quantizer_at_high_indices<bf16_t>(block, base, ++seed);
+    }
+  }
+}
+
 // The fused quantizer's status word. The kernel tests finiteness once, after the transform
 // (a NaN/Inf input makes its whole Hadamard block non-finite), and classifies only then, so:
 // the first NaN/Inf input wins over the overflows its block shows, an overflow of finite
