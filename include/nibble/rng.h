@@ -85,7 +85,8 @@ struct PhiloxSchedule {
   uint32_t k1[10];
   uint32_t r0_x0;    // round 0, output word 0 without the counter's word 1: hi(M1·step) ^ k0[0]
   uint32_t r0_x1;    // round 0, output word 1: lo(M1·step)
-  uint32_t r0_x2;    // round 0, output word 2 without hi(M0·counter word 0): (layer<<8|role) ^ k1[0]
+  uint32_t r0_x2;    // round 0, output word 2 without hi(M0·counter word 0):
+                     //   (layer << 8 | role) ^ k1[0]
 };
 
 NB_HOST_DEVICE PhiloxSchedule philox_schedule(const PhiloxKey& key) {

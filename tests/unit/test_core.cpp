@@ -45,8 +45,9 @@ TEST(Philox, ScheduledBlocksEqualTheRounds) {
     gen = philox4x32_10(gen, 0x9e3779b9u, 0x7f4a7c15u);
     return (static_cast<uint64_t>(gen.v[0]) << 32) | gen.v[1];
   };
-  std::vector<PhiloxKey> keys = {PhiloxKey{0, 0, 0, RngRole::rounding},
-                                 PhiloxKey{~uint64_t{0}, ~0u, (1u << 24) - 1, RngRole::sample_dw_rounding}};
+  std::vector<PhiloxKey> keys = {
+      PhiloxKey{0, 0, 0, RngRole::rounding},
+      PhiloxKey{~uint64_t{0}, ~0u, (1u << 24) - 1, RngRole::sample_dw_rounding}};
   for (int i = 0; i < 30; ++i) {
     keys.push_back(PhiloxKey{next(), static_cast<uint32_t>(next()),
                              static_cast<uint32_t>(next() & 0xffffffu),
@@ -55,8 +56,9 @@ TEST(Philox, ScheduledBlocksEqualTheRounds) {
   for (const PhiloxKey& k : keys) {
     const PhiloxSchedule s = philox_schedule(k);
     for (int j = 0; j < 64; ++j) {
-      const uint64_t block = j < 4 ? (j == 0 ? 0 : (j == 1 ? ~uint64_t{0} : uint64_t{1} << (31 + j)))
-                                   : next();
+      // 0, all ones, 2^33, 2^34 (high word set), then random
+      const uint64_t block =
+          j == 0 ? 0 : (j == 1 ? ~uint64_t{0} : (j < 4 ? uint64_t{1} << (31 + j) : next()));
       const Philox4 want = philox4x32_10(
           Philox4{{static_cast<uint32_t>(block), static_cast<uint32_t>(block >> 32), k.step,
                    (k.layer << 8) | static_cast<uint32_t>(k.role)}},

@@ -270,12 +270,13 @@ void hq_lsq_quantize_impl(const HqLsqQuantizeParams<T>& p, cudaStream_t stream) 
     // tile loop stays for grids capped by the CUDA limit.
     detail::check_grid_extent(tiles, fn, "the tiling");
     const int64_t blocks = tiles;
+    const auto grid = static_cast<unsigned>(blocks);
     if (q.e_packed != nullptr) {
       hq_lsq_quantize_kernel<T, J, B, true>
-          <<<static_cast<unsigned>(blocks), kThreads, 0, stream>>>(q, sched, norm, col_tiles, tiles);
+          <<<grid, kThreads, 0, stream>>>(q, sched, norm, col_tiles, tiles);
     } else {
       hq_lsq_quantize_kernel<T, J, B, false>
-          <<<static_cast<unsigned>(blocks), kThreads, 0, stream>>>(q, sched, norm, col_tiles, tiles);
+          <<<grid, kThreads, 0, stream>>>(q, sched, norm, col_tiles, tiles);
     }
   };
   linear_detail::dispatch_block8(p.block, launch);  // a power of two in [1, 1024] (checked above)
