@@ -986,6 +986,56 @@ TEST(LinearGpu, LsqQuantizerSideChannelAtHighStreamIndices) {
   }
 }
 
+// The dx pass's bf16 store (the hardware's round-to-nearest-even pack) against nibble's
+// f32_to_bf16 on the values where roundings differ if anything does: ties to even either
+// way, the last values below the overflow to Inf, subnormals, ±0, ±Inf, and random bit
+// patterns over every exponent. Block 1 makes the pass the identity on unclipped elements
+// (norm 1), so out must be f32_to_bf16(g) bit for bit; a NaN comes out of the GPU's fp32
+// multiply as the canonical NaN, whose bf16 is 0x7fff.
+TEST(LinearGpu, MaskPassBf16StoreRoundsLikeTheReference) {
+  const int64_t rows = 32, cols = 256, n = rows * cols;
+  const uint32_t special[] = {
+      0x3f808000u, 0x3f818000u, 0x3f807fffu, 0x3f808001u, 0xbf808000u, 0xbf818000u,  // ties
+      0x7f7f7fffu, 0x7f7f8000u, 0x7f7effffu, 0x7f7e8000u, 0x7f7fffffu, 0xff7f8000u,  // overflow
+      0x00000001u, 0x00008000u, 0x00018000u, 0x00017fffu, 0x007fffffu, 0x807f8000u,  // subnormal
+      0x00800000u, 0x00000000u, 0x80000000u, 0x7f800000u, 0xff800000u,               // 0, Inf
+      0x7fc00000u, 0xffc00001u, 0x7f800001u, 0x7fbfffffu};                           // NaN
+  std::vector<float> g(static_cast<size_t>(n));
+  const PhiloxKey key{0xb16b00b5u, 0, 0, RngRole::data};
+  for (int64_t i = 0; i < n; ++i) {
+    uint32_t bits = philox_u32(key, static_cast<uint64_t>(i));
+    if (i < static_cast<int64_t>(std::size(special))) bits = special[i];
+    else if (i % 3 == 1) bits = (bits & 0xffff0000u) | 0x8000u;  // a tie at a random value
+    std::memcpy(&g[static_cast<size_t>(i)], &bits, 4);
+  }
+  // codes random, side channel in range (e in [−7, 7]: nothing masked)
+  std::vector<uint8_t> qp(static_cast<size_t>(n / 2)), ep(static_cast<size_t>(n / 2));
+  for (int64_t i = 0; i < n / 2; ++i) {
+    const uint32_t r = philox_u32(key, static_cast<uint64_t>(n + i));
+    qp[i] = static_cast<uint8_t>(r);
+    const auto nib = [](uint32_t v) { return static_cast<uint8_t>((v % 15 + 9) & 0xf); };  // −7..7
+    ep[i] = static_cast<uint8_t>(nib(r >> 8) | (nib(r >> 16) << 4));
+  }
+  DeviceBuffer<float> dg(g);
+  DeviceBuffer<uint8_t> dq(qp), de(ep);
+  DeviceBuffer<bf16_t> out(std::vector<bf16_t>(static_cast<size_t>(n), bf16_t{0x1234}));
+  DeviceBuffer<double> partials(cuda::linear_detail::lsq_partials_count(rows, cols, 1));
+  cuda::linear_detail::LsqMaskHadamardParams<bf16_t> p;
+  p.g_t = dg.get(), p.rows = rows, p.cols = cols, p.block = 1;
+  p.q_packed = dq.get(), p.e_packed = de.get(), p.out = out.get(), p.partials = partials.get();
+  cuda::linear_detail::lsq_mask_hadamard(p, nullptr);
+  NB_CUDA_CHECK(cudaDeviceSynchronize());
+  const std::vector<bf16_t> got = out.download();
+  for (int64_t i = 0; i < n; ++i) {
+    const float v = g[static_cast<size_t>(i)];
+    const uint16_t want = std::isnan(v) ? uint16_t{0x7fff} : f32_to_bf16(v);
+    uint32_t bits;
+    std::memcpy(&bits, &v, 4);
+    ASSERT_EQ(got[static_cast<size_t>(i)].bits, want)
+        << "element " << i << " fp32 bits 0x" << std::hex << bits;
+  }
+}
+
 // The fused quantizer's status word. The kernel tests finiteness once, after the transform
 // (a NaN/Inf input makes its whole Hadamard block non-finite), and classifies only then, so:
 // the first NaN/Inf input wins over the overflows its block shows, an overflow of finite

@@ -166,12 +166,25 @@ __device__ __forceinline__ void store8(float* p, const float (&v)[8]) {
   reinterpret_cast<float4*>(p)[0] = make_float4(v[0], v[1], v[2], v[3]);
   reinterpret_cast<float4*>(p)[1] = make_float4(v[4], v[5], v[6], v[7]);
 }
+// Two fp32 values as bf16 bits, lo in the low half: the hardware's round-to-nearest-even pack
+// (one instruction instead of about six per value in bf16_bits_rne). The same bits as
+// bf16_bits_rne for every finite value (subnormals kept, overflow to ±Inf) and for ±Inf; a NaN
+// gives 0x7fff, which is bf16_bits_rne's result for the canonical NaN 0x7fffffff that GPU
+// arithmetic produces, so callers whose values come out of fp32 arithmetic (the dx pass: every
+// output is a product by the Hadamard norm) get bf16_bits_rne's bits exactly
+// (LinearGpu.MaskPassBf16StoreRoundsLikeTheReference checks the edge cases).
+__device__ __forceinline__ uint32_t bf16x2_bits_rne(float lo, float hi) {
+  uint32_t d;
+  asm("cvt.rn.bf16x2.f32 %0, %1, %2;" : "=r"(d) : "f"(hi), "f"(lo));
+  return d;
+}
+
 __device__ __forceinline__ void store8(bf16_t* p, const float (&v)[8]) {
   uint4 w;
-  w.x = bf16_bits_rne(v[0]) | (bf16_bits_rne(v[1]) << 16);
-  w.y = bf16_bits_rne(v[2]) | (bf16_bits_rne(v[3]) << 16);
-  w.z = bf16_bits_rne(v[4]) | (bf16_bits_rne(v[5]) << 16);
-  w.w = bf16_bits_rne(v[6]) | (bf16_bits_rne(v[7]) << 16);
+  w.x = bf16x2_bits_rne(v[0], v[1]);
+  w.y = bf16x2_bits_rne(v[2], v[3]);
+  w.z = bf16x2_bits_rne(v[4], v[5]);
+  w.w = bf16x2_bits_rne(v[6], v[7]);
   *reinterpret_cast<uint4*>(p) = w;
 }
 
