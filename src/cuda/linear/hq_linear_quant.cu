@@ -56,8 +56,17 @@ __device__ __forceinline__ uint32_t residual_word(float r, float clamped, float 
 // B: the Hadamard block at compile time (hadamard_warp's B; 256·J when J > 1). kSide: the side
 // channel e is written (training); without it (inference) the kernel has no Philox rounds and
 // no residual arithmetic at all.
+// Blocks of kThreads per SM that ptxas budgets registers for (65536 / (256·n) per thread); 0
+// leaves the choice to ptxas, as for every configuration but one: the bf16 side-channel kernel
+// at J = 2 (block 512) dropped to 64 registers and spilled 16 bytes once the Philox schedule
+// freed registers (S10), so it is held at 3 blocks (80 registers, no spill), as before.
+template <class T, int J, bool kSide>
+constexpr int quantize_min_blocks() {
+  return sizeof(T) == 2 && J == 2 && kSide ? 3 : 0;
+}
+
 template <class T, int J, int B, bool kSide>
-__global__ void __launch_bounds__(kThreads)
+__global__ void __launch_bounds__(kThreads, quantize_min_blocks<T, J, kSide>())
     hq_lsq_quantize_kernel(HqLsqQuantizeParams<T> p, PhiloxSchedule sched, float norm,
                            int64_t col_tiles, int64_t tiles) {
   constexpr int W = kChunkCols8 * J;
