@@ -56,30 +56,15 @@ NB_HOST_DEVICE uint32_t philox_mulhilo(uint32_t a, uint32_t b, uint32_t* hi) {
 #endif
 }
 
-// Ten rounds of Philox-4x32 with the published multipliers and Weyl constants.
-NB_HOST_DEVICE Philox4 philox4x32_10(Philox4 ctr, uint32_t k0, uint32_t k1) {
-  constexpr uint32_t kM0 = 0xD2511F53u, kM1 = 0xCD9E8D57u;
-  constexpr uint32_t kW0 = 0x9E3779B9u, kW1 = 0xBB67AE85u;
-  for (int r = 0; r < 10; ++r) {
-    uint32_t hi0, hi1;
-    const uint32_t lo0 = philox_mulhilo(kM0, ctr.v[0], &hi0);
-    const uint32_t lo1 = philox_mulhilo(kM1, ctr.v[2], &hi1);
-    ctr = Philox4{{hi1 ^ ctr.v[1] ^ k0, lo1, hi0 ^ ctr.v[3] ^ k1, lo0}};
-    k0 += kW0;
-    k1 += kW1;
-  }
-  return ctr;
-}
-
 // Philox-4x32-10 of one stream with everything that depends only on the key precomputed:
 // the ten round keys, and round 0's terms of the counter's constant words 2 and 3 (step, and
 // layer << 8 | role). A kernel takes it as a by-value argument, so the round keys are
 // constant-bank operands of the XORs instead of two adds per round and Philox block, and
 // round 0 has one product instead of two (about 20 fewer instructions per block in the
-// quantizers and the bit split; bench/README.md, "run S10").
-// philox4x32_10_scheduled(philox_schedule(k), b) == philox4x32_10({b_lo, b_hi, step,
-// layer << 8 | role}, key words) for every k and b (tests/unit/test_core.cpp,
-// Philox.ScheduledBlocksEqualTheRounds).
+// quantizers and the bit split; bench/README.md, "run S10"). These are the one definition of
+// the rounds: philox4x32_10 below schedules its own key and counter words and runs them
+// (tests/unit/test_core.cpp: the Random123 known answer, and Philox.ScheduledBlocksEqualTheRounds
+// against a textbook ten-round loop on random keys and counters).
 struct PhiloxSchedule {
   uint32_t k0[10];   // round r's key words: seed words + r·(Weyl constants), mod 2^32
   uint32_t k1[10];
@@ -89,11 +74,11 @@ struct PhiloxSchedule {
                      //   (layer << 8 | role) ^ k1[0]
 };
 
-NB_HOST_DEVICE PhiloxSchedule philox_schedule(const PhiloxKey& key) {
+// The schedule of key words (k0, k1) and counter words 2, 3 (c2, c3).
+NB_HOST_DEVICE PhiloxSchedule philox_schedule(uint32_t k0, uint32_t k1, uint32_t c2, uint32_t c3) {
   constexpr uint32_t kM1 = 0xCD9E8D57u;
   constexpr uint32_t kW0 = 0x9E3779B9u, kW1 = 0xBB67AE85u;
   PhiloxSchedule s{};
-  uint32_t k0 = static_cast<uint32_t>(key.seed), k1 = static_cast<uint32_t>(key.seed >> 32);
   for (int r = 0; r < 10; ++r) {
     s.k0[r] = k0;
     s.k1[r] = k1;
@@ -101,10 +86,17 @@ NB_HOST_DEVICE PhiloxSchedule philox_schedule(const PhiloxKey& key) {
     k1 += kW1;
   }
   uint32_t hi1;
-  s.r0_x1 = philox_mulhilo(kM1, key.step, &hi1);
+  s.r0_x1 = philox_mulhilo(kM1, c2, &hi1);
   s.r0_x0 = hi1 ^ s.k0[0];
-  s.r0_x2 = ((key.layer << 8) | static_cast<uint32_t>(key.role)) ^ s.k1[0];
+  s.r0_x2 = c3 ^ s.k1[0];
   return s;
+}
+
+// The schedule of a nibble stream: key = the seed's words; counter words 2, 3 = step and
+// layer << 8 | role.
+NB_HOST_DEVICE PhiloxSchedule philox_schedule(const PhiloxKey& key) {
+  return philox_schedule(static_cast<uint32_t>(key.seed), static_cast<uint32_t>(key.seed >> 32),
+                         key.step, (key.layer << 8) | static_cast<uint32_t>(key.role));
 }
 
 // Block `block` (the counter's words 0 and 1) of the stream whose schedule is s: the rounds of
@@ -126,13 +118,16 @@ NB_HOST_DEVICE Philox4 philox4x32_10_scheduled(const PhiloxSchedule& s, uint64_t
   return ctr;
 }
 
+// Ten rounds of Philox-4x32 with the published multipliers and Weyl constants on counter ctr
+// and key (k0, k1): the scheduled rounds above, which are the one definition of the rounds.
+NB_HOST_DEVICE Philox4 philox4x32_10(Philox4 ctr, uint32_t k0, uint32_t k1) {
+  return philox4x32_10_scheduled(philox_schedule(k0, k1, ctr.v[2], ctr.v[3]),
+                                 ctr.v[0] | (static_cast<uint64_t>(ctr.v[1]) << 32));
+}
+
 // The 32-bit random word for element `index` of the stream named by `key`.
 NB_HOST_DEVICE uint32_t philox_u32(const PhiloxKey& key, uint64_t index) {
-  const uint64_t block = index >> 2;
-  Philox4 ctr{{static_cast<uint32_t>(block), static_cast<uint32_t>(block >> 32), key.step,
-               (key.layer << 8) | static_cast<uint32_t>(key.role)}};
-  const Philox4 out = philox4x32_10(ctr, static_cast<uint32_t>(key.seed),
-                                    static_cast<uint32_t>(key.seed >> 32));
+  const Philox4 out = philox4x32_10_scheduled(philox_schedule(key), index >> 2);
   return out.v[index & 3];
 }
 
@@ -150,11 +145,7 @@ NB_HOST_DEVICE float philox_uniform(const PhiloxKey& key, uint64_t index) {
 // so elements 8b .. 8b + 7 share block b. A role uses either this form or philox_u32, never
 // both (block b of one form is not block b of the other's indices).
 NB_HOST_DEVICE uint32_t philox_bits16(const PhiloxKey& key, uint64_t index) {
-  const uint64_t block = index >> 3;
-  Philox4 ctr{{static_cast<uint32_t>(block), static_cast<uint32_t>(block >> 32), key.step,
-               (key.layer << 8) | static_cast<uint32_t>(key.role)}};
-  const Philox4 out = philox4x32_10(ctr, static_cast<uint32_t>(key.seed),
-                                    static_cast<uint32_t>(key.seed >> 32));
+  const Philox4 out = philox4x32_10_scheduled(philox_schedule(key), index >> 3);
   return (out.v[(index >> 1) & 3] >> (16 * (index & 1))) & 0xffffu;
 }
 

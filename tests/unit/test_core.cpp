@@ -36,10 +36,29 @@ TEST(Philox, StreamIsAPureFunctionOfItsKey) {
   EXPECT_GT(seen.size(), 995u);
 }
 
+namespace {
+// Philox-4x32-10 as Salmon et al. write it (64-bit products, the keys bumped per round): the
+// oracle of the scheduled form, which rng.h uses for every draw.
+Philox4 textbook_philox4x32_10(Philox4 ctr, uint32_t k0, uint32_t k1) {
+  for (int r = 0; r < 10; ++r) {
+    const uint64_t p0 = uint64_t{0xD2511F53u} * ctr.v[0];
+    const uint64_t p1 = uint64_t{0xCD9E8D57u} * ctr.v[2];
+    ctr = Philox4{{static_cast<uint32_t>(p1 >> 32) ^ ctr.v[1] ^ k0, static_cast<uint32_t>(p1),
+                   static_cast<uint32_t>(p0 >> 32) ^ ctr.v[3] ^ k1, static_cast<uint32_t>(p0)}};
+    k0 += 0x9E3779B9u;
+    k1 += 0xBB67AE85u;
+  }
+  return ctr;
+}
+}  // namespace
+
 TEST(Philox, ScheduledBlocksEqualTheRounds) {
   // The kernels' form (round keys and round 0's constant terms precomputed per stream) against
-  // philox4x32_10 on fresh random keys, counters with both halves of the block index set, and
-  // the extremes of every key field.
+  // philox4x32_10 and the textbook rounds on fresh random keys, counters with both halves of
+  // the block index set, and the extremes of every key field.
+  const Philox4 kat = textbook_philox4x32_10(Philox4{{0, 0, 0, 0}}, 0, 0);
+  ASSERT_EQ(kat.v[0], 0x6627e8d5u);  // the Random123 vector of MatchesPublishedKnownAnswer
+  ASSERT_EQ(kat.v[3], 0x9b00dbd8u);
   Philox4 gen = philox4x32_10(Philox4{{11, 22, 33, 44}}, 55, 66);
   const auto next = [&] {
     gen = philox4x32_10(gen, 0x9e3779b9u, 0x7f4a7c15u);
@@ -64,8 +83,14 @@ TEST(Philox, ScheduledBlocksEqualTheRounds) {
                    (k.layer << 8) | static_cast<uint32_t>(k.role)}},
           static_cast<uint32_t>(k.seed), static_cast<uint32_t>(k.seed >> 32));
       const Philox4 got = philox4x32_10_scheduled(s, block);
-      for (int w = 0; w < 4; ++w)
+      const Philox4 oracle = textbook_philox4x32_10(
+          Philox4{{static_cast<uint32_t>(block), static_cast<uint32_t>(block >> 32), k.step,
+                   (k.layer << 8) | static_cast<uint32_t>(k.role)}},
+          static_cast<uint32_t>(k.seed), static_cast<uint32_t>(k.seed >> 32));
+      for (int w = 0; w < 4; ++w) {
         ASSERT_EQ(got.v[w], want.v[w]) << "seed " << k.seed << " block " << block << " word " << w;
+        ASSERT_EQ(got.v[w], oracle.v[w]) << "seed " << k.seed << " block " << block << " word " << w;
+      }
     }
   }
 }

@@ -1,6 +1,7 @@
 #pragma once
 // Device helpers of the linear layer's fused passes (CUDA translation units only): the block
-// Hadamard butterfly of one warp row, vector loads and stores, Philox uniforms by fours.
+// Hadamard butterfly of one warp row, the E = 8 tiling, 8-element stores and exact rounding
+// and s4 unpacking helpers.
 //
 // Warp row layout (E = 4: the layout of src/cuda/quant/hadamard.cu; E = 8: the forward
 // quantizer's), so that a tile of W = 32·E·J columns holds whole Hadamard blocks: in chunk
@@ -26,7 +27,6 @@
 namespace nibble::cuda::linear_detail {
 
 constexpr unsigned kFullMask = 0xffffffffu;
-constexpr int kChunk = 128;  // columns per warp-wide chunk at E = 4: 32 lanes × 4
 
 // B > 0 names the block at compile time (B = `block`): every stage unrolls and the shuffle
 // stages lose their loop and divergence checks; B = 0 reads the runtime `block`.
@@ -89,18 +89,6 @@ __device__ __forceinline__ void hadamard_warp(float (&v)[J][E], int lane, int bl
   }
 }
 
-// Four consecutive elements widened to fp32 (16-byte f32 load or 8-byte bf16 load; the caller
-// guarantees alignment: cols % 16 == 0 and 16-byte aligned bases).
-__device__ __forceinline__ void load4(const float* p, float (&out)[4]) {
-  const float4 v = *reinterpret_cast<const float4*>(p);
-  out[0] = v.x, out[1] = v.y, out[2] = v.z, out[3] = v.w;
-}
-__device__ __forceinline__ void load4(const bf16_t* p, float (&out)[4]) {
-  const uint2 v = *reinterpret_cast<const uint2*>(p);  // little endian: element 0 low
-  out[0] = __uint_as_float(v.x << 16), out[1] = __uint_as_float(v.x & 0xffff0000u);
-  out[2] = __uint_as_float(v.y << 16), out[3] = __uint_as_float(v.y & 0xffff0000u);
-}
-
 // ---- the E = 8 tiling of the fused passes (forward quantizer, backward mask pass) ----------
 // A thread block of 8 warps owns kTileRows8<J> rows × 256·J columns, J = max(1, block/256)
 // chunks per warp row; a warp transforms kRowsPerBatch8<J> rows at a time (16 elements per
@@ -145,33 +133,16 @@ using detail::kRawWords;
 using detail::load_raw8;
 using detail::widen8;
 
-// fp32 -> bf16 bits, round to nearest even (NaN stays a quiet NaN): nibble::f32_to_bf16's rule.
-__device__ __forceinline__ uint32_t bf16_bits_rne(float f) {
-  const uint32_t u = __float_as_uint(f);
-  if ((u & 0x7fffffffu) > 0x7f800000u) return (u >> 16) | 0x40u;
-  return (u + 0x7fffu + ((u >> 16) & 1u)) >> 16;
-}
-
-__device__ __forceinline__ void store4(float* p, const float (&v)[4]) {
-  *reinterpret_cast<float4*>(p) = make_float4(v[0], v[1], v[2], v[3]);
-}
-__device__ __forceinline__ void store4(bf16_t* p, const float (&v)[4]) {
-  uint2 w;
-  w.x = bf16_bits_rne(v[0]) | (bf16_bits_rne(v[1]) << 16);
-  w.y = bf16_bits_rne(v[2]) | (bf16_bits_rne(v[3]) << 16);
-  *reinterpret_cast<uint2*>(p) = w;
-}
-
 __device__ __forceinline__ void store8(float* p, const float (&v)[8]) {
   reinterpret_cast<float4*>(p)[0] = make_float4(v[0], v[1], v[2], v[3]);
   reinterpret_cast<float4*>(p)[1] = make_float4(v[4], v[5], v[6], v[7]);
 }
 // Two fp32 values as bf16 bits, lo in the low half: the hardware's round-to-nearest-even pack
-// (one instruction instead of about six per value in bf16_bits_rne). The same bits as
-// bf16_bits_rne for every finite value (subnormals kept, overflow to ±Inf) and for ±Inf; a NaN
-// gives 0x7fff, which is bf16_bits_rne's result for the canonical NaN 0x7fffffff that GPU
-// arithmetic produces, so callers whose values come out of fp32 arithmetic (the dx pass: every
-// output is a product by the Hadamard norm) get bf16_bits_rne's bits exactly
+// (one instruction; nibble::f32_to_bf16's integer rule took about six per value). The same
+// bits as f32_to_bf16 for every finite value (subnormals kept, overflow to ±Inf) and for ±Inf;
+// a NaN gives 0x7fff, which is f32_to_bf16 of the canonical NaN 0x7fffffff that GPU arithmetic
+// produces, so callers whose values come out of fp32 arithmetic (the dx pass: every output is
+// a product by the Hadamard norm) get f32_to_bf16's bits exactly
 // (LinearGpu.MaskPassBf16StoreRoundsLikeTheReference checks the edge cases).
 __device__ __forceinline__ uint32_t bf16x2_bits_rne(float lo, float hi) {
   uint32_t d;

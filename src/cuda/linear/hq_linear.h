@@ -45,8 +45,9 @@
 //
 // All pointers are device pointers; work is queued on `stream` (the keep-all backward forks a
 // side stream from it and joins it back before returning, HqLinearConfig::overlap_passes);
-// nothing waits for the GPU, so every variant can be captured in a CUDA graph. Errors in the data (NaN/Inf input,
-// a step size that is not positive finite) go to the optional status word (cuda/quant/status.h).
+// nothing waits for the GPU, so every variant can be captured in a CUDA graph. Errors in the
+// data (NaN/Inf input, a step size that is not positive finite) go to the optional status word
+// (cuda/quant/status.h).
 #include <cuda_runtime.h>
 
 #include <cstddef>
