@@ -217,6 +217,9 @@ int run_linear_bench(const LinearBenchOptions& opt) {
   // beside the default so the overlap's gain is measured in the same rounds
   cuda::HqLinearConfig cfg_in_order = cfg;
   cfg_in_order.overlap_passes = false;
+  // the backward with the mask passes separate from the GEMMs (as before the fused epilogues)
+  cuda::HqLinearConfig cfg_unfused = cfg;
+  cfg_unfused.fuse_mask_epilogues = false;
   cuda::HqLinearConfig cfg_sampled = cfg;
   cfg_sampled.lss = cuda::LssVariant::sampled;
   cfg_sampled.sample_fraction = opt.sample_fraction;
@@ -231,9 +234,9 @@ int run_linear_bench(const LinearBenchOptions& opt) {
   chart.values.assign(chart.series.size(), {});
   std::vector<std::string> notes;
 
-  std::printf("%-20s %9s %9s %8s %9s %6s %6s %6s | %9s %9s %9s %6s | %9s %6s | %6s\n",
+  std::printf("%-20s %9s %9s %8s %9s %6s %6s %6s | %9s %9s %9s %9s %6s | %9s %6s | %6s\n",
               "M x N x K", "fwd", "infer", "wquant", "BF16 fwd", "fwd x", "inf x", "+wq x", "bwd",
-              "in-order", "BF16 bwd", "bwd x", "sampled", "x", "step x");
+              "in-order", "unfused", "BF16 bwd", "bwd x", "sampled", "x", "step x");
   for (const Shape& shape : shapes) {
     const int64_t n = shape.m, c = shape.n, d = shape.k;
     const size_t nd = static_cast<size_t>(n * d), cd = static_cast<size_t>(c * d),
@@ -279,7 +282,8 @@ int run_linear_bench(const LinearBenchOptions& opt) {
     const size_t ws_keep_bytes = cuda::hq_linear_backward_workspace_bytes(n, d, c, cfg);
     const size_t ws_samp_bytes =
         opt.sampled ? cuda::hq_linear_backward_workspace_bytes(n, d, c, cfg_sampled) : 0;
-    DeviceBytes ws_keep(ws_keep_bytes), ws_samp(ws_samp_bytes);
+    const size_t ws_unfused_bytes = cuda::hq_linear_backward_workspace_bytes(n, d, c, cfg_unfused);
+    DeviceBytes ws_keep(ws_keep_bytes), ws_samp(ws_samp_bytes), ws_unfused(ws_unfused_bytes);
     DeviceBytes dx(2 * nd), dw(4 * cd), db(4 * static_cast<size_t>(c));
     DeviceBytes y16(2 * nc), dx16(2 * nd), dw16(2 * cd);
     // breakdown buffers
@@ -287,7 +291,10 @@ int run_linear_bench(const LinearBenchOptions& opt) {
         split_scale(2 * sizeof(float)),
         parts_x(sizeof(double) * static_cast<size_t>(cuda::linear_detail::lsq_partials_count(n, d, cfg.block))),
         parts_w(sizeof(double) * static_cast<size_t>(cuda::linear_detail::lsq_partials_count(c, d, cfg.block))),
-        parts_db(sizeof(double) * static_cast<size_t>(cuda::bitsplit_column_chunks(n) * c));
+        parts_db(sizeof(double) * static_cast<size_t>(cuda::bitsplit_column_chunks(n) * c)),
+        parts_fused(sizeof(int64_t) * static_cast<size_t>(std::max(
+                                          cuda::gemm_s8s8_mask_hadamard_partials({nullptr, nullptr, n, d, 16}),
+                                          cuda::gemm_s8s8_mask_hadamard_partials({nullptr, nullptr, c, d, 16}))));
     cuda::status_clear(status.as<uint64_t>(), stream);
 
     const auto weight_quant = [&](int i) {
@@ -409,6 +416,31 @@ int run_linear_bench(const LinearBenchOptions& opt) {
       cuda::gemm_s8s8_s32_tn_dequant_sm90({comb_t.as<int8_t>(), x_q_t.as<int8_t>(), c, d, n}, epi,
                                           dw_t.as<float>(), stream);
     };
+    // the dx and dw GEMMs with the mask, step sums and Hadamard in their epilogues (the layer's
+    // keep-all kernels on this path; the layer caps their grids, these do not)
+    const auto bwd_gemm_dx_fused = [&](int i) {
+      cuda::EpiMaskHadamard epi;
+      epi.scale_a = split_scale.as<float>();
+      epi.scale_b = sw;
+      epi.q_packed = S[static_cast<size_t>(i)].x_qp.as<uint8_t>();
+      epi.e_packed = S[static_cast<size_t>(i)].x_ep.as<uint8_t>();
+      epi.block = static_cast<int>(cfg.block);
+      epi.partials = parts_fused.as<int64_t>();
+      cuda::gemm_s8s8_s32_tn_mask_hadamard_sm90(
+          {comb.as<int8_t>(), S[static_cast<size_t>(i)].w_q_t.as<int8_t>(), n, d, c}, epi,
+          dx.as<bf16_t>(), stream);
+    };
+    const auto bwd_gemm_dw_fused = [&](int i) {
+      cuda::EpiMaskHadamard epi;
+      epi.scale_a = split_scale.as<float>();
+      epi.scale_b = sx;
+      epi.q_packed = S[static_cast<size_t>(i)].w_qp.as<uint8_t>();
+      epi.e_packed = S[static_cast<size_t>(i)].w_ep.as<uint8_t>();
+      epi.block = static_cast<int>(cfg.block);
+      epi.partials = parts_fused.as<int64_t>();
+      cuda::gemm_s8s8_s32_tn_mask_hadamard_sm90({comb_t.as<int8_t>(), x_q_t.as<int8_t>(), c, d, n},
+                                                epi, dw.as<float>(), stream);
+    };
     const auto bwd_mask_dx = [&](int i) {
       cuda::linear_detail::LsqMaskHadamardParams<bf16_t> m;
       m.g_t = dx_t.as<float>();
@@ -457,7 +489,7 @@ int run_linear_bench(const LinearBenchOptions& opt) {
         "weight_quant",  "forward",      "backward",    "bf16_forward", "bf16_backward",
         "fwd_quant_x",   "fwd_gemm",     "bwd_bitsplit", "bwd_unpack_x_t", "bwd_gemm_dx",
         "bwd_gemm_dw",   "bwd_mask_dx",  "bwd_mask_dw", "bwd_db", "forward_inference",
-        "fwd_quant_x_inference", "backward_in_order"};
+        "fwd_quant_x_inference", "backward_in_order", "backward_unfused"};
     std::vector<std::function<void(int)>> launches = {
         weight_quant,
         [&](int i) { forward(i, true); },
@@ -475,7 +507,12 @@ int run_linear_bench(const LinearBenchOptions& opt) {
         bwd_db,
         [&](int i) { forward(i, false); },
         [&](int i) { forward_quant(i, false); },
-        [&](int i) { backward(i, cfg_in_order, ws_keep, ws_keep_bytes); }};
+        [&](int i) { backward(i, cfg_in_order, ws_keep, ws_keep_bytes); },
+        [&](int i) { backward(i, cfg_unfused, ws_unfused, ws_unfused_bytes); }};
+    if (cfg.block <= cuda::kEpiMaskMaxBlock) {  // the fused epilogues' blocks
+      names.insert(names.end(), {"bwd_gemm_dx_fused", "bwd_gemm_dw_fused"});
+      launches.insert(launches.end(), {bwd_gemm_dx_fused, bwd_gemm_dw_fused});
+    }
     // The forward state of every set must exist before a backward reads it.
     for (int i = 0; i < sets; ++i) {
       weight_quant(i);
@@ -497,13 +534,14 @@ int run_linear_bench(const LinearBenchOptions& opt) {
     const double f = med("forward"), wq = med("weight_quant"), bf = med("bf16_forward");
     const double fi = med("forward_inference"), fix = bf / fi;
     const double b = med("backward"), bb = med("bf16_backward"), bio = med("backward_in_order");
+    const double bun = med("backward_unfused");
     const double fx = bf / f, fwx = bf / (f + wq), bx = bb / b;
     const double sx_ratio = opt.sampled ? bb / t_sampled.median_ms : 0.0;
     const double step_x = (bf + bb) / (f + wq + b);
     const std::string label = shape_label(shape);
-    std::printf("%-20s %9.1f %9.1f %8.1f %9.1f %5.2fx %5.2fx %5.2fx | %9.1f %9.1f %9.1f %5.2fx | ",
+    std::printf("%-20s %9.1f %9.1f %8.1f %9.1f %5.2fx %5.2fx %5.2fx | %9.1f %9.1f %9.1f %9.1f %5.2fx | ",
                 label.c_str(), 1e3 * f, 1e3 * fi, 1e3 * wq, 1e3 * bf, fx, fix, fwx, 1e3 * b,
-                1e3 * bio, 1e3 * bb, bx);
+                1e3 * bio, 1e3 * bun, 1e3 * bb, bx);
     if (opt.sampled) std::printf("%9.1f %5.2fx | ", 1e3 * t_sampled.median_ms, sx_ratio);
     else std::printf("%9s %6s | ", "-", "-");
     std::printf("%5.2fx\n", step_x);
@@ -520,7 +558,8 @@ int run_linear_bench(const LinearBenchOptions& opt) {
                          {"forward_over_bf16", fx}, {"forward_inference_over_bf16", fix},
                          {"forward_with_weight_quant_over_bf16", fwx},
                          {"backward_over_bf16", bx},
-                         {"backward_in_order_over_bf16", bb / bio}, {"step_over_bf16", step_x}};
+                         {"backward_in_order_over_bf16", bb / bio},
+                         {"backward_unfused_over_bf16", bb / bun}, {"step_over_bf16", step_x}};
     for (size_t j = 0; j < names.size(); ++j) {
       js["times"][names[j]] = {{"median_ms", t[j].median_ms}, {"min_ms", t[j].min_ms},
                                {"max_ms", t[j].max_ms}, {"runs", t[j].runs}};
@@ -542,7 +581,7 @@ int run_linear_bench(const LinearBenchOptions& opt) {
   }
   std::printf("\nforward = x quantization (Hadamard + codes + side channel) + INT8 GEMM with "
               "dequant; infer = the same with nothing saved for a backward; bwd = the keep-all backward "
-              "(independent kernels overlapped on two streams), in-order = the same kernels on one stream; wquant = weight quantization (once per step); step x = BF16 (fwd + bwd) "
+              "(independent kernels overlapped on two streams), in-order = the same kernels on one stream, unfused = with the mask passes separate from the GEMMs (fuse_mask_epilogues = false); wquant = weight quantization (once per step); step x = BF16 (fwd + bwd) "
               "/ nibble (fwd + wquant + bwd)\n");
   if (notes.empty()) {
     std::printf("nibble beats BF16 in the forward and the backward on every shape\n");

@@ -324,6 +324,34 @@ float lsq_backward_coded(const float* grad_v_in, const int8_t* q, const int8_t* 
   return static_cast<float>(g * sum);
 }
 
+float lsq_backward_exact(const int32_t* acc, float scale, const float* grad_v_in, const int8_t* q,
+                         const int8_t* e, int64_t n, QRange range, float* grad_v) {
+  const char* fn = "lsq_backward_exact";
+  NB_CHECK(n > 0, fn << ": needs at least one element (got n = " << n << ")");
+  NB_CHECK(acc != nullptr && grad_v_in != nullptr && q != nullptr && e != nullptr,
+           fn << ": acc, grad_v_in, q and e must not be null");
+  NB_CHECK(range.qmin < 0 && range.qmax > 0,
+           fn << ": LSQ needs a signed code range with qmin < 0 < qmax, got [" << range.qmin
+              << ", " << range.qmax << "]; use [-7, 7] (paper) or [-8, 7] (released code)");
+  NB_CHECK(std::isfinite(scale), fn << ": scale " << scale << " is not finite");
+  // Two's-complement sums are exact modulo 2^64, so the wrapping unsigned sum is T whenever
+  // |T| < 2^63 (the callers check lsq_exact_sum_fits), in any order.
+  uint64_t t = 0;
+  for (int64_t i = 0; i < n; ++i) {
+    const int32_t w = e[i] == kLsqClipped ? kLsqResidualSteps * q[i] : e[i];
+    t += static_cast<uint64_t>(static_cast<int64_t>(acc[i]) * w);
+    if (grad_v != nullptr) grad_v[i] = e[i] == kLsqClipped ? 0.0f : grad_v_in[i];
+  }
+  const double sum = static_cast<double>(scale) * static_cast<double>(static_cast<int64_t>(t)) /
+                     static_cast<double>(kLsqResidualSteps);
+  const double g = 1.0 / std::sqrt(static_cast<double>(range.qmax) * static_cast<double>(n));
+  return static_cast<float>(g * sum);
+}
+
+bool lsq_exact_sum_fits(int64_t n, double acc_bound) {
+  return static_cast<double>(n) * acc_bound * (kLsqResidualSteps * 8.0) < 0x1p63;
+}
+
 int64_t HqLinearSaved::bytes() const {
   return vector_bytes(x_q_packed) + vector_bytes(x_e_packed) + vector_bytes(w_q_packed) +
          vector_bytes(w_e_packed) + static_cast<int64_t>(2 * sizeof(float));
@@ -410,6 +438,13 @@ HqLinearGrads hq_linear_backward(const float* dy, const HqLinearSaved& saved,
   NB_CHECK(cfg.sample_fraction > 0.0 && cfg.sample_fraction <= 1.0,
            "sample_fraction " << cfg.sample_fraction << " must be in (0, 1]");
   NB_CHECK(dy != nullptr, "hq_linear_backward: dy is null; pass the [N, C] output gradient");
+  // The exact step sums (lsq_backward_exact): the dw product sums N terms of |code| ≤ 127·8
+  // (sampled: 2N re-quantized rows), the dx product C terms of 90·8.
+  NB_CHECK(lsq_exact_sum_fits(c * d, 2.0 * 127 * 8 * static_cast<double>(n)) &&
+               lsq_exact_sum_fits(n * d, 90.0 * 8 * static_cast<double>(c)),
+           "hq_linear_backward: N=" << n << ", D=" << d << ", C=" << c
+                                    << " is too large for the exact int64 LSQ step sums "
+                                       "(N·D·C must stay below about 4·10^13); split the batch");
   HqLinearGrads g;
   const std::vector<int8_t> x_q = saved.x_q(), w_q = saved.w_q();
 
@@ -420,6 +455,12 @@ HqLinearGrads hq_linear_backward(const float* dy, const HqLinearSaved& saved,
   g.grad_scale = s;
 
   std::vector<float> dw_t(static_cast<size_t>(c * d)), dx_t(static_cast<size_t>(n * d));
+  // dw (both variants) and the keep-all dx are integer products with one per-tensor scale:
+  // their LSQ step sums are taken on the integers (lsq_backward_exact); the sampled dx's rows
+  // carry 1/p weights, so its sum is the fp64 one over the dequantized values.
+  detail::UninitBuffer<int32_t> acc_w(c * d);
+  std::vector<int32_t> acc_x;  // keep-all only
+  float scale_w = 0, scale_x = 0;
   if (cfg.lss == LssMode::keep_nonzero) {
     // Every split row kept with p = 1, so the two INT4 products collapse exactly into one
     // INT8 GEMM on 14·hi + lo (design.md). Zero rows add nothing; they are only counted.
@@ -431,8 +472,8 @@ HqLinearGrads hq_linear_backward(const float* dy, const HqLinearSaved& saved,
     // dw_t = float(combᵀ·x_q) · (s·sx): A = combᵀ [C, N], B = x_qᵀ [D, N]
     const std::vector<int8_t> comb_t = transpose_s8(comb, n, c);
     const std::vector<int8_t> x_q_t = transpose_s8(x_q, n, d);
-    detail::UninitBuffer<int32_t> acc_w(c * d);
     gemm_s8s8_s32_tn(comb_t.data(), x_q_t.data(), c, d, n, acc_w.data());
+    scale_w = s * saved.sx;  // the epilogue's fp32 product sa·sb
     DequantEpilogue epi_w;
     epi_w.scale_a = &s;
     epi_w.scale_b = &saved.sx;
@@ -440,8 +481,9 @@ HqLinearGrads hq_linear_backward(const float* dy, const HqLinearSaved& saved,
 
     // dx_t = float(comb·w_q) · (s·sw): A = comb [N, C], B = w_qᵀ [D, C]
     const std::vector<int8_t> w_q_t = transpose_s8(w_q, c, d);
-    detail::UninitBuffer<int32_t> acc_x(n * d);
+    acc_x.resize(static_cast<size_t>(n * d));
     gemm_s8s8_s32_tn(comb.data(), w_q_t.data(), n, d, c, acc_x.data());
+    scale_x = s * saved.sw;
     DequantEpilogue epi_x;
     epi_x.scale_a = &s;
     epi_x.scale_b = &saved.sw;
@@ -471,7 +513,10 @@ HqLinearGrads hq_linear_backward(const float* dy, const HqLinearSaved& saved,
     const float t = requantize_sampled_rows(hi.data(), lo.data(), n, c, p_w.data(), keep_w.data(),
                                             with_role(key, RngRole::sample_dw_rounding),
                                             q_w.data());
-    if (k_w > 0) {  // no kept row: dw_t stays 0
+    const float ts = t * s;  // t·s: one fp32 product (the device's scalar, then the epilogue)
+    scale_w = ts * saved.sx;
+    if (k_w == 0) std::fill(acc_w.data(), acc_w.data() + c * d, 0);  // dw_t stays 0
+    if (k_w > 0) {
       // A = the kept rows' q, transposed [C, k]; B = their x codes, transposed [D, k]
       // (kept rows in ascending i, as the device's compaction; the integer sum is exact in
       // any order anyway).
@@ -485,9 +530,7 @@ HqLinearGrads hq_linear_backward(const float* dy, const HqLinearSaved& saved,
         for (int64_t kk = 0; kk < d; ++kk) b_t[static_cast<size_t>(kk * k_w + j)] = xi[kk];
         ++j;
       }
-      detail::UninitBuffer<int32_t> acc_w(c * d);
       gemm_s8s8_s32_tn(a_t.data(), b_t.data(), c, d, k_w, acc_w.data());
-      const float ts = t * s;  // t·s: one fp32 product (the device's scalar, then the epilogue)
       DequantEpilogue epi_w;
       epi_w.scale_a = &ts;
       epi_w.scale_b = &saved.sx;
@@ -525,11 +568,14 @@ HqLinearGrads hq_linear_backward(const float* dy, const HqLinearSaved& saved,
   parallel_for(2, [&](int64_t which) {
     try {
       if (which == 0) {
-        g.dsx = lsq_backward_coded(dx_t.data(), x_q.data(), x_e.data(), n * d, cfg.range,
-                                   dx_t.data());
+        g.dsx = acc_x.empty()
+                    ? lsq_backward_coded(dx_t.data(), x_q.data(), x_e.data(), n * d, cfg.range,
+                                         dx_t.data())
+                    : lsq_backward_exact(acc_x.data(), scale_x, dx_t.data(), x_q.data(),
+                                         x_e.data(), n * d, cfg.range, dx_t.data());
       } else {
-        g.dsw = lsq_backward_coded(dw_t.data(), w_q.data(), w_e.data(), c * d, cfg.range,
-                                   dw_t.data());
+        g.dsw = lsq_backward_exact(acc_w.data(), scale_w, dw_t.data(), w_q.data(), w_e.data(),
+                                   c * d, cfg.range, dw_t.data());
       }
     } catch (...) {
       errors[which] = std::current_exception();

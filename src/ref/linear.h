@@ -76,6 +76,20 @@ float lsq_residual_decode(int32_t e, int32_t q);
 // returns g·Σ_i grad_v_in[i]·δ̃_i, g = 1/sqrt(qmax·n), fp64 sum in index order.
 float lsq_backward_coded(const float* grad_v_in, const int8_t* q, const int8_t* e, int64_t n,
                          QRange range, float* grad_v);
+// The same where grad_v_in[i] = float(acc[i])·scale is a dequantized integer product with one
+// per-tensor scale (the keep-all dx and dw, the sampled dw): the step sum is taken on the
+// integers, exactly, so every order and every device gives the same bits:
+//   T = Σ_i acc_i·w_i (int64, exact),  w_i = 14·δ̃_i = e_i, or 14·q_i where e_i = −8,
+//   returns float(g · ((double(scale) · double(T)) / 14)),  g = 1/sqrt(qmax·n) (fp64).
+// It equals g·Σ_i (acc_i·scale)·δ̃_i up to one fp64 rounding; lsq_backward_coded's sum of the
+// fp32-rounded grad_v_in differs from it by at most g·Σ_i |grad_v_in[i]·δ̃_i|·2^-24 or so.
+// grad_v[i] = grad_v_in[i]·1[e_i ≠ −8] (may alias grad_v_in). |T| must stay below 2^63:
+// lsq_exact_sum_fits says when it does for a GEMM's K.
+float lsq_backward_exact(const int32_t* acc, float scale, const float* grad_v_in, const int8_t* q,
+                         const int8_t* e, int64_t n, QRange range, float* grad_v);
+// True when n elements of |acc| ≤ acc_bound (e.g. 90·8·K for the keep-all products) times
+// |w| ≤ 14·8 cannot overflow T's int64.
+bool lsq_exact_sum_fits(int64_t n, double acc_bound);
 
 // ---- HQ-MM / LSS-MM ----------------------------------------------------------------------
 // What the forward keeps for the backward: 1 byte per element of x and of w (two packed

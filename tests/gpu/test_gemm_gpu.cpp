@@ -31,6 +31,7 @@
 #include "nibble/parallel.h"
 #include "nibble/rng.h"
 #include "ref/gemm.h"
+#include "ref/hadamard.h"
 
 using namespace nibble;
 
@@ -470,6 +471,161 @@ TEST(GemmS8S8S32TnSm90, RejectsIllegalShapesAndAlignment) {
             {a.get(), b.get(), 16, 16, 16, cuda::GemmTile::automatic, -4}, c.get(), nullptr);
       },
       "max_sms = -4 is negative");
+}
+
+// ---- the dx epilogue: mask, δ̃ sum, block Hadamard (EpiMaskHadamard) ---------------------
+// Oracle: the reference's own operations on the host: acc = ref::gemm_s8s8_s32_tn, g =
+// float(acc)·fl(sa·sb), masked where e = −8, ref::hadamard_blocks (butterfly and × norm), then
+// bf16 by round-to-nearest-even; y must match bit for bit. The int64 slot sums must add up to
+// T = Σ acc·w (w = e, or 14·q where e = −8) exactly, and every slot must be written (poisoned).
+struct MaskCase {
+  Shape3 s;
+  int block;
+};
+
+template <class OutT>
+void check_mask_hadamard(const MaskCase& mc, uint64_t seed, cuda::GemmTile tile, int max_sms = 0) {
+  const auto [m, n, k] = mc.s;
+  SCOPED_TRACE(testing::Message() << "M=" << m << " N=" << n << " K=" << k << " block="
+                                  << mc.block << " tile=" << cuda::sm90::tile_name(tile)
+                                  << " max_sms=" << max_sms
+                                  << (sizeof(OutT) == 2 ? " bf16" : " f32"));
+  const std::vector<int8_t> a = random_codes(m * k, -90, 90, seed);
+  const std::vector<int8_t> b = random_codes(n * k, -8, 7, seed + 1);
+  // side channel: nibbles in [−8, 7], about one in eight clipped (−8); codes in [−8, 7]
+  const std::vector<int8_t> e = random_codes(m * n, -8, 7, seed + 2);
+  const std::vector<int8_t> q = random_codes(m * n, -8, 7, seed + 3);
+  std::vector<uint8_t> ep(static_cast<size_t>(m * n / 2)), qp(ep.size());
+  for (size_t i = 0; i < ep.size(); ++i) {
+    ep[i] = static_cast<uint8_t>((e[2 * i] & 0xf) | (e[2 * i + 1] & 0xf) << 4);
+    qp[i] = static_cast<uint8_t>((q[2 * i] & 0xf) | (q[2 * i + 1] & 0xf) << 4);
+  }
+  const std::vector<float> scales = random_floats(2, 1e-3f, 2e-2f, seed + 4);
+
+  std::vector<int32_t> acc(static_cast<size_t>(m * n));
+  ref::gemm_s8s8_s32_tn(a.data(), b.data(), m, n, k, acc.data());
+  const float sab = scales[0] * scales[1];
+  std::vector<float> want(acc.size());
+  int64_t lsq = 0;
+  for (size_t i = 0; i < acc.size(); ++i) {
+    const float g = static_cast<float>(acc[i]) * sab;
+    const bool clipped = e[i] == cuda::kEpiClippedNibble;
+    lsq += static_cast<int64_t>(acc[i]) * (clipped ? cuda::kEpiResidualSteps * q[i] : e[i]);
+    want[i] = clipped ? 0.0f : g;
+  }
+  ref::hadamard_blocks(want.data(), m, n, mc.block);
+
+  DeviceBuffer<int8_t> da(a), db(b);
+  DeviceBuffer<uint8_t> dep(ep), dqp(qp);
+  DeviceBuffer<float> dscales(scales);
+  DeviceBuffer<OutT> y(m * n);
+  cuda::GemmS8S8Params p{da.get(), db.get(), m, n, k, tile, max_sms};
+  const int64_t slots = cuda::gemm_s8s8_mask_hadamard_partials(p);
+  constexpr int64_t kPoison = INT64_MIN;
+  DeviceBuffer<int64_t> parts(std::vector<int64_t>(static_cast<size_t>(slots), kPoison));
+  cuda::EpiMaskHadamard epi;
+  epi.scale_a = dscales.get();
+  epi.scale_b = dscales.get() + 1;
+  epi.q_packed = dqp.get();
+  epi.e_packed = dep.get();
+  epi.block = mc.block;
+  epi.partials = parts.get();
+  cuda::gemm_s8s8_s32_tn_mask_hadamard_sm90(p, epi, y.get(), nullptr);
+  NB_CUDA_CHECK(cudaDeviceSynchronize());
+
+  const std::vector<OutT> got = y.download();
+  int64_t bad = 0;
+  for (size_t i = 0; i < got.size(); ++i) {
+    bool same;
+    if constexpr (sizeof(OutT) == 2) same = got[i].bits == f32_to_bf16(want[i]);
+    else same = std::memcmp(&got[i], &want[i], sizeof(float)) == 0;
+    if (!same) {
+      if (bad < 5)
+        ADD_FAILURE() << "y[" << i / n << ", " << i % n << "] differs from the reference (want "
+                      << want[i] << ")";
+      ++bad;
+    }
+  }
+  EXPECT_EQ(bad, 0);
+  const std::vector<int64_t> part = parts.download();
+  int64_t total = 0, unwritten = 0;
+  for (int64_t v : part) {
+    if (v == kPoison) ++unwritten;
+    total += v;
+  }
+  EXPECT_EQ(unwritten, 0) << "of " << slots << " slots";
+  EXPECT_EQ(total, lsq) << "Σ acc·w";
+}
+
+const std::vector<MaskCase>& mask_cases() {
+  // partial tiles along M and N, N % 32 = 16 (a half subtile), every block size, K = 16
+  static const std::vector<MaskCase> cases = {
+      {{129, 96, 64}, 32}, {{200, 48, 32}, 16}, {{64, 256, 128}, 1},
+      {{300, 544, 160}, 8}, {{128, 128, 16}, 2}, {{257, 64, 48}, 4},
+  };
+  return cases;
+}
+
+// The fused epilogue has one tile (the 128×128 ping-pong, the large shapes' choice); the
+// partial tiles, a capped grid (the layer's same-round cap) and every block.
+TEST(GemmS8S8MaskHadamardSm90, BitExactAgainstReference) {
+  int variant = 90;
+  for (const MaskCase& mc : mask_cases()) {
+    check_mask_hadamard<float>(mc, seed_for(mc.s.m, mc.s.n, mc.s.k, variant++),
+                               cuda::GemmTile::automatic);
+    check_mask_hadamard<bf16_t>(mc, seed_for(mc.s.m, mc.s.n, mc.s.k, variant++),
+                                cuda::GemmTile::pingpong_128x128_c2x1);
+    check_mask_hadamard<bf16_t>(mc, seed_for(mc.s.m, mc.s.n, mc.s.k, variant++),
+                                cuda::GemmTile::automatic, 3);
+  }
+}
+
+TEST(GemmS8S8MaskHadamardSm90, BitExactAtTransformerShape) {
+  check_mask_hadamard<bf16_t>({{2048, 4096, 1024}, 32}, seed_for(2048, 4096, 1024, 97),
+                              cuda::GemmTile::automatic);
+}
+
+TEST(GemmS8S8MaskHadamardSm90, RejectsBlocksItCannotFuse) {
+  DeviceBuffer<int8_t> a(64 * 64), b(64 * 64);
+  DeviceBuffer<uint8_t> codes(64 * 32);
+  DeviceBuffer<float> y(64 * 64), sc(2);
+  DeviceBuffer<int64_t> parts(64);
+  cuda::EpiMaskHadamard epi;
+  epi.scale_a = sc.get();
+  epi.scale_b = sc.get() + 1;
+  epi.q_packed = codes.get();
+  epi.e_packed = codes.get();
+  epi.partials = parts.get();
+  epi.block = 64;
+  expect_error_containing(
+      [&] {
+        cuda::gemm_s8s8_s32_tn_mask_hadamard_sm90({a.get(), b.get(), 64, 64, 64}, epi, y.get(),
+                                                  nullptr);
+      },
+      "separate mask pass");
+  epi.block = 12;
+  expect_error_containing(
+      [&] {
+        cuda::gemm_s8s8_s32_tn_mask_hadamard_sm90({a.get(), b.get(), 64, 64, 64}, epi, y.get(),
+                                                  nullptr);
+      },
+      "power of two");
+  epi.block = 32;
+  epi.partials = nullptr;
+  expect_error_containing(
+      [&] {
+        cuda::gemm_s8s8_s32_tn_mask_hadamard_sm90({a.get(), b.get(), 64, 64, 64}, epi, y.get(),
+                                                  nullptr);
+      },
+      "must all be set");
+  epi.partials = parts.get();
+  expect_error_containing(
+      [&] {
+        cuda::gemm_s8s8_s32_tn_mask_hadamard_sm90(
+            {a.get(), b.get(), 64, 64, 64, cuda::GemmTile::coop_128x256_c2x1}, epi, y.get(),
+            nullptr);
+      },
+      "one tile");
 }
 
 // ---- the other baselines: sanity (they are only timed, but a wrong baseline lies) -------

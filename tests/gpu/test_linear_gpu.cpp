@@ -22,6 +22,7 @@
 #include <gtest/gtest.h>
 
 #include <algorithm>
+#include <bit>
 #include <cmath>
 #include <cstdint>
 #include <cstdio>
@@ -435,16 +436,18 @@ int64_t check_grad(const std::vector<float>& got, const std::vector<float>& ref_
   return bad;
 }
 
-// LSQ step gradient: both sides add the same fp64 terms in different fixed orders; each fp64
-// sum is within (n−1)·2^-53·Σ|t| of the exact sum, the product with g adds ≤ 2^-53 relative,
-// and each side rounds to fp32 once (≤ half an ulp of the result):
-//   |gpu − ref| ≤ g·2n·2^-53·Σ|t·δ̃| + ulp(|ref|).
-void check_step_grad(float got, float want, double g, double lsq_abs, int64_t n, const char* what) {
-  const double ulp = std::ldexp(1.0, std::ilogb(std::max(std::fabs(want), 1e-30f)) - 23);
-  const double bound = g * 2.0 * static_cast<double>(n) * std::ldexp(1.0, -53) * lsq_abs + ulp;
+// An exact step sum (ref::lsq_backward_exact) against the fp64 oracle g·Σ t·δ̃ with t =
+// acc·s·s' in fp64: the exact form scales T by fl32(s·s') (≤ 2^-24 relative off s·s'), then
+// a few fp64 roundings and one fp32 rounding: |got − oracle| ≤ g·2^-23·Σ|t·δ̃| + ulp(|oracle|).
+void check_exact_step_grad(float got, double g, const Oracle& o, const char* what) {
+  const double want = g * o.lsq_sum;
+  const double ulp = std::ldexp(1.0, std::ilogb(std::max(std::fabs(want), 1e-30)) - 23);
+  const double bound = g * std::ldexp(1.0, -23) * o.lsq_abs + ulp;
   EXPECT_LE(std::fabs(static_cast<double>(got) - want), bound)
-      << what << ": gpu " << got << ", ref " << want;
+      << what << ": gpu " << got << ", float64 oracle " << want;
 }
+
+uint32_t float_bits(float v) { return std::bit_cast<uint32_t>(v); }
 
 // db: both sides sum N fp32 values in fp64 (different fixed orders) and round once:
 //   |gpu − ref| ≤ 2N·2^-53·Σ|dy| + ulp(|ref|).
@@ -575,7 +578,7 @@ std::vector<float> random_grad(int64_t n, int64_t c, uint64_t seed) {
 }
 
 template <class G, class DX>
-void check_backward_keep_all(const Case& k, uint64_t seed, cuda::GemmPath gemm) {
+void check_backward_keep_all(const Case& k, uint64_t seed, cuda::GemmPath gemm, bool fuse = true) {
   SCOPED_TRACE(testing::Message() << "N=" << k.n << " D=" << k.d << " C=" << k.c << " block="
                                   << k.block << " dy " << (sizeof(G) == 2 ? "bf16" : "f32")
                                   << " dx " << (sizeof(DX) == 2 ? "bf16" : "f32"));
@@ -593,6 +596,7 @@ void check_backward_keep_all(const Case& k, uint64_t seed, cuda::GemmPath gemm) 
   cfg.block = k.block;
   cfg.range = k.range;
   cfg.gemm = gemm;
+  cfg.fuse_mask_epilogues = fuse;
   const PhiloxKey key{seed + 11, 3, 5, RngRole::rounding};
   const ref::HqLinearGrads want = ref::hq_linear_backward(dyf.data(), saved, to_ref(cfg), key);
   const BackwardOut got = run_backward<G, DX>(L, dy, cfg, key);
@@ -624,15 +628,24 @@ void check_backward_keep_all(const Case& k, uint64_t seed, cuda::GemmPath gemm) 
   EXPECT_EQ(check_grad(got.dw, want.dw, ow, true, "dw"), 0);
   const double gx = 1.0 / std::sqrt(static_cast<double>(k.range.qmax) * static_cast<double>(k.n * k.d));
   const double gw = 1.0 / std::sqrt(static_cast<double>(k.range.qmax) * static_cast<double>(k.c * k.d));
-  check_step_grad(got.dsx, want.dsx, gx, ox.lsq_abs, k.n * k.d, "dsx");
-  check_step_grad(got.dsw, want.dsw, gw, ow.lsq_abs, k.c * k.d, "dsw");
+  // The step sums are exact integer sums (ref::lsq_backward_exact): the reference's bits.
+  EXPECT_EQ(float_bits(got.dsx), float_bits(want.dsx)) << "dsx " << got.dsx << " vs " << want.dsx;
+  EXPECT_EQ(float_bits(got.dsw), float_bits(want.dsw)) << "dsw " << got.dsw << " vs " << want.dsw;
+  // and within the fp64 oracle's bound of the float formulation g·Σ t·δ̃ (the exact sum
+  // differs from it by the fp32 rounding of t, ≤ 2^-23·Σ|t·δ̃|, plus the final roundings)
+  check_exact_step_grad(got.dsx, gx, ox, "dsx");
+  check_exact_step_grad(got.dsw, gw, ow, "dsw");
   check_db(got.db, want.db, dyf, k.n, k.c);
 
   // The overlapped schedule (the default) and the in-order one run the same kernels with the
-  // same fixed reduction orders: every output bit for bit, the fp64-summed ones included.
+  // same fixed reduction orders, and the fused epilogues give the separate passes' results:
+  // every output bit for bit, the fp64-summed ones included.
   cuda::HqLinearConfig in_order = cfg;
   in_order.overlap_passes = !cfg.overlap_passes;
   expect_same_bits(got, run_backward<G, DX>(L, dy, in_order, key), "overlap_passes toggled");
+  cuda::HqLinearConfig unfused = cfg;
+  unfused.fuse_mask_epilogues = !cfg.fuse_mask_epilogues;
+  expect_same_bits(got, run_backward<G, DX>(L, dy, unfused, key), "fuse_mask_epilogues toggled");
 }
 
 const std::vector<Case>& backward_cases() {
@@ -643,7 +656,8 @@ const std::vector<Case>& backward_cases() {
       {96, 48, 64, 2, kInt4Sym},
       {256, 512, 512, 64, kInt4Full},
       {16384, 640, 32, 32, kInt4Sym},   // dx: 2560 tiles > 2048 mask blocks: blocks loop
-      {80, 48, 64, 16, kInt4Full},      // block 16, D = 48: lanes past D in a 256-column chunk
+      {80, 48, 64, 16, kInt4Full},      // block 16, D = 48: lanes past D in a 256-column chunk;
+                                        // the fused epilogues: D % 32 = 16 (a half subtile)
   };
   return cases;
 }
@@ -823,7 +837,9 @@ void check_backward_sampled(const SampledCase& sc, uint64_t seed, cuda::GemmPath
   const Oracle ow = oracle(tw, std::ldexp(1.0, -22), wq, saved.w_e(), c, d, k.block);
   EXPECT_EQ(check_grad(got.dw, want.dw, ow, true, "sampled dw"), 0);
   const double gw = 1.0 / std::sqrt(static_cast<double>(k.range.qmax) * static_cast<double>(c * d));
-  check_step_grad(got.dsw, want.dsw, gw, ow.lsq_abs, c * d, "sampled dsw");
+  EXPECT_EQ(float_bits(got.dsw), float_bits(want.dsw))
+      << "sampled dsw " << got.dsw << " vs " << want.dsw;  // an exact sum, as the reference
+  check_exact_step_grad(got.dsw, gw, ow, "sampled dsw");
   check_db(got.db, want.db, dy, n, c);
 }
 

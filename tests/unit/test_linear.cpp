@@ -10,6 +10,7 @@
 
 #include "common/random.h"
 #include "nibble/error.h"
+#include "nibble/rng.h"
 #include "ref/bitsplit.h"
 #include "ref/hadamard.h"
 #include "ref/int8_linear.h"
@@ -206,6 +207,58 @@ TEST(HqLinear, SideChannelEncodesMaskAndResidual) {
     EXPECT_GT(n_clipped, 0);
     EXPECT_LT(n_clipped, int64_t(r.size()) / 4);
   }
+}
+
+// lsq_backward_exact: the step sum on the integers. Its value is g·(S·T)/14 with T = Σ acc·w
+// computed here in __int128; it is the same whatever order the terms come in (the device
+// sums in another); it masks like lsq_backward_coded and stays within ~2^-23 relative of the
+// coded form's sum of fp32-rounded values; T may pass 2^31 and partial sums may wrap.
+TEST(HqLinear, ExactStepSumIsTheIntegerSum) {
+  const int64_t n = 4099;
+  std::vector<int32_t> acc(static_cast<size_t>(n));
+  std::vector<int8_t> q(acc.size()), e(acc.size());
+  const PhiloxKey key{31, 2, 7, RngRole::data};
+  for (int64_t i = 0; i < n; ++i) {
+    const uint32_t u = philox_u32(key, static_cast<uint64_t>(i));
+    // large accumulators (|acc| up to 2^26): T passes 2^31 many times over
+    acc[static_cast<size_t>(i)] = static_cast<int32_t>(u % (1u << 27)) - (1 << 26);
+    e[static_cast<size_t>(i)] = static_cast<int8_t>(static_cast<int>((u >> 27) % 16) - 8);
+    q[static_cast<size_t>(i)] = static_cast<int8_t>(static_cast<int>(philox_u32(key, n + i) % 16) - 8);
+  }
+  const float scale = 3.1e-5f;
+  std::vector<float> g(acc.size()), masked(acc.size());
+  for (size_t i = 0; i < g.size(); ++i) g[i] = static_cast<float>(acc[i]) * scale;
+  const float got = ref::lsq_backward_exact(acc.data(), scale, g.data(), q.data(), e.data(), n,
+                                            kInt4Full, masked.data());
+  __int128 t = 0;
+  for (size_t i = 0; i < acc.size(); ++i)
+    t += static_cast<__int128>(acc[i]) * (e[i] == ref::kLsqClipped ? 14 * q[i] : e[i]);
+  const double gs = 1.0 / std::sqrt(7.0 * static_cast<double>(n));
+  EXPECT_EQ(got, static_cast<float>(gs * (static_cast<double>(scale) *
+                                          static_cast<double>(static_cast<int64_t>(t)) / 14.0)));
+  for (size_t i = 0; i < g.size(); ++i)
+    ASSERT_EQ(masked[i], e[i] == ref::kLsqClipped ? 0.0f : g[i]) << "element " << i;
+  // any order: reversed
+  std::vector<int32_t> acc_r(acc.rbegin(), acc.rend());
+  std::vector<int8_t> q_r(q.rbegin(), q.rend()), e_r(e.rbegin(), e.rend());
+  std::vector<float> g_r(g.rbegin(), g.rend());
+  EXPECT_EQ(ref::lsq_backward_exact(acc_r.data(), scale, g_r.data(), q_r.data(), e_r.data(), n,
+                                    kInt4Full, nullptr),
+            got);
+  // against the coded form (fp64 sum of the fp32 values): within 2^-23 of Σ|g·δ̃|
+  double abs_sum = 0;
+  for (size_t i = 0; i < g.size(); ++i)
+    abs_sum += std::fabs(static_cast<double>(g[i]) * ref::lsq_residual_decode(e[i], q[i]));
+  std::vector<float> scratch(g.size());
+  const float coded = ref::lsq_backward_coded(g.data(), q.data(), e.data(), n, kInt4Full,
+                                              scratch.data());
+  EXPECT_LE(std::fabs(static_cast<double>(got) - coded),
+            gs * std::ldexp(1.0, -23) * abs_sum + std::ldexp(std::fabs(coded), -23));
+  EXPECT_THROW(ref::lsq_backward_exact(acc.data(), NAN, g.data(), q.data(), e.data(), n,
+                                       kInt4Full, nullptr),
+               Error);
+  EXPECT_TRUE(ref::lsq_exact_sum_fits(int64_t{1} << 30, 90.0 * 8 * 4096));
+  EXPECT_FALSE(ref::lsq_exact_sum_fits(int64_t{1} << 40, 90.0 * 8 * 4096));
 }
 
 // The whole backward (every row kept) against a float64 computation of the same estimator:

@@ -62,6 +62,14 @@ GemmPath resolve_gemm_path(GemmPath requested) {
   return GemmPath::mma_sm80;
 }
 
+void gemm_s8s8_s32_tn(const GemmS8S8Params& p, int32_t* c, GemmPath path, cudaStream_t stream) {
+  switch (resolve_gemm_path(path)) {
+    case GemmPath::wgmma_sm90: gemm_s8s8_s32_tn_sm90(p, c, stream); return;
+    case GemmPath::mma_sm80: gemm_s8s8_s32_tn_sm80(p, c, stream); return;
+    case GemmPath::automatic: break;  // resolve_gemm_path never returns it
+  }
+  NB_FAIL("gemm_s8s8_s32_tn: unknown GEMM path " << static_cast<int>(path));
+}
 void gemm_s8s8_s32_tn_dequant(const GemmS8S8Params& p, const EpiDequantBias& epi, float* y,
                               GemmPath path, cudaStream_t stream) {
   s8_dequant(p, epi, y, path, stream);

@@ -29,6 +29,9 @@ const char* gemm_path_name(GemmPath path);
 // given (its launchers check the device themselves).
 GemmPath resolve_gemm_path(GemmPath requested);
 
+// c = A·Bᵀ (int32, exact) on s8 operands, through the path's launcher (gemm_s8s8_s32_tn_sm90
+// or gemm_s8s8_s32_tn_sm80).
+void gemm_s8s8_s32_tn(const GemmS8S8Params& p, int32_t* c, GemmPath path, cudaStream_t stream);
 // y = fma(float(A·Bᵀ), sa·sb, bias) on s8 operands, through the path's launcher
 // (gemm_s8s8_s32_tn_dequant_sm90 or gemm_s8s8_s32_tn_dequant_sm80; their rules apply).
 void gemm_s8s8_s32_tn_dequant(const GemmS8S8Params& p, const EpiDequantBias& epi, float* y,

@@ -24,6 +24,17 @@ void gemm_s8s8_s32_tn_dequant_sm90(const GemmS8S8Params&, const EpiDequantBias&,
                                    cudaStream_t) {
   unavailable("gemm_s8s8_s32_tn_dequant_sm90");
 }
+void gemm_s8s8_s32_tn_mask_hadamard_sm90(const GemmS8S8Params&, const EpiMaskHadamard&, bf16_t*,
+                                         cudaStream_t) {
+  unavailable("gemm_s8s8_s32_tn_mask_hadamard_sm90");
+}
+void gemm_s8s8_s32_tn_mask_hadamard_sm90(const GemmS8S8Params&, const EpiMaskHadamard&, float*,
+                                         cudaStream_t) {
+  unavailable("gemm_s8s8_s32_tn_mask_hadamard_sm90");
+}
+int64_t gemm_s8s8_mask_hadamard_partials(const GemmS8S8Params&) {
+  unavailable("gemm_s8s8_mask_hadamard_partials");
+}
 bool gemm_sm90_available() { return false; }
 
 }  // namespace nibble::cuda

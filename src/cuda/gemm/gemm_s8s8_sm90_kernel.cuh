@@ -197,12 +197,17 @@ struct GemmS8S8Sm90 {
       typename Epi::ElementCompute, void, LayoutD, kAlignD, ElementD, LayoutD, kAlignD,
       typename Config::Epilogue, FusionOp>::CollectiveOp;
 
-  // Shared memory left after the epilogue's buffers goes to mainloop pipeline stages.
+  // Shared memory left after the epilogue's buffers (and what the epilogue asks to withhold,
+  // Epi::kMainloopSmemWithheld) goes to mainloop pipeline stages.
+  static constexpr int kSmemWithheld = [] {
+    if constexpr (requires { Epi::kMainloopSmemWithheld; }) return Epi::kMainloopSmemWithheld;
+    else return 0;
+  }();
   using CollectiveMainloop = typename cutlass::gemm::collective::CollectiveBuilder<
       cutlass::arch::Sm90, cutlass::arch::OpClassTensorOp, int8_t, LayoutA, kAlignAB, int8_t,
       LayoutB, kAlignAB, int32_t, typename Config::TileShape, typename Config::ClusterShape,
       cutlass::gemm::collective::StageCountAutoCarveout<static_cast<int>(
-          sizeof(typename CollectiveEpilogue::SharedStorage))>,
+          sizeof(typename CollectiveEpilogue::SharedStorage)) + kSmemWithheld>,
       typename Config::Mainloop>::CollectiveOp;
 
   using Kernel = cutlass::gemm::kernel::GemmUniversal<Shape<int, int, int, int>, CollectiveMainloop,

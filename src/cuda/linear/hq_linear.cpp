@@ -13,6 +13,7 @@
 #include "cuda/common/stream_fork.h"
 #include "cuda/common/workspace.h"
 #include "cuda/gemm/gemm_dispatch.h"
+#include "cuda/gemm/gemm_s8s8_s32_tn_sm90.h"
 #include "cuda/gemm/gemm_sm90_host.h"
 #include "cuda/linear/hq_linear_kernels.h"
 #include "cuda/quant/bitsplit.h"
@@ -95,17 +96,18 @@ class Carver {
 
 struct Workspace {
   // shared by both variants
-  float* split_scale = nullptr;  // [2] bitsplit: s, max|g|
-  float* dw_t = nullptr;         // [C, D]
-  double* part_dx = nullptr;     // LSQ partials of the dx pass
-  double* part_dw = nullptr;
-  double* part_db = nullptr;     // column-sum partials
+  float* split_scale = nullptr;    // [2] bitsplit: s, max|g|
+  int32_t* dw_acc = nullptr;       // [C, D] the dw GEMM's sums (separate dw pass only)
+  int64_t* part_dw = nullptr;      // exact LSQ partials of dsw
+  double* part_db = nullptr;       // column-sum partials
   // keep_all
-  int8_t* comb = nullptr;        // [N, C]
-  int8_t* comb_t = nullptr;      // [C, N]
-  int8_t* x_q_t = nullptr;       // [D, N]
-  float* dx_t = nullptr;         // [N, D]
+  int8_t* comb = nullptr;          // [N, C]
+  int8_t* comb_t = nullptr;        // [C, N]
+  int8_t* x_q_t = nullptr;         // [D, N]
+  int32_t* dx_acc = nullptr;       // [N, D] the dx GEMM's sums (separate dx pass only)
+  int64_t* part_dx_exact = nullptr;  // exact LSQ partials of dsx
   // sampled
+  double* part_dx = nullptr;       // fp64 LSQ partials of dsx
   int8_t* hi = nullptr;          // [N, C]
   int8_t* lo = nullptr;          // [N, C]
   int64_t* row_sumsq = nullptr;  // [2N]
@@ -126,21 +128,41 @@ struct Workspace {
   float* out_dx = nullptr;       // [K_cap, D]
 };
 
+// The fused epilogue reads the side channel with its own copy of the format's constants.
+static_assert(kEpiClippedNibble == kLsqClipped && kEpiResidualSteps == kLsqResidualSteps);
+
+// The dx and dw GEMMs apply the mask, the step sums and the Hadamard in their epilogues
+// (HqLinearConfig::fuse_mask_epilogues); the sampled dx (per-row weights, two rows per token)
+// always takes the separate pass.
+bool fused_mask(const HqLinearConfig& cfg) {
+  return cfg.fuse_mask_epilogues && cfg.block <= kEpiMaskMaxBlock &&
+         resolve_gemm_path(cfg.gemm) == GemmPath::wgmma_sm90;
+}
+
+// LSQ partial sums of an [rows, cols] product: the fused epilogue's warp slots, or the
+// separate pass's blocks.
+int64_t mask_partials_count(int64_t rows, int64_t cols, const HqLinearConfig& cfg) {
+  return fused_mask(cfg) ? gemm_s8s8_mask_hadamard_partials({nullptr, nullptr, rows, cols, 16})
+                         : ld::lsq_partials_count(rows, cols, cfg.block);
+}
+
 Workspace carve(void* base, int64_t n, int64_t d, int64_t c, const HqLinearConfig& cfg,
                 size_t* bytes) {
   Carver cv(base);
   Workspace w;
+  const bool fused = fused_mask(cfg);
   w.split_scale = cv.take<float>(2);
-  w.dw_t = cv.take<float>(c * d);
-  w.part_dx = cv.take<double>(ld::lsq_partials_count(n, d, cfg.block));
-  w.part_dw = cv.take<double>(ld::lsq_partials_count(c, d, cfg.block));
+  if (!fused) w.dw_acc = cv.take<int32_t>(c * d);
+  w.part_dw = cv.take<int64_t>(mask_partials_count(c, d, cfg));
   w.part_db = cv.take<double>(bitsplit_column_chunks(n) * c);
   if (cfg.lss == LssVariant::keep_all) {
     w.comb = cv.take<int8_t>(n * c);
     w.comb_t = cv.take<int8_t>(c * n);
     w.x_q_t = cv.take<int8_t>(d * n);
-    w.dx_t = cv.take<float>(n * d);
+    if (!fused) w.dx_acc = cv.take<int32_t>(n * d);
+    w.part_dx_exact = cv.take<int64_t>(mask_partials_count(n, d, cfg));
   } else {
+    w.part_dx = cv.take<double>(ld::lsq_partials_count(n, d, cfg.block));
     const int64_t list = round16(2 * n);  // select_rows writes the whole padded list
     const int64_t k = hq_linear_sampled_capacity(n, cfg);
     w.hi = cv.take<int8_t>(n * c);
@@ -275,6 +297,55 @@ void forward_impl(const HqLinearForwardParams<T>& p, const HqLinearConfig& cfg,
 }
 
 // One fused side-channel pass (mask, δ̃ partials, inverse Hadamard) into out.
+// A product's mask, exact step partials and inverse Hadamard,
+//   out [rows, cols] = H(mask(float(A·Bᵀ)·(scale_a·scale_b)))·norm,  A·Bᵀ = the GEMM g,
+// in two calls: masked_gemm runs the GEMM with all of it in the epilogue (fused_mask), or the
+// plain int32 GEMM into acc; masked_pass then runs the separate pass on acc (nothing when
+// fused). Split so that the schedule can queue the pass on another stream.
+struct MaskedProduct {
+  const float* scale_a;
+  const float* scale_b;
+  const uint8_t* q_packed;  // [rows, cols/2] codes and side channel of the forward tensor
+  const uint8_t* e_packed;
+  int32_t* acc;             // [rows, cols] (separate pass only)
+  int64_t* partials;        // mask_partials_count(rows, cols, cfg)
+};
+
+template <class OutT>
+void masked_gemm(const GemmS8S8Params& g, const MaskedProduct& mp, const HqLinearConfig& cfg,
+                 OutT* out, cudaStream_t stream) {
+  if (!fused_mask(cfg)) {
+    gemm_s8s8_s32_tn(g, mp.acc, resolve_gemm_path(cfg.gemm), stream);
+    return;
+  }
+  EpiMaskHadamard epi;
+  epi.scale_a = mp.scale_a;
+  epi.scale_b = mp.scale_b;
+  epi.q_packed = mp.q_packed;
+  epi.e_packed = mp.e_packed;
+  epi.block = static_cast<int>(cfg.block);
+  epi.partials = mp.partials;
+  gemm_s8s8_s32_tn_mask_hadamard_sm90(g, epi, out, stream);
+}
+
+template <class OutT>
+void masked_pass(int64_t rows, int64_t cols, const MaskedProduct& mp, const HqLinearConfig& cfg,
+                 OutT* out, cudaStream_t stream) {
+  if (fused_mask(cfg)) return;
+  ld::LsqMaskHadamardParams<OutT> m;
+  m.acc = mp.acc;
+  m.scale_a = mp.scale_a;
+  m.scale_b = mp.scale_b;
+  m.rows = rows;
+  m.cols = cols;
+  m.block = cfg.block;
+  m.q_packed = mp.q_packed;
+  m.e_packed = mp.e_packed;
+  m.out = out;
+  m.exact_partials = mp.partials;
+  ld::lsq_mask_hadamard(m, stream);
+}
+
 template <class OutT>
 void mask_pass(const float* g_t, const float* gathered, const int32_t* pos, int64_t rows,
                int64_t cols, const HqLinearConfig& cfg, const uint8_t* q_packed,
@@ -302,6 +373,13 @@ void backward_impl(const HqLinearBackwardParams<G>& p, const HqLinearConfig& cfg
   NB_CHECK((p.dx != nullptr) != (p.dx_f32 != nullptr),
            fn << ": set exactly one of dx (bf16) and dx_f32 (f32)");
   if (cfg.lss == LssVariant::sampled) check_sampling(fn, n, cfg);
+  // The exact int64 step sums (docs/formats.md): N·D·C elements·terms of |acc·w| ≤ 127·8·2·112
+  // (the sampled dw's bound, the largest) must stay below 2^63.
+  NB_CHECK(static_cast<double>(n) * static_cast<double>(d) * static_cast<double>(c) *
+                   (2.0 * 127 * 8 * 112) < 0x1p63,
+           fn << ": N=" << n << ", D=" << d << ", C=" << c
+              << " is too large for the exact int64 LSQ step sums (N·D·C must stay below about "
+                 "4·10^13); split the batch");
   check_tensor(fn, p.dy, n * c, "dy [N, C]");
   check_tensor(fn, p.x_q_packed, n * d / 2, "x_q_packed [N, D/2]");
   check_tensor(fn, p.x_e_packed, n * d / 2, "x_e_packed [N, D/2]");
@@ -324,9 +402,11 @@ void backward_impl(const HqLinearBackwardParams<G>& p, const HqLinearConfig& cfg
   check_tensor(fn, p.workspace, static_cast<int64_t>(need), "workspace");
   const Workspace ws = carve(p.workspace, n, d, c, cfg, &need);
 
-  // LSQ partials of each pass and the GEMMs' dequant scales
-  const int64_t parts_dx = ld::lsq_partials_count(n, d, cfg.block);
-  const int64_t parts_dw = ld::lsq_partials_count(c, d, cfg.block);
+  // LSQ partials of each product
+  const int64_t parts_dx = cfg.lss == LssVariant::keep_all
+                               ? mask_partials_count(n, d, cfg)
+                               : ld::lsq_partials_count(n, d, cfg.block);
+  const int64_t parts_dw = mask_partials_count(c, d, cfg);
   const float* s = ws.split_scale;  // the bit-split scale, written by bitsplit on the device
   // The GEMMs below have an int8 gradient operand (14·hi + lo in [−90, 90], or re-quantized
   // sampled codes): s8 on every path (gemm_dispatch.h). On Ampere the paper's two INT4 GEMMs
@@ -350,16 +430,17 @@ void backward_impl(const HqLinearBackwardParams<G>& p, const HqLinearConfig& cfg
   if (cfg.lss == LssVariant::keep_all && cfg.overlap_passes) fork.emplace(stream);
   const cudaStream_t crit = fork ? fork->side() : stream;
   if (cfg.lss == LssVariant::keep_all) {
-    // Two chains meet only at the end: dx = mask/Hᵀ pass of the dx GEMM, dw = the same of the
-    // dw GEMM; the x-code unpack needs nothing of this call. With cfg.overlap_passes the
-    // critical path (bit split, GEMMs) goes to the fork's side stream (crit, one priority step
-    // above the caller's) and the memory-bound kernels stay on the caller's stream, where they
-    // fill the SMs the critical path leaves:
-    //   crit:   bit split ─ dx GEMM ─┬──(x_q_t)─ dw GEMM ─ dw pass ─┐
-    //   stream: x unpack ────────────┴─ dx pass ────────────────────┴─ finalize
+    // Two chains meet only at the end: dx = the dx GEMM with the mask, the step sums and ·Hᵀ,
+    // dw = the same of the dw GEMM; the x-code unpack needs nothing of this call. With
+    // cfg.overlap_passes the critical path (bit split, GEMMs) goes to the fork's side stream
+    // (crit, one priority step above the caller's) and the memory-bound kernels stay on the
+    // caller's stream, where they fill the SMs the critical path leaves:
+    //   crit:   bit split ─ dx GEMM ─┬──(x_q_t)─ dw GEMM [─ dw pass] ─┐
+    //   stream: x unpack ────────────┴─[dx pass] ─────────────────────┴─ finalize
+    // (the passes in brackets run only where the epilogues cannot take them, fused_mask).
     // A persistent GEMM takes every SM it is given, so the GEMMs are capped at the fewest SMs
-    // that keep their tile rounds (16384×4096 dx_t: 4096 tiles, 32 rounds on 132 SMs and on
-    // 128); the passes start on the SMs left over and take the rest as a GEMM drains.
+    // that keep their tile rounds (16384×4096 dx: 4096 tiles, 32 rounds on 132 SMs and on
+    // 128); the kernels beside them start on the SMs left over.
     const auto capped = [&](GemmS8S8Params g) {
       if (fork) g.max_sms = sm90::same_round_sms(g, device_sm_count());
       return g;
@@ -370,32 +451,23 @@ void backward_impl(const HqLinearBackwardParams<G>& p, const HqLinearConfig& cfg
     bs.combined = ws.comb;
     bs.combined_t = ws.comb_t;
     bitsplit(bs, crit);
-    // 3. dx_t = float(combined·w_q)·(s·sw)    A = combined [N, C], B = w_q_t [D, C]
-    EpiDequantBias epi_x;
-    epi_x.scale_a = s;
-    epi_x.a_per_row = false;
-    epi_x.scale_b = p.sw;
-    epi_x.b_per_col = false;
-    gemm_s8s8_s32_tn_dequant(capped({ws.comb, p.w_q_t, n, d, c}), epi_x, ws.dx_t, path, crit);
+    // 3. dx = H(mask(float(combined·w_q)·(s·sw)))·norm and dsx's exact partials
+    //    A = combined [N, C], B = w_q_t [D, C]
+    const MaskedProduct mx{s, p.sw, p.x_q_packed, p.x_e_packed, ws.dx_acc, ws.part_dx_exact};
+    const GemmS8S8Params gx = capped({ws.comb, p.w_q_t, n, d, c});
+    if (p.dx != nullptr) masked_gemm(gx, mx, cfg, p.dx, crit);
+    else masked_gemm(gx, mx, cfg, p.dx_f32, crit);
     if (fork) {
-      fork->main_waits_side();  // dx_t (and the split scale s) are written
+      fork->main_waits_side();  // the dx GEMM (and the split scale s) is done
       fork->side_waits_main();  // x_q_t is written (the unpack is all the stream holds so far)
     }
-    // 4. dx: masks, δ̃ partials, ·Hᵀ
-    if (p.dx != nullptr)
-      mask_pass(ws.dx_t, nullptr, nullptr, n, d, cfg, p.x_q_packed, p.x_e_packed, p.dx,
-                ws.part_dx, stream);
-    else
-      mask_pass(ws.dx_t, nullptr, nullptr, n, d, cfg, p.x_q_packed, p.x_e_packed, p.dx_f32,
-                ws.part_dx, stream);
-    // 5. dw_t = float(combinedᵀ·x_q)·(s·sx)  A = combined_t [C, N], B = x_q_t [D, N]
-    EpiDequantBias epi_w;
-    epi_w.scale_a = s;
-    epi_w.a_per_row = false;
-    epi_w.scale_b = p.sx;
-    epi_w.b_per_col = false;
-    gemm_s8s8_s32_tn_dequant(capped({ws.comb_t, ws.x_q_t, c, d, n}), epi_w, ws.dw_t, path,
-                             crit);
+    if (p.dx != nullptr) masked_pass(n, d, mx, cfg, p.dx, stream);
+    else masked_pass(n, d, mx, cfg, p.dx_f32, stream);
+    // 4. dw = H(mask(float(combinedᵀ·x_q)·(s·sx)))·norm and dsw's exact partials
+    //    A = combined_t [C, N], B = x_q_t [D, N]
+    const MaskedProduct mw{s, p.sx, p.w_q_packed, p.w_e_packed, ws.dw_acc, ws.part_dw};
+    masked_gemm(capped({ws.comb_t, ws.x_q_t, c, d, n}), mw, cfg, p.dw, crit);
+    masked_pass(c, d, mw, cfg, p.dw, crit);
   } else {
     // Sampled (see LssVariant): split halves and their row Σq²
     bs.hi = ws.hi;
@@ -447,12 +519,12 @@ void backward_impl(const HqLinearBackwardParams<G>& p, const HqLinearConfig& cfg
     ld::gather_weighted_split_t(ws.hi, ws.lo, n, c, ws.kept_w, k_cap, ws.p_w, ws.dw_scale,
                                 with_role(key, RngRole::sample_dw_rounding), ws.a_dw, stream);
     ld::gather_x_t(p.x_q_packed, n, d, ws.kept_w, k_cap, ws.b_dw, stream);
-    EpiDequantBias epi_w;
-    epi_w.scale_a = ws.dw_scale + 1;  // t·s, one fp32 product on the device
-    epi_w.a_per_row = false;
-    epi_w.scale_b = p.sx;
-    epi_w.b_per_col = false;
-    gemm_s8s8_s32_tn_dequant({ws.a_dw, ws.b_dw, c, d, k_cap}, epi_w, ws.dw_t, path, stream);
+    // The mask, dsw's exact partials and ·Hᵀ as in keep-all; t·s is one fp32 product on the
+    // device (dw_scale[1]).
+    const MaskedProduct mw{ws.dw_scale + 1, p.sx, p.w_q_packed, p.w_e_packed, ws.dw_acc,
+                           ws.part_dw};
+    masked_gemm({ws.a_dw, ws.b_dw, c, d, k_cap}, mw, cfg, p.dw, stream);
+    masked_pass(c, d, mw, cfg, p.dw, stream);
     // dx: kept split rows [k_cap, C] · w_q, row j scaled by coef_j·sw = (row_scale/p)·sw
     ld::gather_split_rows(ws.hi, ws.lo, n, c, ws.kept_x, k_cap, ws.a_dx, stream);
     ld::dx_coefs(ws.kept_x, k_cap, ws.p_x, s, n, ws.coef, ws.pos, stream);
@@ -470,13 +542,25 @@ void backward_impl(const HqLinearBackwardParams<G>& p, const HqLinearConfig& cfg
       mask_pass(nullptr, ws.out_dx, ws.pos, n, d, cfg, p.x_q_packed, p.x_e_packed, p.dx_f32,
                 ws.part_dx, stream);
   }
-  // dw: the same pass (keep-all: on crit after the dw GEMM, beside what is left of the dx
-  // pass; both are memory-bound)
-  mask_pass(ws.dw_t, nullptr, nullptr, c, d, cfg, p.w_q_packed, p.w_e_packed, p.dw, ws.part_dw,
-            crit);
   if (fork) fork->join();  // everything on crit, dw and its partials last, is written
-  ld::lsq_finalize(ws.part_dx, parts_dx, n * d, p.dsx, ws.part_dw, parts_dw, c * d, p.dsw,
-                   cfg.range.qmax, stream);
+  ld::LsqSumParts sum_dx, sum_dw;
+  if (cfg.lss == LssVariant::keep_all) {
+    sum_dx.exact = ws.part_dx_exact;
+    sum_dx.scale_a = s;
+    sum_dx.scale_b = p.sw;
+  } else {
+    sum_dx.fp = ws.part_dx;
+  }
+  sum_dx.count = parts_dx;
+  sum_dx.numel = n * d;
+  sum_dx.out = p.dsx;
+  sum_dw.exact = ws.part_dw;
+  sum_dw.scale_a = cfg.lss == LssVariant::keep_all ? s : ws.dw_scale + 1;
+  sum_dw.scale_b = p.sx;
+  sum_dw.count = parts_dw;
+  sum_dw.numel = c * d;
+  sum_dw.out = p.dsw;
+  ld::lsq_finalize(sum_dx, sum_dw, cfg.range.qmax, stream);
   // db = Σ_rows dy from the partials of step 1
   if (p.db != nullptr)
     ld::column_sums_finalize(ws.part_db, bitsplit_column_chunks(n), c, p.db, stream);

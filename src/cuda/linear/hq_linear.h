@@ -122,6 +122,12 @@ struct HqLinearConfig {
   // the same bits either way (the kernels and their fixed reduction orders do not change; the
   // GPU tests check it). The sampled variant always runs in order.
   bool overlap_passes = true;
+  // Keep-all on the wgmma_sm90 path with block ≤ 32: the dx and dw GEMMs' epilogues apply
+  // the STE mask, add the LSQ step sums and run the block Hadamard on the accumulators
+  // (EpiMaskHadamard, gemm_params.h) instead of writing an fp32 [N, D] / [C, D] product for
+  // a separate pass. false forces the separate passes (benchmarks, tests). The same bits
+  // either way: the step sums are exact integer sums (docs/formats.md, "LSQ step sums").
+  bool fuse_mask_epilogues = true;
 };
 
 // ---- the fused quantizer -------------------------------------------------------------------

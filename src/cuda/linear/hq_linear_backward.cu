@@ -5,6 +5,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <initializer_list>
 #include <type_traits>
 
 #include "cuda/common/check.h"
@@ -51,15 +52,21 @@ struct MaskBatch {
   uint32_t qw[R][J], ew[R][J];
 };
 
-// Gathered: the sampled backward's source, g = hi row pos[r] + lo row pos[rows + r] of
-// `gathered` (absent rows read 0); otherwise the dense g_t. B: the Hadamard block.
-template <class OutT, int J, int B, bool kGathered>
+// The source of g (LsqMaskHadamardParams): dense f32, the sampled backward's gathered rows
+// (g = hi row pos[r] + lo row pos[rows + r] of `gathered`, absent rows read 0), or an int32
+// product dequantized here. B: the Hadamard block.
+enum class MaskSource { dense, gathered, acc };
+
+template <class OutT, int J, int B, MaskSource kSrc>
 __global__ void __launch_bounds__(kThreads)
     lsq_mask_hadamard_kernel(LsqMaskHadamardParams<OutT> p, float norm, int64_t col_tiles,
                              int64_t tiles) {
   constexpr int R = kRowsPerBatch8<J>;
   constexpr int TR = kTileRows8<J>;
+  constexpr bool kGathered = kSrc == MaskSource::gathered;
+  constexpr bool kExact = kSrc == MaskSource::acc;
   __shared__ double warp_part[kWarps];
+  __shared__ unsigned long long warp_exact[kWarps];
   // δ̃ as fp64, by table (no division per element): entry e + 8 (e in [−7, 7]) holds
   // float(e) / 14 (one IEEE fp32 division, the reference's), entry 24 + q the clipped δ = q.
   __shared__ double delta_tab[32];
@@ -74,6 +81,10 @@ __global__ void __launch_bounds__(kThreads)
   const int warp = threadIdx.x >> 5;
   const int64_t half_cols = p.cols / 2;
   double acc = 0.0;  // Σ g·δ̃ of this thread's elements, in its fixed visiting order
+  // the acc source: Σ acc·w (exact; two's-complement wrap-around cancels, see the reference)
+  unsigned long long exact = 0;
+  // the dequant epilogue's scale sa·sb (one fp32 product)
+  const float scale = kExact ? __fmul_rn(p.scale_a[0], p.scale_b[0]) : 0.0f;
 
   for (int64_t t = blockIdx.x; t < tiles; t += gridDim.x) {
     const int64_t r0 = (t / col_tiles) * TR;
@@ -100,7 +111,12 @@ __global__ void __launch_bounds__(kThreads)
 #pragma unroll
           for (int k = 0; k < kLaneCols8; ++k) b.g[i][j][k] = 0.0f;
           if (!in_cols[j]) continue;
-          if constexpr (!kGathered) {
+          if constexpr (kExact) {
+            // the int32 bits ride in the float slots until the arithmetic below
+            uint32_t raw[kRawWords<float>];
+            load_raw8(reinterpret_cast<const float*>(p.acc) + row * p.cols + c, raw);
+            widen8(raw, b.g[i][j]);
+          } else if constexpr (!kGathered) {
             uint32_t raw[kRawWords<float>];
             load_raw8(p.g_t + row * p.cols + c, raw);
             widen8(raw, b.g[i][j]);
@@ -139,11 +155,20 @@ __global__ void __launch_bounds__(kThreads)
 #pragma unroll
           for (int k = 0; k < kLaneCols8; ++k) {
             const int e = nibble_at(cur.ew[i][j], k);
-            const float g = cur.g[i][j][k];
             const bool clipped = e == kLsqClipped;
-            // Σ g·δ̃ in fp64 (the product of two fp32 values is exact in fp64)
-            const double delta = delta_tab[clipped ? 24 + nibble_at(cur.qw[i][j], k) : e + 8];
-            acc = __dadd_rn(acc, __dmul_rn(static_cast<double>(g), delta));
+            float g;
+            if constexpr (kExact) {
+              // g = float(acc)·(sa·sb), as the dequant epilogue; Σ acc·w exactly
+              const int32_t a = __float_as_int(cur.g[i][j][k]);
+              g = __fmul_rn(__int2float_rn(a), scale);
+              const int w = clipped ? kLsqResidualSteps * nibble_at(cur.qw[i][j], k) : e;
+              exact += static_cast<unsigned long long>(static_cast<long long>(a) * w);
+            } else {
+              g = cur.g[i][j][k];
+              // Σ g·δ̃ in fp64 (the product of two fp32 values is exact in fp64)
+              const double delta = delta_tab[clipped ? 24 + nibble_at(cur.qw[i][j], k) : e + 8];
+              acc = __dadd_rn(acc, __dmul_rn(static_cast<double>(g), delta));
+            }
             // STE: ∂v̂/∂v = 1[e ≠ −8]
             cur.g[i][j][k] = clipped ? 0.0f : g;
           }
@@ -161,38 +186,66 @@ __global__ void __launch_bounds__(kThreads)
       if constexpr (!kGathered) cur = next;
     }
   }
-  acc = detail::warp_sum(acc);
-  if (lane == 0) warp_part[warp] = acc;
-  __syncthreads();
-  if (threadIdx.x == 0) {
-    double total = 0.0;
-    for (int w = 0; w < kWarps; ++w) total = __dadd_rn(total, warp_part[w]);
-    p.partials[blockIdx.x] = total;
+  if constexpr (kExact) {
+    exact = static_cast<unsigned long long>(detail::warp_sum(static_cast<long long>(exact)));
+    if (lane == 0) warp_exact[warp] = exact;
+    __syncthreads();
+    if (threadIdx.x == 0) {
+      unsigned long long total = 0;
+      for (int w = 0; w < kWarps; ++w) total += warp_exact[w];
+      p.exact_partials[blockIdx.x] = static_cast<int64_t>(total);
+    }
+  } else {
+    acc = detail::warp_sum(acc);
+    if (lane == 0) warp_part[warp] = acc;
+    __syncthreads();
+    if (threadIdx.x == 0) {
+      double total = 0.0;
+      for (int w = 0; w < kWarps; ++w) total = __dadd_rn(total, warp_part[w]);
+      p.partials[blockIdx.x] = total;
+    }
   }
 }
 
-// Block 0 finalises a, block 1 finalises b: thread t adds partials t, t + 256, ... in order,
-// then a fixed butterfly and the 8 warp totals in order. s = float(g · Σ), g = 1/sqrt(qmax·n).
+// Block 0 finalises a, block 1 finalises b. fp: thread t adds partials t, t + 256, ... in
+// order, then a fixed butterfly and the 8 warp totals in order: out = float(g · Σ). exact: the
+// same walk in int64 (any order is exact), out = float(g · ((S · T) / 14)). g = 1/sqrt(qmax·n).
 __global__ void __launch_bounds__(kThreads)
-    lsq_finalize_kernel(const double* pa, int64_t ca, int64_t na, float* oa, const double* pb,
-                        int64_t cb, int64_t nb, float* ob, int32_t qmax) {
+    lsq_finalize_kernel(LsqSumParts a, LsqSumParts b, int32_t qmax) {
   __shared__ double warp_part[kWarps];
-  const double* parts = blockIdx.x == 0 ? pa : pb;
-  const int64_t count = blockIdx.x == 0 ? ca : cb;
-  const int64_t numel = blockIdx.x == 0 ? na : nb;
-  float* out = blockIdx.x == 0 ? oa : ob;
+  __shared__ unsigned long long warp_exact[kWarps];
+  const LsqSumParts& s = blockIdx.x == 0 ? a : b;
   double acc = 0.0;
-  for (int64_t i = threadIdx.x; i < count; i += kThreads) acc = __dadd_rn(acc, parts[i]);
+  unsigned long long exact = 0;
+  for (int64_t i = threadIdx.x; i < s.count; i += kThreads) {
+    if (s.exact != nullptr) exact += static_cast<unsigned long long>(s.exact[i]);
+    else acc = __dadd_rn(acc, s.fp[i]);
+  }
   acc = detail::warp_sum(acc);
-  if ((threadIdx.x & 31) == 0) warp_part[threadIdx.x >> 5] = acc;
+  exact = static_cast<unsigned long long>(detail::warp_sum(static_cast<long long>(exact)));
+  if ((threadIdx.x & 31) == 0) {
+    warp_part[threadIdx.x >> 5] = acc;
+    warp_exact[threadIdx.x >> 5] = exact;
+  }
   __syncthreads();
   if (threadIdx.x == 0) {
     double total = 0.0;
-    for (int w = 0; w < kWarps; ++w) total = __dadd_rn(total, warp_part[w]);
+    unsigned long long total_exact = 0;
+    for (int w = 0; w < kWarps; ++w) {
+      total = __dadd_rn(total, warp_part[w]);
+      total_exact += warp_exact[w];
+    }
+    if (s.exact != nullptr) {
+      // (double(S) · double(T)) / 14, ref::lsq_backward_exact's expression
+      const float scale = __fmul_rn(s.scale_a[0], s.scale_b[0]);
+      total = __ddiv_rn(__dmul_rn(static_cast<double>(scale),
+                                  static_cast<double>(static_cast<long long>(total_exact))),
+                        static_cast<double>(kLsqResidualSteps));
+    }
     // g = 1 / sqrt(qmax · numel), the reference's fp64 expression
     const double g = __ddiv_rn(1.0, __dsqrt_rn(__dmul_rn(static_cast<double>(qmax),
-                                                         static_cast<double>(numel))));
-    *out = __double2float_rn(__dmul_rn(g, total));
+                                                         static_cast<double>(s.numel))));
+    *s.out = __double2float_rn(__dmul_rn(g, total));
   }
 }
 
@@ -453,10 +506,13 @@ static void lsq_mask_hadamard_impl(const LsqMaskHadamardParams<OutT>& p, cudaStr
     const int64_t tiles = mask_tiles(p.rows, p.cols, J);
     const auto blocks = static_cast<unsigned>(std::min(tiles, kMaxMaskBlocks));
     if (p.gathered != nullptr) {
-      lsq_mask_hadamard_kernel<OutT, J, B, true>
+      lsq_mask_hadamard_kernel<OutT, J, B, MaskSource::gathered>
+          <<<blocks, kThreads, 0, stream>>>(p, norm, col_tiles, tiles);
+    } else if (p.acc != nullptr) {
+      lsq_mask_hadamard_kernel<OutT, J, B, MaskSource::acc>
           <<<blocks, kThreads, 0, stream>>>(p, norm, col_tiles, tiles);
     } else {
-      lsq_mask_hadamard_kernel<OutT, J, B, false>
+      lsq_mask_hadamard_kernel<OutT, J, B, MaskSource::dense>
           <<<blocks, kThreads, 0, stream>>>(p, norm, col_tiles, tiles);
     }
   });
@@ -469,11 +525,15 @@ void lsq_mask_hadamard(const LsqMaskHadamardParams<bf16_t>& p, cudaStream_t stre
   lsq_mask_hadamard_impl(p, stream);
 }
 
-void lsq_finalize(const double* partials_a, int64_t count_a, int64_t numel_a, float* out_a,
-                  const double* partials_b, int64_t count_b, int64_t numel_b, float* out_b,
-                  int32_t qmax, cudaStream_t stream) {
-  lsq_finalize_kernel<<<2, kThreads, 0, stream>>>(partials_a, count_a, numel_a, out_a, partials_b,
-                                                  count_b, numel_b, out_b, qmax);
+void lsq_finalize(const LsqSumParts& a, const LsqSumParts& b, int32_t qmax, cudaStream_t stream) {
+  for (const LsqSumParts* s : {&a, &b}) {
+    NB_CHECK(s->out != nullptr && s->count > 0 && s->numel > 0 &&
+                 (s->fp != nullptr) != (s->exact != nullptr) &&
+                 (s->exact == nullptr || (s->scale_a != nullptr && s->scale_b != nullptr)),
+             "lsq_finalize: each sum needs out, a positive count and numel, and exactly one of "
+             "fp and exact partials (exact with scale_a and scale_b)");
+  }
+  lsq_finalize_kernel<<<2, kThreads, 0, stream>>>(a, b, qmax);
   NB_CUDA_CHECK_LAUNCH();
 }
 

@@ -14,31 +14,49 @@
 namespace nibble::cuda::linear_detail {
 
 // ---- backward: side channel -> mask, δ̃ sum, inverse Hadamard -------------------------------
-// out = (mask ∘ g_t) · BlockDiag(H_k), mask = 1[e ≠ −8], and per thread block a partial
-//   Σ g_t·δ̃,  δ̃ = q (e = −8) or float(e)/14   (fp64 products of the fp32 values, as the ref)
-// written to partials[block id] (lsq_partials_count of them). The source g_t is either dense
-// [rows, cols] f32 or, for the sampled dx, gathered: g_t[r] = src[pos[r]] + src[pos[rows + r]]
-// (a position −1 reads 0).
+// out = (mask ∘ g_t) · BlockDiag(H_k), mask = 1[e ≠ −8], and per thread block a partial step
+// sum written to its slot (lsq_partials_count of them). Sources of g_t [rows, cols]:
+//   dense     g_t f32;
+//   gathered  the sampled dx: g_t[r] = src[pos[r]] + src[pos[rows + r]] (a position −1 reads 0);
+//   acc       an integer product with one per-tensor scale: g_t = float(acc)·(scale_a·scale_b),
+//             the dequant epilogue's value (the unfused keep-all dx and dw, the sampled dw).
+// Partials: f32 sources Σ g_t·δ̃ in fp64 (δ̃ = q where e = −8, else float(e)/14; fp64 products
+// of the fp32 values, as ref::lsq_backward_coded) into `partials`; the acc source the exact
+// Σ acc·w, w = 14·δ̃ (ref::lsq_backward_exact) into `exact_partials`.
 template <class OutT>
 struct LsqMaskHadamardParams {
   const float* g_t = nullptr;         // dense source, or null
   const float* gathered = nullptr;    // gathered source rows [*, cols], or null
   const int32_t* pos = nullptr;       // [2·rows] with `gathered`
+  const int32_t* acc = nullptr;       // integer source [rows, cols], or null
+  const float* scale_a = nullptr;     // [1] with acc
+  const float* scale_b = nullptr;     // [1] with acc
   int64_t rows = 0, cols = 0, block = 32;
   const uint8_t* q_packed = nullptr;  // [rows, cols/2]
   const uint8_t* e_packed = nullptr;  // [rows, cols/2]
   OutT* out = nullptr;                // [rows, cols]
-  double* partials = nullptr;         // [lsq_partials_count(rows, cols, block)]
+  double* partials = nullptr;         // f32 sources: [lsq_partials_count(rows, cols, block)]
+  int64_t* exact_partials = nullptr;  // acc source: the same count
 };
 int64_t lsq_partials_count(int64_t rows, int64_t cols, int64_t block);
 void lsq_mask_hadamard(const LsqMaskHadamardParams<float>& p, cudaStream_t stream);
 void lsq_mask_hadamard(const LsqMaskHadamardParams<bf16_t>& p, cudaStream_t stream);
 
-// out_a = float(g_a · Σ partials_a), g_a = 1/sqrt(qmax · numel_a) (fp64), and the same for b;
-// the partials are summed in one fixed order (deterministic). One launch for both.
-void lsq_finalize(const double* partials_a, int64_t count_a, int64_t numel_a, float* out_a,
-                  const double* partials_b, int64_t count_b, int64_t numel_b, float* out_b,
-                  int32_t qmax, cudaStream_t stream);
+// One step-size gradient's partial sums: fp64 partials of Σ g·δ̃ (f32 sources), or int64
+// partials of the exact Σ acc·w with the product's scale S = float(scale_a·scale_b).
+struct LsqSumParts {
+  const double* fp = nullptr;
+  const int64_t* exact = nullptr;
+  const float* scale_a = nullptr;  // [1] with exact
+  const float* scale_b = nullptr;  // [1] with exact
+  int64_t count = 0;               // partials
+  int64_t numel = 0;               // elements of the tensor (g = 1/sqrt(qmax · numel))
+  float* out = nullptr;            // [1]
+};
+// fp:    out = float(g · Σ partials), the partials summed in one fixed order (deterministic);
+// exact: out = float(g · ((double(S) · double(T)) / 14)), T = Σ partials (int64, exact).
+// g = 1/sqrt(qmax · numel) in fp64. One launch for both.
+void lsq_finalize(const LsqSumParts& a, const LsqSumParts& b, int32_t qmax, cudaStream_t stream);
 
 // out_t[c, r] = code (r, c) of packed s4 [rows, cols/2]: the dw GEMM's B operand x_q_t.
 void unpack_s4_transpose(const uint8_t* packed, int64_t rows, int64_t cols, int8_t* out_t,
