@@ -566,8 +566,9 @@ const std::vector<MaskCase>& mask_cases() {
   return cases;
 }
 
-// The fused epilogue has one tile (the 128×128 ping-pong, the large shapes' choice); the
-// partial tiles, a capped grid (the layer's same-round cap) and every block.
+// The fused epilogue has one tile, the 128×128 ping-pong (the large shapes' choice), with 2×1
+// and 1×2 clusters; the partial tiles, a capped grid (the layer's same-round cap) and every
+// block.
 TEST(GemmS8S8MaskHadamardSm90, BitExactAgainstReference) {
   int variant = 90;
   for (const MaskCase& mc : mask_cases()) {
@@ -575,6 +576,8 @@ TEST(GemmS8S8MaskHadamardSm90, BitExactAgainstReference) {
                                cuda::GemmTile::automatic);
     check_mask_hadamard<bf16_t>(mc, seed_for(mc.s.m, mc.s.n, mc.s.k, variant++),
                                 cuda::GemmTile::pingpong_128x128_c2x1);
+    check_mask_hadamard<float>(mc, seed_for(mc.s.m, mc.s.n, mc.s.k, variant++),
+                               cuda::GemmTile::pingpong_128x128_c1x2);
     check_mask_hadamard<bf16_t>(mc, seed_for(mc.s.m, mc.s.n, mc.s.k, variant++),
                                 cuda::GemmTile::automatic, 3);
   }

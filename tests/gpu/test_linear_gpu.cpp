@@ -656,6 +656,8 @@ const std::vector<Case>& backward_cases() {
       {96, 48, 64, 2, kInt4Sym},
       {256, 512, 512, 64, kInt4Full},
       {16384, 640, 32, 32, kInt4Sym},   // dx: 2560 tiles > 2048 mask blocks: blocks loop
+      {512, 256, 384, 32, kInt4Sym},    // both fused epilogues (N, C > 256, block ≤ 32)
+      {272, 80, 304, 16, kInt4Full},    // both fused, partial 128-row tiles, D % 32 = 16
       {80, 48, 64, 16, kInt4Full},      // block 16, D = 48: lanes past D in a 256-column chunk;
                                         // the fused epilogues: D % 32 = 16 (a half subtile)
   };
@@ -849,6 +851,7 @@ TEST_P(LinearGpuPath, SampledBackwardMatchesRef) {
       {{80, 208, 48, 16, kInt4Full}, 0.4, true},    // 2N = 160: K padded past the kept rows
       {{48, 96, 112, 32, kInt4Sym}, 0.25, true},
       {{176, 128, 80, 128, kInt4Sym}, 0.3, true},   // block 128, three dw row tiles
+      {{320, 128, 288, 32, kInt4Sym}, 0.3, true},   // C > 256: the dw GEMM's fused epilogue
   };
   int v = 60;
   for (const SampledCase& sc : cases)

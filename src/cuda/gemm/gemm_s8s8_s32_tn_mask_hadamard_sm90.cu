@@ -15,9 +15,11 @@ namespace sm90 {
 void check_mask_hadamard(const char* fn, const GemmS8S8Params& p, const EpiMaskHadamard& epi) {
   NB_CHECK(p.m > 0 && p.n > 0 && p.k > 0,
            fn << ": M=" << p.m << ", N=" << p.n << ", K=" << p.k << " must all be positive");
-  NB_CHECK(p.tile == GemmTile::automatic || p.tile == GemmTile::pingpong_128x128_c2x1,
+  NB_CHECK(p.tile == GemmTile::automatic || p.tile == GemmTile::pingpong_128x128_c2x1 ||
+               p.tile == GemmTile::pingpong_128x128_c1x2,
            fn << ": tile " << tile_name(p.tile) << " is not compiled with this epilogue; it has "
-                 "one tile (pingpong_128x128_c2x1): pass GemmTile::automatic");
+                 "one tile, 128×128 ping-pong (clusters 2×1 and 1×2): pass GemmTile::automatic "
+                 "or one of those");
   const int b = epi.block;
   NB_CHECK(b >= 1 && b <= kEpiMaskMaxBlock && (b & (b - 1)) == 0 && p.n % b == 0,
            fn << ": Hadamard block " << b << " must be a power of two in [1, " << kEpiMaskMaxBlock

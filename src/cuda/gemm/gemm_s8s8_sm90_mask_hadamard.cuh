@@ -152,14 +152,21 @@ struct Sm90MaskHadamardNode {
     Params const& params;
     int64_t lsq = 0;       // Σ acc·w of this thread (exact)
     uint32_t words[2][2];  // the subtile's packed nibbles [e, q][row 0, 8] (begin_loop)
+    uint32_t ahead[2][2];  // the next subtile's, as loaded (load_words)
+    int ahead_m = -1, ahead_n = -1;  // which subtile `ahead` holds
 
     // Before the subtile loop: pull the tile's packed rows into L2, one prefetch per 32-byte
     // sector, spread over the quad that shares the rows (a tile row of codes is kTileN / 2
-    // bytes). Without it every subtile waited for DRAM at its first load, on the critical
-    // path of the epilogue.
+    // bytes), and load the first subtile's words. Without the prefetch every subtile waited
+    // for DRAM at its first load, on the critical path of the epilogue.
     CUTLASS_DEVICE void begin() {
       const int lane_t = static_cast<int>(threadIdx.x & 3);
-      if (32 * lane_t >= kTileN / 2) return;
+      if (32 * lane_t < kTileN / 2) prefetch_tile(lane_t);
+      load_words(0, 0, ahead);
+      ahead_m = 0;
+      ahead_n = 0;
+    }
+    CUTLASS_DEVICE void prefetch_tile(int lane_t) const {
       constexpr int kEpiM = decltype(cute::size<3>(std::declval<CTensor>()))::value;
       CUTLASS_PRAGMA_UNROLL
       for (int em = 0; em < kEpiM; ++em) {
@@ -210,15 +217,14 @@ struct Sm90MaskHadamardNode {
       return v;
     }
 
-    // Start of a subtile: its side-channel nibbles and codes, for visit().
-    CUTLASS_DEVICE void begin_loop(int epi_m, int epi_n) {
-      // The nibbles of this thread's 2 rows × 4 column pairs, 4 per subtile per array. The
-      // four lanes of a quad share the rows (wgmma layout) and together need the row's 16
-      // packed bytes of the subtile, bytes 4i + t for lane t: each lane loads word t (one
-      // coalesced 16-byte access per quad and row), then a 4 × 4 byte transpose over the quad
-      // (two shuffles) leaves byte i = column pair i of this lane in word[i]. Loading them
-      // as bytes measured 3× slower: the compiler, short of registers next to 128
-      // accumulators, reused one destination register and serialized the loads.
+    // The packed nibbles of subtile (epi_m, epi_n) for this thread's 2 rows × 4 column pairs,
+    // 4 per subtile per array, as loaded (raw; transpose_words puts them in visit()'s order).
+    // The four lanes of a quad share the rows (wgmma layout) and together need the row's 16
+    // packed bytes of the subtile, bytes 4i + t for lane t: each lane loads word t (one
+    // coalesced 16-byte access per quad and row). Loading them as bytes measured 3× slower:
+    // the compiler, short of registers next to 128 accumulators, reused one destination
+    // register and serialized the loads.
+    CUTLASS_DEVICE void load_words(int epi_m, int epi_n, uint32_t (&w)[2][2]) const {
       const int lane_t = static_cast<int>(threadIdx.x & 3);
       auto tC = tCcD(cute::_, cute::_, cute::_, epi_m, epi_n);
       const auto c0 = tC(0);  // the thread's element with relative (row, col) = (0, 0)
@@ -230,23 +236,48 @@ struct Sm90MaskHadamardNode {
       for (int h = 0; h < 2; ++h) {
         const bool in = word_in && row0 + 8 * h < cute::get<0>(residue);
         const int off = row_off + (row0 + 8 * h) * params.half_cols + seg_col / 2 + 4 * lane_t;
-        words[0][h] = in ? __ldg(reinterpret_cast<const uint32_t*>(params.epi.e_packed + off)) : 0u;
-        words[1][h] = in ? __ldg(reinterpret_cast<const uint32_t*>(params.epi.q_packed + off)) : 0u;
+        w[0][h] = in ? __ldg(reinterpret_cast<const uint32_t*>(params.epi.e_packed + off)) : 0u;
+        w[1][h] = in ? __ldg(reinterpret_cast<const uint32_t*>(params.epi.q_packed + off)) : 0u;
       }
+    }
+
+    // A 4 × 4 byte transpose over the quad (two shuffles): byte i of word[a][h] becomes column
+    // pair i of this lane.
+    CUTLASS_DEVICE static void transpose_words(uint32_t (&w)[2][2]) {
+      const int lane_t = static_cast<int>(threadIdx.x & 3);
       CUTLASS_PRAGMA_UNROLL
       for (int a = 0; a < 2; ++a) {
         CUTLASS_PRAGMA_UNROLL
         for (int h = 0; h < 2; ++h) {
           // stage 1 (lanes t, t ^ 1): even t keeps bytes 0, 2 of both words, odd t bytes 1, 3
-          const uint32_t x = words[a][h];
+          const uint32_t x = w[a][h];
           const uint32_t y = __shfl_xor_sync(0xffffffffu, x, 1);
           const uint32_t u = (lane_t & 1) ? __byte_perm(x, y, 0x3715) : __byte_perm(x, y, 0x6240);
           // stage 2 (lanes t, t ^ 2): byte i of the result is byte t of lane i's word
-          const uint32_t w = __shfl_xor_sync(0xffffffffu, u, 2);
-          words[a][h] = (lane_t & 2) ? __byte_perm(u, w, 0x3276) : __byte_perm(u, w, 0x5410);
+          const uint32_t v = __shfl_xor_sync(0xffffffffu, u, 2);
+          w[a][h] = (lane_t & 2) ? __byte_perm(u, v, 0x3276) : __byte_perm(u, v, 0x5410);
         }
       }
+    }
 
+    // Start of a subtile: its nibbles (loaded one subtile ahead, so that the load's latency
+    // hides under the previous subtile's work: measured without it, ~5 µs per 128×128 tile
+    // waited on DRAM and L2, more than the other warpgroup's mainloop at K = 4096), and the
+    // next subtile's loads. The collective visits epi_m fastest, then epi_n
+    // (sm90_epilogue_tma_warpspecialized); another order would only cost the prefetch.
+    CUTLASS_DEVICE void begin_loop(int epi_m, int epi_n) {
+      constexpr int kEpiM = decltype(cute::size<3>(std::declval<CTensor>()))::value;
+      constexpr int kEpiN = decltype(cute::size<4>(std::declval<CTensor>()))::value;
+      if (epi_m != ahead_m || epi_n != ahead_n) load_words(epi_m, epi_n, ahead);
+      CUTLASS_PRAGMA_UNROLL
+      for (int a = 0; a < 2; ++a) {
+        CUTLASS_PRAGMA_UNROLL
+        for (int h = 0; h < 2; ++h) words[a][h] = ahead[a][h];
+      }
+      transpose_words(words);
+      ahead_m = epi_m + 1 < kEpiM ? epi_m + 1 : 0;
+      ahead_n = epi_m + 1 < kEpiM ? epi_n : epi_n + 1;
+      if (ahead_n < kEpiN) load_words(ahead_m, ahead_n, ahead);
     }
 
     template <class STensor, class SyncFn, class VTensor>
@@ -374,20 +405,25 @@ int64_t mask_hadamard_slots(int64_t m, int64_t n) {
 
 void check_mask_hadamard(const char* fn, const GemmS8S8Params& p, const EpiMaskHadamard& epi);
 
-// Checks, then runs the configuration choose_tile picks (the one whose slot count
-// mask_hadamard_slots gives).
+// Checks, then runs the 128×128 ping-pong tile with the cluster choose_tile picks for the plain
+// GEMM (2×1, or 1×2 where A multicast along N measured faster); both have the same tiles, so
+// mask_hadamard_slots is the same for either.
 template <class OutT>
 void run_mask_hadamard(const char* fn, const GemmS8S8Params& p, const EpiMaskHadamard& epi,
                        OutT* y, cudaStream_t stream) {
   check_gemm_params(fn, p, y, static_cast<int>(sizeof(OutT)));
   check_mask_hadamard(fn, p, epi);
-  [&]<class Config>() {
+  const auto run = [&]<class Config>() {
     using Epi = EpiMaskHadamardTo<OutT>;
     using Gemm = GemmS8S8Sm90<Config, Epi>;
     auto args = Gemm::make_arguments(p, y, SchedulerKnobs{});
     Epi::fill(args.epilogue.thread, epi, p.n);
     Gemm::run(args, stream);
-  }.template operator()<PingpongConfig<128, 128, 2, 1>>();
+  };
+  if (choose_tile(p) == GemmTile::pingpong_128x128_c1x2)
+    run.template operator()<PingpongConfig<128, 128, 1, 2>>();
+  else
+    run.template operator()<PingpongConfig<128, 128, 2, 1>>();
 }
 
 }  // namespace nibble::cuda::sm90

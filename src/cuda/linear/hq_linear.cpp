@@ -134,15 +134,17 @@ static_assert(kEpiClippedNibble == kLsqClipped && kEpiResidualSteps == kLsqResid
 // The dx and dw GEMMs apply the mask, the step sums and the Hadamard in their epilogues
 // (HqLinearConfig::fuse_mask_epilogues); the sampled dx (per-row weights, two rows per token)
 // always takes the separate pass.
-bool fused_mask(const HqLinearConfig& cfg) {
-  return cfg.fuse_mask_epilogues && cfg.block <= kEpiMaskMaxBlock &&
+// The fused epilogue has 128-row tiles only: at M ≤ 256 the plain GEMM's 64-row tiles (and
+// the separate pass) are faster.
+bool fused_mask(const HqLinearConfig& cfg, int64_t m) {
+  return cfg.fuse_mask_epilogues && cfg.block <= kEpiMaskMaxBlock && m > 256 &&
          resolve_gemm_path(cfg.gemm) == GemmPath::wgmma_sm90;
 }
 
 // LSQ partial sums of an [rows, cols] product: the fused epilogue's warp slots, or the
 // separate pass's blocks.
 int64_t mask_partials_count(int64_t rows, int64_t cols, const HqLinearConfig& cfg) {
-  return fused_mask(cfg) ? gemm_s8s8_mask_hadamard_partials({nullptr, nullptr, rows, cols, 16})
+  return fused_mask(cfg, rows) ? gemm_s8s8_mask_hadamard_partials({nullptr, nullptr, rows, cols, 16})
                          : ld::lsq_partials_count(rows, cols, cfg.block);
 }
 
@@ -150,16 +152,15 @@ Workspace carve(void* base, int64_t n, int64_t d, int64_t c, const HqLinearConfi
                 size_t* bytes) {
   Carver cv(base);
   Workspace w;
-  const bool fused = fused_mask(cfg);
   w.split_scale = cv.take<float>(2);
-  if (!fused) w.dw_acc = cv.take<int32_t>(c * d);
+  if (!fused_mask(cfg, c)) w.dw_acc = cv.take<int32_t>(c * d);
   w.part_dw = cv.take<int64_t>(mask_partials_count(c, d, cfg));
   w.part_db = cv.take<double>(bitsplit_column_chunks(n) * c);
   if (cfg.lss == LssVariant::keep_all) {
     w.comb = cv.take<int8_t>(n * c);
     w.comb_t = cv.take<int8_t>(c * n);
     w.x_q_t = cv.take<int8_t>(d * n);
-    if (!fused) w.dx_acc = cv.take<int32_t>(n * d);
+    if (!fused_mask(cfg, n)) w.dx_acc = cv.take<int32_t>(n * d);
     w.part_dx_exact = cv.take<int64_t>(mask_partials_count(n, d, cfg));
   } else {
     w.part_dx = cv.take<double>(ld::lsq_partials_count(n, d, cfg.block));
@@ -314,7 +315,7 @@ struct MaskedProduct {
 template <class OutT>
 void masked_gemm(const GemmS8S8Params& g, const MaskedProduct& mp, const HqLinearConfig& cfg,
                  OutT* out, cudaStream_t stream) {
-  if (!fused_mask(cfg)) {
+  if (!fused_mask(cfg, g.m)) {
     gemm_s8s8_s32_tn(g, mp.acc, resolve_gemm_path(cfg.gemm), stream);
     return;
   }
@@ -331,7 +332,7 @@ void masked_gemm(const GemmS8S8Params& g, const MaskedProduct& mp, const HqLinea
 template <class OutT>
 void masked_pass(int64_t rows, int64_t cols, const MaskedProduct& mp, const HqLinearConfig& cfg,
                  OutT* out, cudaStream_t stream) {
-  if (fused_mask(cfg)) return;
+  if (fused_mask(cfg, rows)) return;
   ld::LsqMaskHadamardParams<OutT> m;
   m.acc = mp.acc;
   m.scale_a = mp.scale_a;
