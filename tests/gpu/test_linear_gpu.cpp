@@ -646,6 +646,12 @@ void check_backward_keep_all(const Case& k, uint64_t seed, cuda::GemmPath gemm, 
   cuda::HqLinearConfig unfused = cfg;
   unfused.fuse_mask_epilogues = !cfg.fuse_mask_epilogues;
   expect_same_bits(got, run_backward<G, DX>(L, dy, unfused, key), "fuse_mask_epilogues toggled");
+  const cuda::HqLinearFusedProducts f = cuda::hq_linear_fused_products(k.n, k.d, k.c, cfg);
+  std::printf("[ info     ] fused epilogues: dx %s, dw %s\n", f.dx ? "yes" : "no", f.dw ? "yes" : "no");
+  // the cases with N, C > 1024 and block ≤ 32 must have run them (on wgmma_sm90)
+  if (gemm != cuda::GemmPath::mma_sm80 && k.n > 1024 && k.c > 1024 && k.block <= 32) {
+    EXPECT_TRUE(f.dx && f.dw) << "the fused epilogues were not used where fused_mask's rule says";
+  }
 }
 
 const std::vector<Case>& backward_cases() {
@@ -656,8 +662,9 @@ const std::vector<Case>& backward_cases() {
       {96, 48, 64, 2, kInt4Sym},
       {256, 512, 512, 64, kInt4Full},
       {16384, 640, 32, 32, kInt4Sym},   // dx: 2560 tiles > 2048 mask blocks: blocks loop
-      {512, 256, 384, 32, kInt4Sym},    // both fused epilogues (N, C > 256, block ≤ 32)
-      {272, 80, 304, 16, kInt4Full},    // both fused, partial 128-row tiles, D % 32 = 16
+      // both fused epilogues (N, C > 1024 and > 256: fused_mask's rule, block ≤ 32)
+      {1088, 256, 1056, 32, kInt4Sym},
+      {1040, 80, 1072, 16, kInt4Full},  // the same with partial tiles and D % 32 = 16
       {80, 48, 64, 16, kInt4Full},      // block 16, D = 48: lanes past D in a 256-column chunk;
                                         // the fused epilogues: D % 32 = 16 (a half subtile)
   };
@@ -851,7 +858,7 @@ TEST_P(LinearGpuPath, SampledBackwardMatchesRef) {
       {{80, 208, 48, 16, kInt4Full}, 0.4, true},    // 2N = 160: K padded past the kept rows
       {{48, 96, 112, 32, kInt4Sym}, 0.25, true},
       {{176, 128, 80, 128, kInt4Sym}, 0.3, true},   // block 128, three dw row tiles
-      {{320, 128, 288, 32, kInt4Sym}, 0.3, true},   // C > 256: the dw GEMM's fused epilogue
+      {{1056, 128, 288, 32, kInt4Sym}, 0.3, true},  // N > 1024, C > 256: the dw GEMM fused
   };
   int v = 60;
   for (const SampledCase& sc : cases)

@@ -77,15 +77,15 @@ struct EpiDequantBias {
   const float* bias = nullptr;     // [N] or null
 };
 
-// EpiMaskHadamard — the dx epilogue of the HQ linear backward: the fused form of the layer's
-// separate mask pass (linear_detail::lsq_mask_hadamard) applied to the accumulators in
-// registers, for Hadamard blocks B in {1, 2, 4, ..., 32} (one epilogue subtile is 32 columns
-// wide, so a block never straddles two):
+// EpiMaskHadamard — the dx and dw epilogue of the HQ linear backward: the fused form of the
+// layer's separate mask pass (linear_detail::lsq_mask_hadamard) applied to the accumulators
+// in registers, for Hadamard blocks B in {1, 2, 4, ..., 32} (one epilogue subtile is 32
+// columns wide, so a block never straddles two):
 //   g[m, n]  = float(acc[m, n]) · (scale_a[0] · scale_b[0])
 //   y[m, n]  = norm · Σ_j H_B[n mod B, j] · (e[m, n0 + j] == −8 ? 0 : g[m, n0 + j]),
 //              n0 = n − n mod B, norm = float(1 / sqrt(B)), H_B the Sylvester Hadamard matrix
-//   partials[i] = Σ g[m, n] · δ̃[m, n] over the elements of warp slot i (fp64, fixed order),
-//              δ̃ = float(e) / 14, or q where e == −8 (docs/formats.md, the LSQ side channel)
+//   partials[i] = Σ acc[m, n] · w[m, n] over the elements of warp slot i (int64, exact),
+//              w = e, or 14·q where e == −8 (14·δ̃; docs/formats.md, "LSQ step sums")
 // e and q are the nibbles of e_packed and q_packed [M, N/2] (column n in nibble n % 2 of byte
 // n / 2, low nibble first). The butterfly runs the reference's stages h = 1, 2, ..., B/2 with
 // the same fp32 additions, so y is bit for bit the separate pass's result.

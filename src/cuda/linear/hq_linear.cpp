@@ -134,17 +134,19 @@ static_assert(kEpiClippedNibble == kLsqClipped && kEpiResidualSteps == kLsqResid
 // The dx and dw GEMMs apply the mask, the step sums and the Hadamard in their epilogues
 // (HqLinearConfig::fuse_mask_epilogues); the sampled dx (per-row weights, two rows per token)
 // always takes the separate pass.
-// The fused epilogue has 128-row tiles only: at M ≤ 256 the plain GEMM's 64-row tiles (and
-// the separate pass) are faster.
-bool fused_mask(const HqLinearConfig& cfg, int64_t m) {
-  return cfg.fuse_mask_epilogues && cfg.block <= kEpiMaskMaxBlock && m > 256 &&
+// Where the fused epilogue wins (H200, bench/README.md run S11): it has 128-row tiles only, so
+// at M ≤ 256 the plain GEMM's 64-row tiles and the separate pass are faster; and its epilogue
+// hides under the other warpgroup's mainloop only when K is long enough: at K ≤ 1024 it
+// measured 1-13 µs slower than GEMM + pass, at K = 3072 even, from K = 4096 on 7-250 µs faster.
+bool fused_mask(const HqLinearConfig& cfg, int64_t m, int64_t k) {
+  return cfg.fuse_mask_epilogues && cfg.block <= kEpiMaskMaxBlock && m > 256 && k > 1024 &&
          resolve_gemm_path(cfg.gemm) == GemmPath::wgmma_sm90;
 }
 
-// LSQ partial sums of an [rows, cols] product: the fused epilogue's warp slots, or the
-// separate pass's blocks.
-int64_t mask_partials_count(int64_t rows, int64_t cols, const HqLinearConfig& cfg) {
-  return fused_mask(cfg, rows) ? gemm_s8s8_mask_hadamard_partials({nullptr, nullptr, rows, cols, 16})
+// LSQ partial sums of an [rows, cols] product over K terms: the fused epilogue's warp slots,
+// or the separate pass's blocks.
+int64_t mask_partials_count(int64_t rows, int64_t cols, int64_t k, const HqLinearConfig& cfg) {
+  return fused_mask(cfg, rows, k) ? gemm_s8s8_mask_hadamard_partials({nullptr, nullptr, rows, cols, 16})
                          : ld::lsq_partials_count(rows, cols, cfg.block);
 }
 
@@ -153,15 +155,17 @@ Workspace carve(void* base, int64_t n, int64_t d, int64_t c, const HqLinearConfi
   Carver cv(base);
   Workspace w;
   w.split_scale = cv.take<float>(2);
-  if (!fused_mask(cfg, c)) w.dw_acc = cv.take<int32_t>(c * d);
-  w.part_dw = cv.take<int64_t>(mask_partials_count(c, d, cfg));
+  // the dw GEMM sums over N tokens (keep-all) or at most K_cap ≤ 2N kept rows (sampled); the
+  // sampled variant decides with N, as its launch does
+  if (!fused_mask(cfg, c, n)) w.dw_acc = cv.take<int32_t>(c * d);
+  w.part_dw = cv.take<int64_t>(mask_partials_count(c, d, n, cfg));
   w.part_db = cv.take<double>(bitsplit_column_chunks(n) * c);
   if (cfg.lss == LssVariant::keep_all) {
     w.comb = cv.take<int8_t>(n * c);
     w.comb_t = cv.take<int8_t>(c * n);
     w.x_q_t = cv.take<int8_t>(d * n);
-    if (!fused_mask(cfg, n)) w.dx_acc = cv.take<int32_t>(n * d);
-    w.part_dx_exact = cv.take<int64_t>(mask_partials_count(n, d, cfg));
+    if (!fused_mask(cfg, n, c)) w.dx_acc = cv.take<int32_t>(n * d);
+    w.part_dx_exact = cv.take<int64_t>(mask_partials_count(n, d, c, cfg));
   } else {
     w.part_dx = cv.take<double>(ld::lsq_partials_count(n, d, cfg.block));
     const int64_t list = round16(2 * n);  // select_rows writes the whole padded list
@@ -309,13 +313,14 @@ struct MaskedProduct {
   const uint8_t* q_packed;  // [rows, cols/2] codes and side channel of the forward tensor
   const uint8_t* e_packed;
   int32_t* acc;             // [rows, cols] (separate pass only)
-  int64_t* partials;        // mask_partials_count(rows, cols, cfg)
+  int64_t* partials;        // mask_partials_count(rows, cols, k, cfg)
+  bool fused;               // fused_mask(cfg, rows, k): as the workspace was carved
 };
 
 template <class OutT>
 void masked_gemm(const GemmS8S8Params& g, const MaskedProduct& mp, const HqLinearConfig& cfg,
                  OutT* out, cudaStream_t stream) {
-  if (!fused_mask(cfg, g.m)) {
+  if (!mp.fused) {
     gemm_s8s8_s32_tn(g, mp.acc, resolve_gemm_path(cfg.gemm), stream);
     return;
   }
@@ -332,7 +337,7 @@ void masked_gemm(const GemmS8S8Params& g, const MaskedProduct& mp, const HqLinea
 template <class OutT>
 void masked_pass(int64_t rows, int64_t cols, const MaskedProduct& mp, const HqLinearConfig& cfg,
                  OutT* out, cudaStream_t stream) {
-  if (fused_mask(cfg, rows)) return;
+  if (mp.fused) return;
   ld::LsqMaskHadamardParams<OutT> m;
   m.acc = mp.acc;
   m.scale_a = mp.scale_a;
@@ -405,9 +410,9 @@ void backward_impl(const HqLinearBackwardParams<G>& p, const HqLinearConfig& cfg
 
   // LSQ partials of each product
   const int64_t parts_dx = cfg.lss == LssVariant::keep_all
-                               ? mask_partials_count(n, d, cfg)
+                               ? mask_partials_count(n, d, c, cfg)
                                : ld::lsq_partials_count(n, d, cfg.block);
-  const int64_t parts_dw = mask_partials_count(c, d, cfg);
+  const int64_t parts_dw = mask_partials_count(c, d, n, cfg);
   const float* s = ws.split_scale;  // the bit-split scale, written by bitsplit on the device
   // The GEMMs below have an int8 gradient operand (14·hi + lo in [−90, 90], or re-quantized
   // sampled codes): s8 on every path (gemm_dispatch.h). On Ampere the paper's two INT4 GEMMs
@@ -454,7 +459,8 @@ void backward_impl(const HqLinearBackwardParams<G>& p, const HqLinearConfig& cfg
     bitsplit(bs, crit);
     // 3. dx = H(mask(float(combined·w_q)·(s·sw)))·norm and dsx's exact partials
     //    A = combined [N, C], B = w_q_t [D, C]
-    const MaskedProduct mx{s, p.sw, p.x_q_packed, p.x_e_packed, ws.dx_acc, ws.part_dx_exact};
+    const MaskedProduct mx{s,         p.sw,         p.x_q_packed,    p.x_e_packed,
+                           ws.dx_acc, ws.part_dx_exact, fused_mask(cfg, n, c)};
     const GemmS8S8Params gx = capped({ws.comb, p.w_q_t, n, d, c});
     if (p.dx != nullptr) masked_gemm(gx, mx, cfg, p.dx, crit);
     else masked_gemm(gx, mx, cfg, p.dx_f32, crit);
@@ -466,7 +472,8 @@ void backward_impl(const HqLinearBackwardParams<G>& p, const HqLinearConfig& cfg
     else masked_pass(n, d, mx, cfg, p.dx_f32, stream);
     // 4. dw = H(mask(float(combinedᵀ·x_q)·(s·sx)))·norm and dsw's exact partials
     //    A = combined_t [C, N], B = x_q_t [D, N]
-    const MaskedProduct mw{s, p.sx, p.w_q_packed, p.w_e_packed, ws.dw_acc, ws.part_dw};
+    const MaskedProduct mw{s,         p.sx,       p.w_q_packed,         p.w_e_packed,
+                           ws.dw_acc, ws.part_dw, fused_mask(cfg, c, n)};
     masked_gemm(capped({ws.comb_t, ws.x_q_t, c, d, n}), mw, cfg, p.dw, crit);
     masked_pass(c, d, mw, cfg, p.dw, crit);
   } else {
@@ -522,8 +529,9 @@ void backward_impl(const HqLinearBackwardParams<G>& p, const HqLinearConfig& cfg
     ld::gather_x_t(p.x_q_packed, n, d, ws.kept_w, k_cap, ws.b_dw, stream);
     // The mask, dsw's exact partials and ·Hᵀ as in keep-all; t·s is one fp32 product on the
     // device (dw_scale[1]).
-    const MaskedProduct mw{ws.dw_scale + 1, p.sx, p.w_q_packed, p.w_e_packed, ws.dw_acc,
-                           ws.part_dw};
+    // (fused or not decided with N, as the workspace: K_cap ≤ 2N)
+    const MaskedProduct mw{ws.dw_scale + 1, p.sx,       p.w_q_packed,         p.w_e_packed,
+                           ws.dw_acc,       ws.part_dw, fused_mask(cfg, c, n)};
     masked_gemm({ws.a_dw, ws.b_dw, c, d, k_cap}, mw, cfg, p.dw, stream);
     masked_pass(c, d, mw, cfg, p.dw, stream);
     // dx: kept split rows [k_cap, C] · w_q, row j scaled by coef_j·sw = (row_scale/p)·sw
@@ -597,6 +605,12 @@ int64_t hq_linear_sampled_capacity(int64_t n, const HqLinearConfig& cfg) {
   const double want = std::ceil(expected + cfg.sample_capacity_sigmas * std::sqrt(expected) + 16.0);
   if (!(want < static_cast<double>(list))) return list;  // also NaN
   return std::max<int64_t>(16, round16(static_cast<int64_t>(std::max(want, 0.0))));
+}
+
+HqLinearFusedProducts hq_linear_fused_products(int64_t n, int64_t d, int64_t c,
+                                               const HqLinearConfig& cfg) {
+  check_dims("cuda::hq_linear_fused_products", n, d, c, cfg);
+  return {cfg.lss == LssVariant::keep_all && fused_mask(cfg, n, c), fused_mask(cfg, c, n)};
 }
 
 size_t hq_linear_backward_workspace_bytes(int64_t n, int64_t d, int64_t c,

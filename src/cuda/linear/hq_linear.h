@@ -217,6 +217,15 @@ void hq_linear_forward(const HqLinearForwardParams<bf16_t>& p, const HqLinearCon
 //   or a non-finite sample_capacity_sigmas (the backward's own rules).
 int64_t hq_linear_sampled_capacity(int64_t n, const HqLinearConfig& cfg);
 
+// Which of the backward's products run the fused mask epilogue (fuse_mask_epilogues): the dx
+// GEMM (keep-all; M = N tokens, K = C) and the dw GEMM (M = C, K = N tokens; also sampled).
+// The rule (hq_linear.cpp, fused_mask): wgmma_sm90, block ≤ 32, M > 256 and K > 1024.
+struct HqLinearFusedProducts {
+  bool dx = false, dw = false;
+};
+HqLinearFusedProducts hq_linear_fused_products(int64_t n, int64_t d, int64_t c,
+                                               const HqLinearConfig& cfg);
+
 // Scratch the backward needs (one buffer, carved inside), for this shape and variant.
 size_t hq_linear_backward_workspace_bytes(int64_t n, int64_t d, int64_t c,
                                           const HqLinearConfig& cfg);
