@@ -14,9 +14,11 @@
 // Backward (every split row kept, the default):
 //   bitsplit(dy) -> combined [N, C] (dx's A), combined_t [C, N] (dw's A), s
 //   x_q_t [D, N] unpacked from the saved codes (dw's B)
-//   dx_t = float(combined·w_q)·(s·sw), dw_t = float(combinedᵀ·x_q)·(s·sx)  (INT8 GEMMs, f32 out)
-//   one fused pass per output: side channel -> STE mask and δ̃, Σ grad·δ̃ (deterministic
-//   fp64 reduction) for dsx / dsw, mask, inverse block Hadamard, store dx (bf16 or f32), dw (f32)
+//   dx_t = float(combined·w_q)·(s·sw), dw_t = float(combinedᵀ·x_q)·(s·sx)  (INT8 GEMMs), and per
+//   product: side channel -> STE mask, the exact int64 step sum Σ acc·14δ̃ for dsx / dsw
+//   (docs/formats.md, "LSQ step sums"), inverse block Hadamard, store dx (bf16 or f32), dw
+//   (f32) — in the GEMM's epilogue where that wins (hq_linear_fused_products), else an int32
+//   GEMM and one fused pass
 //   db = Σ_rows dy (deterministic fp64 sums; the column partials come from the bit split's
 //   first pass, which reads dy anyway)
 // Backward (sampled, LssVariant::sampled): leverage scores, p, Bernoulli rows on the device;
@@ -34,7 +36,8 @@
 //   dx_t, dw_t: float(acc)·(s·sw) is one rounding on both sides (no bias), so equal; the mask
 //      is exact and the Hadamard butterfly is the reference's order, so dx, dw equal the
 //      reference's (bf16 dx: its round-to-nearest-even);
-//   dsx, dsw: the same fp64 terms summed in another fixed order (bound in the test);
+//   dsx, dsw: exact integer sums scaled once, bit-exact (the sampled dsx: the same fp64 terms
+//      summed in another fixed order, bound in the test);
 //   db: fp64 column sums in another fixed order;
 //   sampled: kept rows, t, the re-quantized codes and dw bit-exact for equal p; dx within
 //      fp32 rounding of the reference's fp64-weighted rows (see LssVariant).
@@ -114,8 +117,8 @@ struct HqLinearConfig {
   // Keep-all backward: true runs the kernels that do not depend on each other at the same
   // time, through a second stream (one priority step above the caller's) forked from and
   // joined back into the caller's (cuda/common/stream_fork.h): the bit split, the two GEMMs
-  // and the dw pass go there; the x-code unpack and the dx mask pass stay on the caller's
-  // stream beside them.
+  // and the dw pass (where not fused) go there; the x-code unpack and the dx mask pass (where
+  // not fused) stay on the caller's stream beside them.
   // The GEMMs are capped at the fewest SMs that keep their number of tile rounds
   // (GemmS8S8Params::max_sms), which leaves SMs free for the passes at no cost to the GEMMs.
   // false queues everything on the caller's stream in order (for A/B timing). The results are
