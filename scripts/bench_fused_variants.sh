@@ -1,10 +1,12 @@
 #!/usr/bin/env bash
-# bench linear for each binary variant, alternating, and the fused GEMM times from the JSON
+# bench linear for each binary variant, alternating, and the fused GEMM times from the JSON.
+# Usage: scripts/bench_fused_variants.sh OUT_DIR BIN... (a variant is named by its path, so
+# build-carry/base/nibble and build-carry/exp/nibble do not collide)
 out=$1; shift
 shapes=16384x4096x4096,16384x4096x11008,16384x11008x4096,8192x7680x9728
 for round in 1 2; do
   for b in "$@"; do
-    n=$(basename $b)
+    n=$(echo "$b" | tr / _)
     $b bench linear --shapes $shapes --no-sampled --json $out/$n.$round.json > $out/$n.$round.txt 2>&1
   done
 done
@@ -12,7 +14,7 @@ python3 - "$out" "$@" <<'PY'
 import json, sys, os
 out = sys.argv[1]
 for b in sys.argv[2:]:
-    n = os.path.basename(b)
+    n = b.replace("/", "_")
     for r in (1, 2):
         d = json.load(open(f"{out}/{n}.{r}.json"))
         for s in d["shapes"]:
